@@ -1,0 +1,40 @@
+"""Shared pytest fixtures and helpers.
+
+Tests run on CPU with no network. The multi-device tests run in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag must be set before jax is imported
+and slows single-device code, so it is not set for the whole session).
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def shared_dataset_dir(name: str) -> pathlib.Path:
+  """The real archives for TFDS `name` in ../shared/datasets, or skip the test."""
+  path = SHARED_DATASETS / name
+  if not path.is_dir():
+    pytest.skip(f"{path} not present (only in the project's own machines)")
+  return path
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+  """Runs `code` in a fresh interpreter (optionally with N fake CPU devices); raises on failure."""
+  full_env = dict(os.environ)
+  full_env.update(env or {})
+  full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+  if devices > 1:
+    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=timeout, env=full_env, cwd=str(REPO_ROOT))
+  if proc.returncode != 0:
+    raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+  return proc
