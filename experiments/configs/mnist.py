@@ -1,0 +1,46 @@
+"""MNIST (TFDS ``mnist``), small CNN by default.
+
+Offline: ``--config.data.manual_dir=../shared/datasets/mnist --config.data.data_dir=/tmp/tfds``.
+Variants: '' (CNN, 3 epochs), 'mlp' (MLP 2x512), 'tiny' (a few steps for CPU tests).
+"""
+from experiments.configs import common
+
+
+def get_config(variant: str | None = None):
+  return mnist_like("mnist", variant)
+
+
+def mnist_like(name: str, variant: str | None):
+  """Shared by mnist.py and fashion_mnist.py (same 28x28x1 shape and 10 classes)."""
+  cfg = common.base_config()
+  cfg.data.name = name
+  cfg.data.val_fraction = 1 / 12  # 5,000 of the 60,000 training images
+  cfg.model.name = "cnn"
+  cfg.model.width = 32
+  cfg.model.depth = 2
+  cfg.model.embed_dim = 128
+  cfg.train.num_epochs = 3
+  cfg.train.batch_size = 128
+  cfg.train.eval_batch_size = 1000
+  cfg.train.learning_rate = 0.05
+  cfg.train.weight_decay = 1e-4
+  cfg.train.log_every_steps = 100
+  cfg.train.checkpoint_every_steps = 500
+  if variant == "mlp":
+    cfg.model.name = "mlp"
+    cfg.model.width = 512
+    cfg.model.depth = 2
+    cfg.train.num_epochs = 10
+  elif variant == "tiny":
+    cfg.model.width = 4
+    cfg.model.embed_dim = 16
+    cfg.train.num_epochs = 1
+    cfg.train.num_steps = 5
+    cfg.train.batch_size = 16
+    cfg.train.eval_batch_size = 256
+    cfg.data.train_fraction = 0.01
+    cfg.train.log_every_steps = 1
+    cfg.train.checkpoint_every_steps = 5
+  elif variant:
+    raise ValueError(f"unknown {name} config variant {variant!r} (use '', 'mlp' or 'tiny')")
+  return cfg

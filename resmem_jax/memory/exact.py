@@ -1,0 +1,155 @@
+"""Exact k-nearest-neighbour search by brute force in JAX.
+
+Keys live on the accelerator(s), split along the mesh's data axis. For each chunk of queries every
+device scans its own keys block by block (``lax.scan``), computing squared distances as
+``|q|^2 - 2 q.k + |k|^2`` with a float32 (HIGHEST precision) matmul and keeping a running top-k;
+the per-device top-k lists are then merged. Memory stays bounded by ``query_chunk x block_size``
+whatever the number of keys. The expansion loses precision for very close points, so the search
+keeps a few spare candidates and the caller re-ranks them by directly computed ``|q - k|``
+(:func:`rerank_exact`): returned distances are exact and never come from the expansion.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resmem_jax import mesh as mesh_lib
+
+# Extra candidates kept per query so that rounding in the distance expansion cannot push a true
+# neighbour out of the re-ranked top-k.
+RERANK_MARGIN = 8
+
+
+def _local_topk(queries, keys, key_sqnorms, num_candidates, block_size, index_offset):
+  """Running top-k over one device's keys [blocks*block_size, d] -> (sq distances, indices)."""
+  num_queries = queries.shape[0]
+  blocks = keys.reshape(-1, block_size, keys.shape[-1])
+  norms = key_sqnorms.reshape(-1, block_size)
+  starts = index_offset + jnp.arange(blocks.shape[0], dtype=jnp.int32) * block_size
+  query_sq = jnp.sum(queries * queries, axis=-1, keepdims=True)
+  per_block = min(num_candidates, block_size)
+
+  def step(carry, block):
+    best_dist, best_index = carry
+    block_keys, block_norms, start = block
+    dots = jnp.dot(queries, block_keys.T, precision=lax.Precision.HIGHEST)
+    dist = jnp.maximum(query_sq - 2.0 * dots + block_norms[None, :], 0.0)
+    neg_dist, pos = lax.top_k(-dist, per_block)
+    merged_dist = jnp.concatenate([best_dist, -neg_dist], axis=1)
+    merged_index = jnp.concatenate([best_index, pos.astype(jnp.int32) + start], axis=1)
+    neg_best, keep = lax.top_k(-merged_dist, num_candidates)
+    return (-neg_best, jnp.take_along_axis(merged_index, keep, axis=1)), None
+
+  init = (jnp.full((num_queries, num_candidates), jnp.inf, jnp.float32),
+          jnp.full((num_queries, num_candidates), -1, jnp.int32))
+  (best_dist, best_index), _ = lax.scan(step, init, (blocks, norms, starts))
+  return best_dist, best_index
+
+
+@functools.lru_cache(maxsize=32)
+def _search_fn(mesh, num_candidates: int, block_size: int, local_size: int):
+  """Jitted candidates search for a mesh, candidate count and key layout."""
+  axis = mesh_lib.DATA_AXIS
+
+  def per_device(queries, keys, key_sqnorms):
+    offset = lax.axis_index(axis).astype(jnp.int32) * local_size
+    return _local_topk(queries, keys, key_sqnorms, num_candidates, block_size, offset)
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis), P(axis)),
+                          out_specs=(P(None, axis), P(None, axis)), check_vma=False)
+
+  @jax.jit
+  def search(queries, keys, key_sqnorms):
+    dist, index = sharded(queries, keys, key_sqnorms)
+    # Merge the per-device top lists (the concatenation along axis 1) into one.
+    neg, keep = lax.top_k(-dist, num_candidates)
+    return -neg, jnp.take_along_axis(index, keep, axis=1)
+
+  return search
+
+
+class ExactIndex:
+  """Brute-force index over float32 keys, sharded over the local devices.
+
+  Args:
+    keys: float32 ``[n, d]`` host array (kept by reference for re-ranking).
+    block_size: keys scanned per step on each device.
+    query_chunk: queries per jitted call (bounded memory: query_chunk x block_size floats).
+    devices: devices to shard keys over (default: all local devices).
+  """
+
+  def __init__(self, keys: np.ndarray, block_size: int = 8192, query_chunk: int = 1024,
+               devices=None):
+    if block_size < 1 or query_chunk < 1:
+      raise ValueError(f"block_size and query_chunk must be >= 1, got {block_size}, {query_chunk}")
+    self.mesh = mesh_lib.data_mesh(list(devices) if devices is not None else jax.local_devices())
+    self.num_shards = mesh_lib.num_data_shards(self.mesh)
+    self.requested_block_size = int(block_size)
+    self.query_chunk = int(query_chunk)
+    self._set_keys(keys)
+
+  def _set_keys(self, keys: np.ndarray) -> None:
+    self.keys = keys
+    n, dim = keys.shape
+    per_shard = -(-n // self.num_shards)
+    self.block_size = max(1, min(self.requested_block_size, per_shard))
+    local_size = mesh_lib.pad_to_multiple(per_shard, self.block_size)
+    padded = np.zeros((local_size * self.num_shards, dim), np.float32)
+    padded[:n] = keys
+    sqnorms = np.full((padded.shape[0],), np.inf, np.float32)  # padding is never a neighbour
+    sqnorms[:n] = np.einsum("nd,nd->n", keys, keys)
+    sharding = NamedSharding(self.mesh, P(mesh_lib.DATA_AXIS))
+    self.local_size = local_size
+    self._device_keys = jax.device_put(padded, sharding)
+    self._device_sqnorms = jax.device_put(sqnorms, sharding)
+
+  def add(self, keys: np.ndarray) -> None:
+    self._set_keys(keys)
+
+  def candidates(self, queries: np.ndarray, num_candidates: int) -> np.ndarray:
+    """Indices ``[q, num_candidates]`` of the nearest keys under the expansion formula."""
+    num_candidates = min(num_candidates, self.keys.shape[0])
+    search = _search_fn(self.mesh, num_candidates, self.block_size, self.local_size)
+    replicated = mesh_lib.replicated(self.mesh)
+    out = np.empty((queries.shape[0], num_candidates), np.int32)
+    chunk = min(self.query_chunk, max(1, queries.shape[0]))
+    for start in range(0, queries.shape[0], chunk):
+      part = queries[start:start + chunk]
+      rows = part.shape[0]
+      if rows < chunk:  # fixed shape: one compilation per (chunk, candidates)
+        part = np.concatenate([part, np.zeros((chunk - rows, part.shape[1]), np.float32)])
+      _, index = search(jax.device_put(part, replicated), self._device_keys, self._device_sqnorms)
+      out[start:start + rows] = np.asarray(index)[:rows]
+    return out
+
+  def search(self, queries: np.ndarray, k: int):
+    """Exact ``(distances, indices)`` of the k nearest keys, ascending."""
+    index = self.candidates(queries, k + RERANK_MARGIN)
+    return rerank_exact(queries, self.keys, index, k)
+
+
+def rerank_exact(queries: np.ndarray, keys: np.ndarray, candidates: np.ndarray, k: int,
+                 chunk: int = 4096):
+  """Sorts candidate ids by directly computed Euclidean distance; keeps the first k.
+
+  ``candidates`` may hold -1 (no candidate); those sort last. Ties go to the lower index.
+  """
+  num_queries = queries.shape[0]
+  out_dist = np.empty((num_queries, k), np.float32)
+  out_index = np.empty((num_queries, k), np.int32)
+  for start in range(0, num_queries, chunk):
+    ids = candidates[start:start + chunk]
+    valid = ids >= 0
+    diff = keys[np.where(valid, ids, 0)] - queries[start:start + chunk, None, :]
+    dist = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff, dtype=np.float64))
+    dist = np.where(valid, dist, np.inf)
+    # Sort by (distance, index): the lexsort key order is last-key-primary.
+    order = np.lexsort((np.where(valid, ids, np.iinfo(np.int32).max), dist), axis=-1)[:, :k]
+    out_dist[start:start + chunk] = np.take_along_axis(dist, order, axis=1)
+    out_index[start:start + chunk] = np.take_along_axis(ids, order, axis=1)
+  return out_dist, out_index

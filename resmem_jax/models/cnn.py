@@ -1,0 +1,38 @@
+"""Small conv net for 28x28 (MNIST-like) and 8x8 (digits) images.
+
+``depth`` blocks of [3x3 conv, ReLU, 2x2 max-pool]; channels start at ``width`` and double per
+block. Pooling stops once the feature map is 2x2 so 8x8 inputs work with any depth. Then a
+dense ReLU layer of ``embed_dim`` units (the embedding) and a linear head.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class SmallCNN(nn.Module):
+  """Input NHWC; returns (logits float32, embedding [b, embed_dim] float32)."""
+  num_classes: int
+  width: int = 32
+  depth: int = 2
+  embed_dim: int = 128
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = jnp.asarray(x, self.dtype)
+    if x.ndim == 3:  # grayscale without a channel axis
+      x = x[..., None]
+    for i in range(self.depth):
+      x = nn.Conv(self.width * 2 ** i, (3, 3), padding="SAME", dtype=self.dtype,
+                  name=f"conv_{i}")(x)
+      x = nn.relu(x)
+      if min(x.shape[1], x.shape[2]) >= 4:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    embedding = nn.relu(nn.Dense(self.embed_dim, dtype=self.dtype, name="embed")(x))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
+    return logits.astype(jnp.float32), embedding.astype(jnp.float32)

@@ -1,0 +1,139 @@
+"""ResNets with batch norm: the CIFAR family of depth 6n+2 and ImageNet ResNet-18/34/50/101.
+
+Both take NHWC images and return ``(logits, embedding)`` where the embedding is the globally
+average-pooled output of the last stage. ``width`` multiplies every stage's channel count (the
+knob for the paper's model-size sweep). Batch statistics live in the ``batch_stats`` collection:
+call ``apply(..., train=True, mutable=["batch_stats"])`` while training and ``train=False``
+(running averages) for evaluation. Under ``jax.jit`` with a batch sharded over a mesh, the batch
+moments are computed over the global batch, so results do not depend on the device count.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# He initialisation (fan-out, normal) as in the original ResNet papers.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# depth -> (blocks per stage, uses bottleneck blocks)
+IMAGENET_DEPTHS = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+}
+
+
+def _channels(base: int, width: float) -> int:
+  return max(1, int(round(base * width)))
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with a residual connection (projection shortcut when the shape changes)."""
+  features: int
+  strides: int
+  dtype: Any
+  train: bool
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    y = conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)))(x)
+    y = nn.relu(norm()(y))
+    y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)))(y)
+    y = norm()(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = conv(self.features, (1, 1), strides=self.strides, name="shortcut_conv")(x)
+      x = norm(name="shortcut_norm")(x)
+    return nn.relu(x + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a residual connection."""
+  features: int
+  strides: int
+  dtype: Any
+  train: bool
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    out_features = 4 * self.features
+    y = nn.relu(norm()(conv(self.features, (1, 1))(x)))
+    y = conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)))(y)
+    y = nn.relu(norm()(y))
+    y = norm()(conv(out_features, (1, 1))(y))
+    if self.strides != 1 or x.shape[-1] != out_features:
+      x = conv(out_features, (1, 1), strides=self.strides, name="shortcut_conv")(x)
+      x = norm(name="shortcut_norm")(x)
+    return nn.relu(x + y)
+
+
+def _run_stages(x, stage_sizes: Sequence[int], stage_channels: Sequence[int], block_cls,
+                dtype, train):
+  for stage, (num_blocks, features) in enumerate(zip(stage_sizes, stage_channels)):
+    for block in range(num_blocks):
+      strides = 2 if stage > 0 and block == 0 else 1
+      x = block_cls(features=features, strides=strides, dtype=dtype, train=train,
+                    name=f"stage{stage + 1}_block{block + 1}")(x)
+  return x
+
+
+class CifarResNet(nn.Module):
+  """He et al. (2016) CIFAR ResNet: depth = 6n+2, three stages of n basic blocks at
+  16, 32, 64 channels (times ``width``), 3x3 stem, global average pool, linear head."""
+  num_classes: int
+  depth: int = 20
+  width: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if (self.depth - 2) % 6 or self.depth < 8:
+      raise ValueError(f"depth must be 6n+2 >= 8, got {self.depth}")
+    blocks = (self.depth - 2) // 6
+    channels = [_channels(c, self.width) for c in (16, 32, 64)]
+    x = jnp.asarray(x, self.dtype)
+    x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                kernel_init=_conv_init, name="stem_conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, name="stem_norm")(x)
+    x = nn.relu(x)
+    x = _run_stages(x, (blocks,) * 3, channels, BasicBlock, self.dtype, train)
+    embedding = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
+    return logits.astype(jnp.float32), embedding.astype(jnp.float32)
+
+
+class ImageNetResNet(nn.Module):
+  """ResNet-18/34 (basic blocks) and 50/101 (bottleneck blocks) for 224x224 ImageNet."""
+  num_classes: int
+  depth: int = 50
+  width: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.depth not in IMAGENET_DEPTHS:
+      raise ValueError(f"depth must be one of {sorted(IMAGENET_DEPTHS)}, got {self.depth}")
+    stage_sizes, bottleneck = IMAGENET_DEPTHS[self.depth]
+    channels = [_channels(c, self.width) for c in (64, 128, 256, 512)]
+    x = jnp.asarray(x, self.dtype)
+    x = nn.Conv(channels[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
+                dtype=self.dtype, kernel_init=_conv_init, name="stem_conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, name="stem_norm")(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    block_cls = BottleneckBlock if bottleneck else BasicBlock
+    x = _run_stages(x, stage_sizes, channels, block_cls, self.dtype, train)
+    embedding = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
+    return logits.astype(jnp.float32), embedding.astype(jnp.float32)

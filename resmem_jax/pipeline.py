@@ -1,0 +1,296 @@
+"""The main job: a trained base model, its residual memory, and test risk for both side by side.
+
+    results = resmem_jax.pipeline.run(config, workdir)
+
+1. Train the base model into ``workdir`` (or resume / reuse the finished checkpoint there).
+2. One embedding pass per split (train, validation, test): logits + embeddings of every example
+   exactly once. Train and validation outputs are cached in ``workdir/embeddings`` by checkpoint step.
+3. Choose k, sigma, T on the validation split (one neighbour query at the largest k, see
+   ``resmem_jax.hparams``) unless the config fixes all three.
+4. Build the memory on the training split with the chosen T and save it to ``workdir/memory``
+   (reused on a rerun when the checkpoint, data and memory settings are unchanged).
+5. Evaluate base and ResMem on test and train; time ResMem's prediction against the base forward
+   pass; write ``workdir/results.json`` and print a table.
+
+The base model is reported as trained (``softmax(z)``, T = 1); ResMem is
+``softmax(z / T) + sum_i w_i r_i`` with the validation-chosen T.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from resmem_jax import embed as embed_lib
+from resmem_jax import hparams as hparams_lib
+from resmem_jax import mesh as mesh_lib
+from resmem_jax import metrics
+
+SPLITS = ("train", "validation", "test")
+
+
+def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+  z = logits.astype(np.float64) / temperature
+  z -= z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  """Writes JSON through a temp file + rename, so a kill never leaves a half-written file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _report(pred: np.ndarray, labels: np.ndarray) -> dict:
+  return {k: float(v) for k, v in metrics.classification_report(pred, labels).items()}
+
+
+def _trained_model(config, workdir: pathlib.Path):
+  """(module, variables, step): trains first when ``workdir`` has no finished training run."""
+  from resmem_jax import train as train_lib
+  # train_and_evaluate resumes from the latest checkpoint and returns at once when it is final.
+  train_lib.train_and_evaluate(config, str(workdir))
+  return train_lib.restore_model(config, str(workdir))
+
+
+def _data_signature(config, step: int) -> dict:
+  d = config.data
+  return {"dataset": str(d.name), "val_fraction": float(d.get("val_fraction", 0.0)),
+          "train_fraction": float(d.get("train_fraction", 1.0)), "seed": int(config.get("seed", 0)),
+          "checkpoint_step": int(step)}
+
+
+def _cached_split(cache_dir: pathlib.Path, split: str, signature: dict, compute) -> embed_lib.SplitOutputs:
+  path = cache_dir / f"{split}.npz"
+  meta_path = cache_dir / f"{split}.json"
+  if path.exists() and meta_path.exists():
+    try:
+      if json.loads(meta_path.read_text()) == signature:
+        with np.load(path) as f:
+          return embed_lib.SplitOutputs(f["logits"], f["embeddings"], f["labels"])
+    except (OSError, ValueError, KeyError) as e:  # corrupt cache: recompute, never trust it
+      logging.warning("ignoring unreadable embedding cache %s: %s", path, e)
+  out = compute()
+  if jax.process_index() == 0:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, logits=out.logits, embeddings=out.embeddings, labels=out.labels)
+    os.replace(tmp, path)
+    write_json_atomic(meta_path, signature)
+  return out
+
+
+def choose_hparams(rcfg, train_out, val_out, search_memory) -> tuple[dict, list]:
+  """(chosen {k, sigma, temperature}, grid results) from one validation query at the largest k."""
+  k_grid = [int(k) for k in rcfg.k_grid if int(k) <= train_out.size]
+  if not k_grid:
+    raise ValueError(f"resmem.k_grid {tuple(rcfg.k_grid)} has no k <= the {train_out.size} "
+                     "training examples in the memory")
+  distances, indices = search_memory.search(val_out.embeddings, max(k_grid))
+  distances, indices = np.asarray(distances), np.asarray(indices)
+  sigma_grid = [float(s) for s in rcfg.sigma_grid]
+  scale = 1.0
+  if rcfg.get("sigma_relative", True):
+    # Embedding distances have no natural unit: grid values are multiples of the median distance
+    # from a validation point to its nearest training point.
+    scale = float(np.median(distances[:, 0]))
+    if not np.isfinite(scale) or scale <= 0:
+      scale = float(np.median(distances[distances > 0])) if np.any(distances > 0) else 1.0
+    sigma_grid = [s * scale for s in sigma_grid]
+  temperature_grid = ([float(rcfg.temperature)] if rcfg.get("temperature") is not None
+                      else [float(t) for t in rcfg.temperature_grid])
+  if rcfg.get("k") is not None:
+    k_grid = [int(rcfg.k)]
+  if rcfg.get("sigma") is not None:
+    sigma_grid = [float(rcfg.sigma)]
+  points = hparams_lib.sweep(distances, indices, train_out.logits, train_out.labels,
+                             val_out.logits, val_out.labels, k_grid=k_grid, sigma_grid=sigma_grid,
+                             temperature_grid=temperature_grid)
+  chosen = hparams_lib.best(points)
+  return ({"k": chosen.k, "sigma": chosen.sigma, "temperature": chosen.temperature,
+           "sigma_scale": scale, "validation_accuracy": chosen.accuracy},
+          [vars(p) for p in points])
+
+
+def _memory_options(rcfg) -> dict:
+  opts = {"backend": str(rcfg.backend), "residual_format": str(rcfg.residual_format)}
+  if str(rcfg.residual_format) == "sparse":
+    opts["top_m"] = int(rcfg.top_m)
+  return opts
+
+
+def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+  """Trains (if needed), memorizes and evaluates; returns and writes ``results.json``."""
+  from resmem_jax import data as data_lib
+  from resmem_jax import memory as memory_lib
+  from resmem_jax import models as models_lib
+
+  mesh_lib.initialize_distributed()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  rcfg = config.resmem
+  for name in ("k", "sigma", "temperature"):
+    value = rcfg.get(name)
+    if value is not None and (not np.isfinite(float(value)) or float(value) <= 0
+                              or (name == "k" and int(value) != value)):
+      raise ValueError(f"resmem.{name} must be {'a positive integer' if name == 'k' else '> 0'}"
+                       f", got {value}")
+
+  module, variables, step = _trained_model(config, workdir)
+  info = data_lib.dataset_info(config.data)
+  mesh = mesh_lib.data_mesh()
+  batch_size = mesh_lib.pad_to_multiple(int(rcfg.eval_batch_size), mesh_lib.num_data_shards(mesh))
+  variables = mesh_lib.replicate(variables, mesh)
+  forward = embed_lib.make_forward(module, mesh)
+
+  def embed(split, max_batches=None):
+    batches = data_lib.eval_batches(config.data, split, batch_size)
+    if max_batches is not None:
+      batches = itertools.islice(batches, max_batches)
+    return embed_lib.run_forward(
+        forward, variables, batches, mesh,
+        total_batches=-(-data_lib.num_examples(config.data, split) // batch_size), desc=split,
+        progress=progress)
+
+  signature = _data_signature(config, step)
+  cache_dir = workdir / "embeddings"
+  train_out = _cached_split(cache_dir, "train", signature, lambda: embed("train"))
+  has_val = data_lib.num_examples(config.data, "validation") > 0
+  val_out = _cached_split(cache_dir, "validation", signature, lambda: embed("validation")) if has_val else None
+  embed("test", max_batches=1)  # warm-up: compile for the test batch shape before timing
+  test_out = embed("test")
+
+  fixed = all(rcfg.get(n) is not None for n in ("k", "sigma", "temperature"))
+  mem_dir = workdir / "memory"
+  mem_signature = dict(signature, **_memory_options(rcfg), top_m=int(rcfg.get("top_m") or 0),
+                       fixed={n: rcfg.get(n) for n in ("k", "sigma", "temperature")},
+                       k_grid=list(rcfg.k_grid), sigma_grid=list(rcfg.sigma_grid),
+                       temperature_grid=list(rcfg.temperature_grid),
+                       sigma_relative=bool(rcfg.get("sigma_relative", True)))
+  state_path = mem_dir / "resmem.json"
+  memory = None
+  reused = False
+  if state_path.exists() and (mem_dir / "index").exists():
+    state = json.loads(state_path.read_text())
+    if state.get("signature") == mem_signature:
+      memory = memory_lib.load_memory(mem_dir / "index")
+      chosen, grid = state["hparams"], state.get("grid", [])
+      reused = True
+      logging.info("reusing memory in %s", mem_dir)
+  if memory is None:
+    if fixed:
+      chosen = {"k": int(rcfg.k), "sigma": float(rcfg.sigma),
+                "temperature": float(rcfg.temperature)}
+      grid = []
+      search_memory = None
+    else:
+      if val_out is None:
+        raise ValueError("choosing k/sigma/temperature needs a validation split: set "
+                         "data.val_fraction > 0, or fix resmem.k, resmem.sigma and resmem.temperature")
+      t0 = float(rcfg.temperature) if rcfg.get("temperature") is not None else 1.0
+      search_memory = memory_lib.build_memory(
+          train_out.embeddings, memory_lib_residuals(train_out, t0), **_memory_options(rcfg))
+      chosen, grid = choose_hparams(rcfg, train_out, val_out, search_memory)
+      if chosen["temperature"] == t0:
+        memory = search_memory
+    metadata = {"model_config": config.model.to_dict(), "checkpoint_step": int(step),
+                "dataset": str(config.data.name), "temperature": chosen["temperature"]}
+    if memory is None:
+      memory = memory_lib.build_memory(
+          train_out.embeddings, memory_lib_residuals(train_out, chosen["temperature"]),
+          metadata=metadata, **_memory_options(rcfg))
+    if jax.process_index() == 0:
+      memory.save(mem_dir / "index")
+      write_json_atomic(state_path, {"signature": mem_signature, "hparams": chosen, "grid": grid})
+
+  k, sigma, temperature = int(chosen["k"]), float(chosen["sigma"]), float(chosen["temperature"])
+  if k > memory.size:
+    raise ValueError(f"resmem.k={k} is larger than the memory ({memory.size} training examples)")
+
+  def resmem_predict(out):
+    return np.asarray(memory.predict(_softmax(out.logits, temperature), out.embeddings, k, sigma))
+
+  resmem_predict(embed_lib.SplitOutputs(test_out.logits[:8], test_out.embeddings[:8],
+                                        test_out.labels[:8]))  # compile before timing
+  t0 = time.perf_counter()
+  test_pred = resmem_predict(test_out)
+  query_seconds = time.perf_counter() - t0
+  train_pred = resmem_predict(train_out)
+
+  base_test = _report(_softmax(test_out.logits), test_out.labels)
+  res_test = _report(test_pred, test_out.labels)
+  base_train_acc = float(metrics.accuracy(train_out.logits, train_out.labels))
+  res_train_acc = float(metrics.accuracy(train_pred, train_out.labels))
+
+  def block(test, train_acc):
+    return {"test_accuracy": test["accuracy"], "test_error": test["error"],
+            "test_squared_loss": test["squared_loss"], "test_log_loss": test["log_loss"],
+            "train_accuracy": train_acc}
+
+  num_params = models_lib.count_params(jax.device_get(variables)["params"])
+  results = {
+      "dataset": str(config.data.name),
+      "model": str(config.model.name),
+      "model_config": config.model.to_dict(),
+      "num_params": int(num_params),
+      "checkpoint_step": int(step),
+      "num_examples": {"train": train_out.size, "validation": val_out.size if val_out else 0,
+                       "test": test_out.size},
+      "hparams": {"k": k, "sigma": sigma, "temperature": temperature,
+                  "chosen_on": "fixed" if fixed else "validation",
+                  "validation_accuracy": chosen.get("validation_accuracy")},
+      "memory": {"backend": str(rcfg.backend), "residual_format": str(rcfg.residual_format),
+                 "size": int(memory.size), "dim": int(memory.dim), "reused": reused},
+      "base": block(base_test, base_train_acc),
+      "resmem": block(res_test, res_train_acc),
+      "timing": {
+          "base_forward_seconds": test_out.seconds,
+          "resmem_query_and_combine_seconds": query_seconds,
+          "resmem_total_seconds": test_out.seconds + query_seconds,
+          "resmem_over_base": (test_out.seconds + query_seconds) / max(test_out.seconds, 1e-9),
+          "devices": jax.device_count(),
+          "platform": jax.devices()[0].platform,
+      },
+  }
+  if jax.process_index() == 0:
+    write_json_atomic(workdir / "results.json", results)
+  print(format_table(results))
+  return results
+
+
+def memory_lib_residuals(out: embed_lib.SplitOutputs, temperature: float) -> np.ndarray:
+  from resmem_jax import residuals as residuals_lib
+  return np.asarray(residuals_lib.residuals(out.labels, out.logits, temperature))
+
+
+def format_table(results: dict) -> str:
+  """Base vs ResMem side by side, as printed by the binary."""
+  hp = results["hparams"]
+  rows = [("test accuracy", "test_accuracy", 100, "%"), ("test error (0-1)", "test_error", 100, "%"),
+          ("test squared loss", "test_squared_loss", 1, ""), ("test log loss", "test_log_loss", 1, ""),
+          ("train accuracy", "train_accuracy", 100, "%")]
+  lines = [f"{results['dataset']} / {results['model']} ({results['num_params']:,} params), "
+           f"k={hp['k']} sigma={hp['sigma']:.4g} T={hp['temperature']:g} ({hp['chosen_on']})",
+           f"{'':20s}{'base':>12s}{'resmem':>12s}"]
+  for label, key, scale, unit in rows:
+    b, r = results["base"][key] * scale, results["resmem"][key] * scale
+    lines.append(f"{label:20s}{b:11.3f}{unit or ' '}{r:11.3f}{unit or ' '}")
+  t = results["timing"]
+  lines.append(f"prediction time on test: base forward {t['base_forward_seconds']:.3f}s, "
+               f"resmem {t['resmem_total_seconds']:.3f}s ({t['resmem_over_base']:.2f}x, "
+               f"{results['memory']['backend']})")
+  return "\n".join(lines)
