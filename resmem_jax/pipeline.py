@@ -224,11 +224,13 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
   def resmem_predict(out):
     return np.asarray(memory.predict(_softmax(out.logits, temperature), out.embeddings, k, sigma))
 
-  resmem_predict(embed_lib.SplitOutputs(test_out.logits[:8], test_out.embeddings[:8],
-                                        test_out.labels[:8]))  # compile before timing
-  t0 = time.perf_counter()
+  # The first call compiles for the test shapes; the second, timed one is what a user sees at
+  # serving time (and must return the same prediction).
   test_pred = resmem_predict(test_out)
+  t0 = time.perf_counter()
+  timed_pred = resmem_predict(test_out)
   query_seconds = time.perf_counter() - t0
+  np.testing.assert_allclose(timed_pred, test_pred, rtol=1e-5, atol=1e-6)
   train_pred = resmem_predict(train_out)
 
   base_test = _report(_softmax(test_out.logits), test_out.labels)

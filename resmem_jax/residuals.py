@@ -5,6 +5,9 @@ does not explain at temperature ``T``. Regression: ``r_i = y_i - f(x_i)``. Both 
 """
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -71,3 +74,18 @@ def regression_residuals(targets, predictions) -> np.ndarray:
     raise ValueError(f"targets must be [n] or [n, outputs], got shape {targets.shape}")
   diff = targets.astype(np.float32) - predictions.astype(np.float32)
   return diff[:, None] if diff.ndim == 1 else diff
+
+
+class _CallableModule(types.ModuleType):
+  """Lets ``resmem_jax.residuals(...)`` call the function even after this module is imported.
+
+  Importing ``resmem_jax.residuals`` binds the *module* as the package attribute ``residuals``,
+  shadowing the package's lazy export of the function of the same name; making the module
+  callable (forwarding to :func:`residuals`) keeps both spellings working in any import order.
+  """
+
+  def __call__(self, labels, logits, temperature=1.0):
+    return residuals(labels, logits, temperature)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -29,6 +29,7 @@ Lipschitz constant ``||theta*|| - base_norm`` is smaller than ``||theta*||``: Re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -43,7 +44,7 @@ RISK_TARGETS = ("noiseless", "noisy")
 # Models in the order they are plotted; "resmem_k1"/"knn_k1" only when TheoryConfig.include_k1.
 MODELS = ("base", "least_squares", "knn", "resmem", "knn_k1", "resmem_k1")
 _MODEL_STYLE = {
-    "base": dict(color="tab:blue", marker="o", label="base (||theta|| <= L)"),
+    "base": dict(color="tab:blue", marker="o", label="base: linear, ||theta|| <= L"),
     "least_squares": dict(color="tab:gray", marker="s", label="least squares (unconstrained)"),
     "knn": dict(color="tab:orange", marker="^", label="k-NN on y"),
     "resmem": dict(color="tab:red", marker="D", label="ResMem (base + k-NN on residuals)"),
@@ -224,7 +225,7 @@ def fit_constrained_pgd(x: np.ndarray, y: np.ndarray, radius: float, steps: int 
   return np.asarray(theta, np.float64)
 
 
-@jax.jit(static_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=(3,))
 def _pgd(a, b, radius, steps):
   def loss(theta):  # mean squared error up to the constant mean(y^2)
     return theta @ a @ theta - 2.0 * b @ theta
@@ -392,7 +393,9 @@ def run_sweep(config: TheoryConfig, memory_builder: Callable | None = None,
                          "min": float(values.min()), "max": float(values.max()),
                          "per_seed": [float(v) for v in values]}
       risks[m][str(d)] = stats
-      slopes[m][str(d)] = fit_loglog_slope(fit_ns, [stats[str(n)]["mean"] for n in fit_ns])
+      means = [stats[str(n)]["mean"] for n in fit_ns]
+      # An exact fit (risk 0, e.g. least squares without noise) has no log-log slope: null.
+      slopes[m][str(d)] = fit_loglog_slope(fit_ns, means) if min(means) > 0 else None
   return {
       "config": dataclasses.asdict(config),
       "risk": ("mean squared error on a fresh test sample against the noiseless target <theta*, x>"
@@ -423,6 +426,10 @@ def _base_population_risk(config: TheoryConfig, d: int) -> float | None:
 # Output.
 
 
+def _fmt(slope: float | None) -> str:
+  return "n/a" if slope is None else f"{slope:+.2f}"
+
+
 def plot_risk_curves(results: dict, path: str) -> None:
   """Log-log test risk against n, one panel per d, mean over seeds with a min-max band."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -431,31 +438,34 @@ def plot_risk_curves(results: dict, path: str) -> None:
 
   dims = list(results["results"]["base"].keys())
   ns = np.asarray(results["ns"], np.float64)
-  fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 4.0), squeeze=False)
+  slopes = results["slopes"]
+  fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 4.4), squeeze=False)
   for ax, d in zip(axes[0], dims):
     for m, by_d in results["results"].items():
       stats = [by_d[d][str(int(n))] for n in ns]
-      mean = np.asarray([s["mean"] for s in stats])
       style = dict(_MODEL_STYLE[m])
-      label = f"{style.pop('label')} ({results['slopes'][m][d]:+.2f})"
-      ax.plot(ns, mean, label=label, markersize=4, **style)
+      ax.plot(ns, [s["mean"] for s in stats], markersize=4, **style)
       ax.fill_between(ns, [s["min"] for s in stats], [s["max"] for s in stats],
                       color=style["color"], alpha=0.12, linewidth=0)
     # Reference line with the theory's slope, anchored at ResMem's risk at the largest n.
     rate = results["theory_slopes"][d]
-    anchor = results["results"]["resmem"][d][str(int(ns[-1]))]["mean"]
+    anchor = max(results["results"]["resmem"][d][str(int(ns[-1]))]["mean"], 1e-300)
     ax.plot(ns, anchor * (ns / ns[-1]) ** rate, color="black", linestyle="--", linewidth=1,
-            label=f"n^({rate:.2f}) (k-NN theory)")
+            label="k-NN theory n^(-2/(2+d))")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training set size n")
-    ax.set_title(f"d = {d}")
+    ax.set_title(f"d = {d}\nslopes: base {_fmt(slopes['base'][d])}, ResMem {_fmt(slopes['resmem'][d])}, "
+                 f"k-NN {_fmt(slopes['knn'][d])} (theory {rate:+.2f})", fontsize=8.5)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6.5, loc="lower left")
   axes[0][0].set_ylabel("test MSE vs " + (
       "noiseless target" if results["config"]["risk_target"] == "noiseless" else "noisy target"))
-  fig.suptitle("Stylized linear regression: test risk (legend: fitted log-log slope)", fontsize=10)
-  fig.tight_layout()
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
+             frameon=False)
+  fig.suptitle("Stylized linear regression: test risk against n (mean over seeds, band: min-max; "
+               f"slopes fitted on n >= {results['slope_ns'][0]})", fontsize=10)
+  fig.tight_layout(rect=(0, 0.12, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 

@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   cfg.model = ml_collections.ConfigDict()
   cfg.model.name = "mlp"
-  cfg.model.width = 256
+  cfg.model.width = 256.0  # float: a multiplier for ResNets, units/channels otherwise
   cfg.model.depth = 2
   cfg.model.embed_dim = 128  # cnn only: size of the dense embedding layer
 

@@ -1,0 +1,83 @@
+"""Character-level tiny_shakespeare: a small decoder-only Transformer, ResMem and kNN-LM.
+
+  python -m experiments.resmem_lm --config=experiments/configs/tiny_shakespeare.py --workdir=/tmp/ts
+  python -m experiments.resmem_lm --config=experiments/configs/tiny_shakespeare.py:tiny --workdir=/tmp/t
+
+Offline, TFDS prepares the data from ``data.manual_dir`` (the original ``input.txt``); elsewhere
+leave it unset and TFDS downloads. ``data.data_dir`` is where TFDS writes the prepared records.
+"""
+from ml_collections import config_dict
+
+from experiments.configs import common
+
+SHARED_ARCHIVE = "../shared/datasets/tiny_shakespeare"
+
+
+def lm_resmem_config(cfg):
+  """LM additions to the ``resmem`` section (sparse per-token residuals, kNN-LM's lambda)."""
+  cfg.resmem.backend = "scann"
+  cfg.resmem.residual_format = "sparse"  # per-token memory: dense vocabulary rows do not scale
+  cfg.resmem.top_m = 16
+  cfg.resmem.k_grid = (1, 2, 4, 8, 16, 32, 64)
+  cfg.resmem.temperature_grid = (0.5, 1.0, 2.0)
+  cfg.resmem.knn_lambda = None  # None: chosen on validation from the grid
+  cfg.resmem.knn_lambda_grid = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+  cfg.resmem.select_by = "accuracy"  # or "log_loss"; the same rule for ResMem and kNN-LM
+  cfg.resmem.max_validation_tokens = None  # None: every validation token
+  cfg.resmem.eval_batch_size = 256  # sequences per inference batch
+  return cfg
+
+
+def get_config(variant: str | None = None):
+  cfg = common.base_config()
+  cfg.task = "lm"
+  cfg.data.name = "tiny_shakespeare"
+  cfg.data.manual_dir = SHARED_ARCHIVE
+  cfg.data.seq_len = 64
+  cfg.data.max_split_tokens = config_dict.placeholder(int)  # None: whole splits
+
+  # Sized to train in about ten minutes on two shared CPU cores (0.43M parameters).
+  cfg.model.name = "transformer"
+  cfg.model.width = 128
+  cfg.model.depth = 2
+  cfg.model.num_heads = 4
+  cfg.model.max_len = 64
+  cfg.model.mlp_ratio = 4
+  cfg.model.dropout_rate = 0.0
+
+  cfg.train.num_steps = 2000
+  cfg.train.batch_size = 32
+  cfg.train.eval_batch_size = 64
+  cfg.train.optimizer = "adamw"
+  cfg.train.learning_rate = 3e-3
+  cfg.train.b2 = 0.99
+  cfg.train.weight_decay = 0.01
+  cfg.train.schedule = "cosine"
+  cfg.train.warmup_epochs = 0.2  # about 100 steps
+  cfg.train.grad_clip_norm = 1.0
+  cfg.train.log_every_steps = 100
+  cfg.train.eval_every_steps = 500
+  cfg.train.checkpoint_every_steps = 500
+  lm_resmem_config(cfg)
+
+  if variant == "tiny":
+    cfg.data.seq_len = 32
+    cfg.data.max_split_tokens = 20000  # first 20k characters of each split
+    cfg.model.width = 32
+    cfg.model.depth = 1
+    cfg.model.num_heads = 2
+    cfg.model.max_len = 32
+    cfg.train.num_steps = 20
+    cfg.train.batch_size = 8
+    cfg.train.log_every_steps = 10
+    cfg.train.eval_every_steps = 20
+    cfg.train.checkpoint_every_steps = 20
+    cfg.resmem.k_grid = (1, 4)
+    cfg.resmem.sigma_grid = (0.1, 1.0)
+    cfg.resmem.temperature_grid = (1.0,)
+    cfg.resmem.knn_lambda_grid = (0.1, 0.5)
+    cfg.resmem.backend = "exact"
+    cfg.resmem.max_validation_tokens = 2048
+  elif variant:
+    raise ValueError(f"unknown tiny_shakespeare config variant {variant!r} (use '' or 'tiny')")
+  return cfg

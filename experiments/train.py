@@ -1,0 +1,34 @@
+"""Trains a base model: ``python -m experiments.train --config=CONFIG.py[:VARIANT] --workdir=DIR``.
+
+  python -m experiments.train --config=experiments/configs/digits.py --workdir=/tmp/digits
+  python -m experiments.train --config=experiments/configs/mnist.py --workdir=/tmp/mnist \
+      --config.data.manual_dir=../shared/datasets/mnist --config.data.data_dir=/tmp/tfds
+
+Rerunning the same command resumes from DIR/checkpoints. Any config field can be overridden
+with ``--config.FIELD=VALUE``.
+"""
+from experiments import common_flags  # noqa: F401  (must come first: quiets TensorFlow)
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from resmem_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print({k: round(v, 5) if isinstance(v, float) else v for k, v in final.items()})
+
+
+if __name__ == "__main__":
+  app.run(main)

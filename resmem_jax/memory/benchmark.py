@@ -1,0 +1,101 @@
+"""Nearest-neighbour benchmark behind experiments/bench_memory.py.
+
+For each (n, d): clustered points (:mod:`resmem_jax.memory.synthetic`) and independent queries;
+reports build seconds, queries per second (one batched call over all queries, after a warm-up
+call on a few queries so JIT compilation is excluded) and recall@k against the ``exact`` backend,
+for ``exact``, ``scann`` and, when importable, faiss ``IndexFlatL2`` and ``IndexHNSWFlat`` (an
+efSearch sweep). Then the bytes per stored example of each residual format.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from resmem_jax.memory import build_memory
+from resmem_jax.memory.synthetic import clustered_points
+
+
+def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:
+  """Mean over queries of |found ∩ reference| / k."""
+  k = reference.shape[1]
+  hits = [len(np.intersect1d(a, b, assume_unique=False)) for a, b in zip(found, reference)]
+  return float(np.sum(hits) / (k * len(reference)))
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - start
+
+
+def _row(name, size, dim, build_s, search_s, num_queries, recall):
+  print(f"{name:<28} {size:>9} {dim:>4} {build_s:>9.2f} {num_queries / search_s:>11.0f} {recall:>9.4f}",
+        flush=True)
+
+
+def run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with_faiss, seed=0):
+  keys, queries = clustered_points(size, dim, num_queries=num_queries, seed=seed)
+  residuals = np.zeros((size, 1), np.float32)  # search cost does not depend on residuals
+
+  memory, build_s = _timed(lambda: build_memory(keys, residuals, backend="exact"))
+  memory.search(queries[:8], k)
+  (_, reference), search_s = _timed(lambda: memory.search(queries, k))
+  _row("exact (jax)", size, dim, build_s, search_s, num_queries, 1.0)
+  del memory
+
+  memory, build_s = _timed(lambda: build_memory(keys, residuals, backend="scann", **scann_options))
+  memory.search(queries[:8], k)
+  (_, found), search_s = _timed(lambda: memory.search(queries, k))
+  _row("scann " + memory._scann.options["mode"], size, dim, build_s, search_s, num_queries,
+       recall_at_k(found, reference))
+  print(f"  scann options: {memory._scann.options}", flush=True)
+  del memory
+
+  if not with_faiss:
+    return
+  try:
+    import faiss  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("faiss not installed: peer rows skipped")
+    return
+  index, build_s = _timed(lambda: _faiss_add(faiss.IndexFlatL2(dim), keys))
+  (_, found), search_s = _timed(lambda: index.search(queries, k))
+  _row("faiss IndexFlatL2", size, dim, build_s, search_s, num_queries, recall_at_k(found, reference))
+  del index
+  index, build_s = _timed(lambda: _faiss_add(faiss.IndexHNSWFlat(dim, 32), keys))
+  for ef in hnsw_ef:
+    index.hnsw.efSearch = int(ef)
+    (_, found), search_s = _timed(lambda: index.search(queries, k))
+    _row(f"faiss HNSWFlat M=32 ef={ef}", size, dim, build_s, search_s, num_queries,
+         recall_at_k(found, reference))
+
+
+def _faiss_add(index, keys):
+  index.add(keys)
+  return index
+
+
+def run_storage_benchmark(class_counts, top_m, dim=64, size=2000, seed=0):
+  """Bytes per example (keys, residuals) for each format, on softmax residuals of random logits."""
+  from resmem_jax.residuals import residuals as make_residuals  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  keys = rng.normal(size=(size, dim)).astype(np.float32)
+  print(f"\n{'classes':>7} {'format':<10} {'key B':>7} {'residual B':>11} {'max |err|':>10}")
+  for num_classes in class_counts:
+    logits = 3.0 * rng.normal(size=(size, num_classes)).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=size)
+    residuals = make_residuals(labels, logits, 1.0)
+    for fmt in ("dense", "bfloat16", "sparse"):
+      memory = build_memory(keys, residuals, residual_format=fmt, top_m=top_m)
+      stored = memory.bytes_per_example()
+      err = np.abs(memory.gather_residuals(np.arange(size)) - residuals).max()
+      name = f"sparse m={top_m}" if fmt == "sparse" else fmt
+      print(f"{num_classes:>7} {name:<10} {stored['keys']:>7.0f} {stored['residuals']:>11.0f} {err:>10.2e}")
+
+
+def main(sizes, num_queries, k, scann_options, hnsw_ef, with_faiss, class_counts, top_m):
+  print(f"{'index':<28} {'n':>9} {'d':>4} {'build s':>9} {'queries/s':>11} {'recall@' + str(k):>9}")
+  for size, dim in sizes:
+    run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with_faiss)
+  run_storage_benchmark(class_counts, top_m)

@@ -1,0 +1,136 @@
+"""Models: output shapes, parameter counts, batch-norm train/eval behaviour, a few train steps."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from resmem_jax import models
+from resmem_jax import train
+
+
+def _cfg(**kw):
+  return ml_collections.ConfigDict(kw)
+
+
+def _init(module, shape, seed=0):
+  x = jax.random.normal(jax.random.key(seed), shape)
+  return x, train.init_variables(module, x, jax.random.key(1))
+
+
+def test_mlp_count_params_matches_layer_arithmetic():
+  module = models.build_model(_cfg(name="mlp", width=32, depth=3), num_classes=10)
+  _, variables = _init(module, (2, 8, 8, 1))
+  expected = (64 * 32 + 32) + 2 * (32 * 32 + 32) + (32 * 10 + 10)
+  assert models.count_params(variables["params"]) == expected
+  assert models.count_params(variables) == expected  # the variables dict is accepted too
+
+
+@pytest.mark.parametrize("depth,expected", [(18, 11_689_512), (50, 25_557_032)])
+def test_imagenet_resnet_param_counts_match_published(depth, expected):
+  # The torchvision / original-paper ResNet-18 and -50 with 1000 classes.
+  module = models.build_model(_cfg(name="resnet", depth=depth, width=1.0), num_classes=1000)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                              train=False))
+  assert models.count_params(shapes["params"]) == expected
+
+
+def test_cifar_resnet_width_and_depth_scale_params():
+  def count(depth, width):
+    module = models.build_model(_cfg(name="cifar_resnet", depth=depth, width=width), 100)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    return models.count_params(shapes["params"])
+  assert 0.26e6 < count(20, 1.0) < 0.29e6  # ResNet-20 is the "0.27M" network of He et al.
+  assert count(32, 1.0) > count(20, 1.0) > count(8, 1.0)
+  assert count(20, 2.0) > 3.5 * count(20, 1.0) / 1.2  # conv params grow ~ width^2
+
+
+@pytest.mark.parametrize("cfg,shape,emb_dim", [
+    (dict(name="mlp", width=16, depth=2), (4, 8, 8, 1), 16),
+    (dict(name="cnn", width=4, depth=2, embed_dim=12), (4, 28, 28, 1), 12),
+    (dict(name="cnn", width=4, depth=3, embed_dim=12), (4, 8, 8, 1), 12),
+    (dict(name="cifar_resnet", width=0.25, depth=8), (4, 32, 32, 3), 16),
+    (dict(name="resnet", width=0.0625, depth=18), (2, 64, 64, 3), 32),
+    (dict(name="resnet", width=0.0625, depth=101), (2, 64, 64, 3), 128),
+])
+def test_models_return_logits_and_embedding(cfg, shape, emb_dim):
+  module = models.build_model(_cfg(**cfg), num_classes=7)
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)
+  logits, embedding = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x)
+  assert logits.shape == (shape[0], 7) and logits.dtype == jnp.float32
+  assert embedding.shape == (shape[0], emb_dim)
+
+
+def test_batch_norm_train_updates_stats_and_eval_uses_running_averages():
+  module = models.build_model(_cfg(name="cifar_resnet", width=0.25, depth=8), num_classes=3)
+  x, variables = _init(module, (8, 8, 8, 3))
+  x = 3.0 * x + 1.0
+  with pytest.raises(Exception):  # train mode must be told batch_stats is mutable
+    jax.eval_shape(lambda v, x: module.apply(v, x, train=True), variables, x)
+  train_apply = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
+  eval_apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  (train_logits, _), updates = train_apply(variables, x)
+  old = variables["batch_stats"]["stem_norm"]["mean"]
+  new = updates["batch_stats"]["stem_norm"]["mean"]
+  assert not np.allclose(old, new)
+  eval_logits, _ = eval_apply(variables, x)
+  assert not np.allclose(train_logits, eval_logits)
+  # Eval mode is a pure function of the stored statistics: batch composition does not matter.
+  single, _ = eval_apply(variables, x[:1])
+  np.testing.assert_allclose(single, eval_logits[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  module = models.build_model(_cfg(name="cnn", width=4, depth=2), 5, dtype="bfloat16")
+  x, variables = _init(module, (2, 8, 8, 1))
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  logits, embedding = module.apply(variables, x)
+  assert logits.dtype == jnp.float32 and embedding.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    (dict(name="mlp", width=32, depth=2), (16, 8, 8, 1)),
+    (dict(name="cnn", width=4, depth=2, embed_dim=16), (16, 8, 8, 1)),
+    (dict(name="cifar_resnet", width=0.25, depth=8), (8, 8, 8, 3)),
+    (dict(name="resnet", width=0.0625, depth=18), (8, 16, 16, 3)),
+])
+def test_each_family_trains_a_few_steps(cfg, shape):
+  module = models.build_model(_cfg(**cfg), num_classes=4)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=shape).astype(np.float32),
+           "label": rng.integers(0, 4, shape[0]).astype(np.int32)}
+  tx = optax.adam(1e-2)
+  mesh = train.mesh_lib.data_mesh()
+  state = train.init_state(module, tx, batch["image"][:1], seed=0, mesh=mesh)
+  step = jax.jit(train.make_train_step(module, tx, "classification", 0.0, jax.random.key(0)))
+  losses = []
+  for _ in range(5):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 5
+  assert losses[-1] < 0.8 * losses[0]  # memorising one batch
+
+
+def test_build_model_rejects_bad_config():
+  with pytest.raises(ValueError, match="model_cfg.name"):
+    models.build_model(_cfg(name="vgg", width=1, depth=1), 10)
+  with pytest.raises(ValueError, match="6n\\+2"):
+    models.build_model(_cfg(name="cifar_resnet", width=1, depth=21), 10)
+  with pytest.raises(ValueError, match="depth"):
+    models.build_model(_cfg(name="resnet", width=1, depth=19), 10)
+  with pytest.raises(ValueError, match="num_classes"):
+    models.build_model(_cfg(name="mlp", width=8, depth=1), 0)
+  with pytest.raises(ValueError, match="dtype"):
+    models.build_model(_cfg(name="mlp", width=8, depth=1), 3, dtype="int8")
+
+
+def test_transformer_is_dispatched_to_the_lm_module():
+  transformer = pytest.importorskip("resmem_jax.models.transformer")
+  cfg = _cfg(name="transformer", width=16, depth=1, num_heads=2)
+  try:
+    module = models.build_model(cfg, num_classes=11)
+  except (AttributeError, KeyError, ValueError) as err:  # LM config needs other fields
+    pytest.skip(f"transformer config fields differ: {err}")
+  assert type(module).__module__ == transformer.__name__
