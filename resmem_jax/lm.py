@@ -31,7 +31,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp

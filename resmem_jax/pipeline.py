@@ -120,9 +120,11 @@ def choose_hparams(rcfg, train_out, val_out, search_memory) -> tuple[dict, list]
   points = hparams_lib.sweep(distances, indices, train_out.logits, train_out.labels,
                              val_out.logits, val_out.labels, k_grid=k_grid, sigma_grid=sigma_grid,
                              temperature_grid=temperature_grid)
-  chosen = hparams_lib.best(points)
+  chosen = hparams_lib.best(points, by=str(rcfg.get("select_by", "squared_loss")))
   return ({"k": chosen.k, "sigma": chosen.sigma, "temperature": chosen.temperature,
-           "sigma_scale": scale, "validation_accuracy": chosen.accuracy},
+           "sigma_scale": scale, "validation_accuracy": chosen.accuracy,
+           "validation_squared_loss": chosen.squared_loss,
+           "select_by": str(rcfg.get("select_by", "squared_loss"))},
           [vars(p) for p in points])
 
 
@@ -180,7 +182,8 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
                        fixed={n: rcfg.get(n) for n in ("k", "sigma", "temperature")},
                        k_grid=list(rcfg.k_grid), sigma_grid=list(rcfg.sigma_grid),
                        temperature_grid=list(rcfg.temperature_grid),
-                       sigma_relative=bool(rcfg.get("sigma_relative", True)))
+                       sigma_relative=bool(rcfg.get("sigma_relative", True)),
+                       select_by=str(rcfg.get("select_by", "squared_loss")))
   state_path = mem_dir / "resmem.json"
   memory = None
   reused = False
@@ -254,7 +257,9 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
                        "test": test_out.size},
       "hparams": {"k": k, "sigma": sigma, "temperature": temperature,
                   "chosen_on": "fixed" if fixed else "validation",
-                  "validation_accuracy": chosen.get("validation_accuracy")},
+                  "validation_accuracy": chosen.get("validation_accuracy"),
+                  "validation_squared_loss": chosen.get("validation_squared_loss"),
+                  "select_by": chosen.get("select_by")},
       "memory": {"backend": str(rcfg.backend), "residual_format": str(rcfg.residual_format),
                  "size": int(memory.size), "dim": int(memory.dim), "reused": reused},
       "base": block(base_test, base_train_acc),

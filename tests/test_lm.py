@@ -246,3 +246,33 @@ def test_subword_datasets_on_mock_data(tmp_path, config_module):
     resumed = next(text.train_batches(cfg, 4, seed=1, start_step=2))
     np.testing.assert_array_equal(resumed["targets"], batches3[2]["targets"])
     assert resumed["inputs"].shape == (4, 16) and resumed["inputs"].dtype == np.int32
+
+
+def test_token_pass_on_eight_devices_matches_one():
+  from conftest import run_python
+  code = r'''
+import jax, jax.numpy as jnp, numpy as np, ml_collections
+from resmem_jax import lm, mesh as mesh_lib
+from resmem_jax.models import transformer
+assert jax.device_count() == 8
+cfg = ml_collections.ConfigDict(dict(width=16, depth=1, num_heads=2, max_len=8))
+module = transformer.build(cfg, 9)
+variables = module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+rng = np.random.default_rng(0)
+tokens = rng.integers(0, 9, size=(16, 9)).astype(np.int32)
+mask = np.ones((16, 8), np.int32); mask[13:] = 0; mask[12, 5:] = 0
+batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+outs = []
+for devices in (jax.devices()[:1], jax.devices()):
+  mesh = mesh_lib.data_mesh(devices)
+  fwd = lm.make_token_forward(module, (1.0,), top_m=3, with_logits=True)
+  out, = list(lm.token_pass(fwd, mesh_lib.replicate(variables, mesh), iter([batch]), mesh))
+  outs.append(out)
+assert len(outs[1].targets) == int(mask.sum()) == 12 * 8 + 5
+np.testing.assert_array_equal(outs[0].targets, outs[1].targets)
+np.testing.assert_allclose(outs[0].hidden, outs[1].hidden, atol=1e-5)
+np.testing.assert_allclose(outs[0].logits, outs[1].logits, atol=1e-5)
+np.testing.assert_array_equal(outs[0].sparse[0][0], outs[1].sparse[0][0])
+print("ok")
+'''
+  assert "ok" in run_python(code, devices=8).stdout

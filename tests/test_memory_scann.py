@@ -1,5 +1,6 @@
 """ScaNN recall against the exact backend on clustered points (correctness, not timing)."""
 import numpy as np
+import pytest
 
 import resmem_jax
 from resmem_jax.memory.benchmark import recall_at_k
@@ -18,3 +19,25 @@ def test_scann_recall_at_10_on_100k_clustered_points():
   # Returned distances are the true Euclidean distances of the returned ids.
   true = np.linalg.norm(keys[found] - queries[:, None, :], axis=-1)
   np.testing.assert_allclose(distances, true, rtol=1e-5, atol=1e-5)
+
+
+def test_scann_asymmetric_hashing_mode_for_medium_memories():
+  keys, queries = clustered_points(25_000, 16, num_queries=300, seed=4)
+  residuals = np.zeros((len(keys), 1), np.float32)
+  _, reference = resmem_jax.build_memory(keys, residuals, backend="exact").search(queries, 10)
+  memory = resmem_jax.build_memory(keys, residuals, backend="scann")
+  assert memory._scann.options["mode"] == "ah"
+  _, found = memory.search(queries, 10)
+  assert recall_at_k(found, reference) >= 0.99
+
+
+def test_scann_squared_l2_override_and_bad_options():
+  keys, queries = clustered_points(2_000, 8, num_queries=50, seed=5)
+  residuals = np.zeros((len(keys), 1), np.float32)
+  memory = resmem_jax.build_memory(keys, residuals, backend="scann", distance="squared_l2")
+  _, reference = resmem_jax.build_memory(keys, residuals).search(queries, 5)
+  np.testing.assert_array_equal(memory.search(queries, 5)[1], reference)  # brute force: exact
+  with pytest.raises(ValueError, match="distance"):
+    resmem_jax.build_memory(keys, residuals, backend="scann", distance="cosine")
+  with pytest.raises(ValueError, match="mode"):
+    resmem_jax.build_memory(keys, residuals, backend="scann", mode="lsh")

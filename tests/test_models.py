@@ -134,3 +134,23 @@ def test_transformer_is_dispatched_to_the_lm_module():
   except (AttributeError, KeyError, ValueError) as err:  # LM config needs other fields
     pytest.skip(f"transformer config fields differ: {err}")
   assert type(module).__module__ == transformer.__name__
+
+
+@pytest.mark.parametrize("strides,padding,kernel", [(1, 1, 3), (2, 1, 3), (2, 0, 1), (2, 3, 7)])
+def test_im2col_conv_matches_xla_convolution(strides, padding, kernel):
+  from resmem_jax.models.resnet import im2col_conv
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 11, 11, 3)).astype(np.float32)
+  w = rng.normal(size=(kernel, kernel, 3, 5)).astype(np.float32)
+  expected = jax.lax.conv_general_dilated(x, w, (strides, strides), [(padding, padding)] * 2,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(im2col_conv(x, w, strides, padding), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_conv_impls_share_parameters_and_outputs():
+  xla = models.build_model(_cfg(name="cifar_resnet", width=0.25, depth=8, conv_impl="xla"), 3)
+  im2col = models.build_model(_cfg(name="cifar_resnet", width=0.25, depth=8, conv_impl="im2col"), 3)
+  x, variables = _init(xla, (2, 8, 8, 3))
+  a, _ = jax.jit(lambda v, x: xla.apply(v, x))(variables, x)
+  b, _ = jax.jit(lambda v, x: im2col.apply(v, x))(variables, x)
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -118,6 +118,21 @@ def test_training_learns_and_restores(tmp_path, monkeypatch):
   assert train.train_and_evaluate(cfg, tmp_path) == final
 
 
+def test_lm_task_trains_the_transformer(tmp_path, monkeypatch):
+  pytest.importorskip("resmem_jax.models.transformer")
+  monkeypatch.setattr(train, "_data_module", lambda: train_fakes.TokenSource)
+  cfg = _fake_config()
+  cfg.task = "lm"
+  cfg.model = ml_collections.ConfigDict(
+      {"name": "transformer", "width": 16, "depth": 1, "num_heads": 2, "max_len": 8})
+  cfg.train.optimizer, cfg.train.learning_rate, cfg.train.num_steps = "adam", 0.01, 30
+  cfg.train.log_every_steps = 10
+  final = train.train_and_evaluate(cfg, tmp_path)
+  losses = _train_losses(tmp_path)
+  assert losses[-1] < 0.5 * losses[0]
+  assert final["test_accuracy"] > 0.8  # the next token is a function of the current one
+
+
 def test_restore_model_without_checkpoint_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match="checkpoints"):
     train.restore_model(_fake_config(), tmp_path)
@@ -145,7 +160,8 @@ print("DEVICES", jax.device_count())
 
 
 def _train_losses(workdir):
-  records = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line) for line in lines]
   return np.array([r["train_loss"] for r in records if "train_loss" in r and not r.get("final")])
 
 

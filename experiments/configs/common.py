@@ -51,9 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.model.width = 256.0  # float: a multiplier for ResNets, units/channels otherwise
   cfg.model.depth = 2
   cfg.model.embed_dim = 128  # cnn only: size of the dense embedding layer
+  cfg.model.conv_impl = "xla"  # resnets: "xla" (native convs) | "im2col" (convs as matmuls)
 
   cfg.train = ml_collections.ConfigDict()
-  cfg.train.num_epochs = 10
+  cfg.train.num_epochs = 10.0  # float: fractional epochs allowed
   cfg.train.num_steps = -1        # > 0 overrides num_epochs
   cfg.train.batch_size = 128      # global batch, split over all devices
   cfg.train.eval_batch_size = 512

@@ -81,7 +81,7 @@ def run_storage_benchmark(class_counts, top_m, dim=64, size=2000, seed=0):
   from resmem_jax.residuals import residuals as make_residuals  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   keys = rng.normal(size=(size, dim)).astype(np.float32)
-  print(f"\n{'classes':>7} {'format':<10} {'key B':>7} {'residual B':>11} {'max |err|':>10}")
+  print(f"\n{'classes':>7} {'format':<10} {'key B d=' + str(dim):>10} {'residual B':>11} {'max |err|':>10}")
   for num_classes in class_counts:
     logits = 3.0 * rng.normal(size=(size, num_classes)).astype(np.float32)
     labels = rng.integers(0, num_classes, size=size)
@@ -91,7 +91,7 @@ def run_storage_benchmark(class_counts, top_m, dim=64, size=2000, seed=0):
       stored = memory.bytes_per_example()
       err = np.abs(memory.gather_residuals(np.arange(size)) - residuals).max()
       name = f"sparse m={top_m}" if fmt == "sparse" else fmt
-      print(f"{num_classes:>7} {name:<10} {stored['keys']:>7.0f} {stored['residuals']:>11.0f} {err:>10.2e}")
+      print(f"{num_classes:>7} {name:<10} {stored['keys']:>10.0f} {stored['residuals']:>11.0f} {err:>10.2e}")
 
 
 def main(sizes, num_queries, k, scann_options, hnsw_ef, with_faiss, class_counts, top_m):

@@ -39,9 +39,15 @@ def default_options(n: int) -> dict:
   if n < 100_000:
     options.update(mode="ah", reorder=300)
   else:
+    # Measured on clustered points (experiments/bench_memory.py, BUILD_NOTES.md): past a few
+    # dozen leaves recall stops improving and is set by the reorder depth (1M x 64, 25 of 1000
+    # leaves: reorder 150 / 300 / 500 -> recall@10 0.975 / 0.995 / 0.999), while each extra leaf
+    # costs speed. Hence few leaves and a reorder depth growing slowly with n (300 at 100k,
+    # 500 at 1M).
     num_leaves = int(round(math.sqrt(n)))
+    reorder = int(round(300 + 200 * max(0.0, math.log10(n / 100_000))))
     options.update(mode="tree_ah", num_leaves=num_leaves,
-                   leaves_to_search=max(16, num_leaves // 16), reorder=300)
+                   leaves_to_search=max(8, num_leaves // 40), reorder=reorder)
   return options
 
 

@@ -7,6 +7,10 @@ chosen by ``model_cfg.name``:
   ``cnn``           small conv net for 28x28 / 8x8 images (``width`` channels in the first block)
   ``cifar_resnet``  CIFAR ResNet of depth 6n+2 with width multiplier ``width``
   ``resnet``        ImageNet ResNet-18/34/50/101 (``depth``) with width multiplier ``width``
+
+ResNets take ``model_cfg.conv_impl``: "xla" (native convolutions, default) or "im2col"
+(convolutions as matmuls over stacked shifted views); both give the same parameters and
+results. On the 2-core CPU measured here im2col was slower (see experiments/bench_train.py).
   ``transformer``   decoder-only LM, defined in ``resmem_jax/models/transformer.py``
 
 Usage::
@@ -83,15 +87,20 @@ def build_model(model_cfg, num_classes: int, dtype: Any = None):
       raise ValueError(f"model_cfg.depth (conv blocks) must be >= 1 for cnn, got {depth!r}")
     return SmallCNN(num_classes=num_classes, width=int(width), depth=depth,
                     embed_dim=int(_get(model_cfg, "embed_dim", 128)), dtype=dtype)
+  conv_impl = _get(model_cfg, "conv_impl", "xla")
+  if conv_impl not in ("xla", "im2col"):
+    raise ValueError(f"model_cfg.conv_impl must be 'xla' or 'im2col', got {conv_impl!r}")
   if name == "cifar_resnet":
     if depth is None or int(depth) < 8 or (int(depth) - 2) % 6:
       raise ValueError(f"model_cfg.depth must be 6n+2 >= 8 for cifar_resnet, got {depth!r}")
-    return CifarResNet(num_classes=num_classes, depth=int(depth), width=float(width), dtype=dtype)
+    return CifarResNet(num_classes=num_classes, depth=int(depth), width=float(width), dtype=dtype,
+                       conv_impl=conv_impl)
   # name == "resnet"
   if depth not in IMAGENET_DEPTHS:
     raise ValueError(f"model_cfg.depth must be one of {sorted(IMAGENET_DEPTHS)} for resnet, "
                      f"got {depth!r}")
-  return ImageNetResNet(num_classes=num_classes, depth=int(depth), width=float(width), dtype=dtype)
+  return ImageNetResNet(num_classes=num_classes, depth=int(depth), width=float(width), dtype=dtype,
+                        conv_impl=conv_impl)
 
 
 def count_params(params) -> int:

@@ -13,6 +13,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # He initialisation (fan-out, normal) as in the original ResNet papers.
@@ -27,6 +28,47 @@ IMAGENET_DEPTHS = {
 }
 
 
+def im2col_conv(x, kernel, strides: int, padding: int):
+  """NHWC conv as one matmul over stacked shifted views ("im2col").
+
+  Same result as ``lax.conv_general_dilated`` with HWIO ``kernel``; on CPU its gradient is two
+  large matmuls plus cheap slicing, which XLA runs much closer to the matmul peak than its
+  native backward convolutions.
+  """
+  kh, kw, cin, cout = kernel.shape
+  b, h, w, _ = x.shape
+  if padding:
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  ho = (h + 2 * padding - kh) // strides + 1
+  wo = (w + 2 * padding - kw) // strides + 1
+  views = [x[:, i:i + strides * (ho - 1) + 1:strides, j:j + strides * (wo - 1) + 1:strides, :]
+           for i in range(kh) for j in range(kw)]
+  patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+  return patches @ kernel.reshape(kh * kw * cin, cout)
+
+
+class Conv(nn.Module):
+  """Bias-free square conv with the same ``kernel`` parameter as ``nn.Conv``; ``impl`` picks
+  XLA's native convolution ("xla") or ``im2col_conv`` ("im2col")."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0
+  dtype: Any = jnp.float32
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _conv_init,
+                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
+    if self.impl == "im2col":
+      return im2col_conv(x, kernel, self.strides, self.padding)
+    return jax.lax.conv_general_dilated(
+        x, kernel, (self.strides, self.strides), [(self.padding, self.padding)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def _channels(base: int, width: float) -> int:
   return max(1, int(round(base * width)))
 
@@ -37,18 +79,19 @@ class BasicBlock(nn.Module):
   strides: int
   dtype: Any
   train: bool
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
+    conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl)
     norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
-    y = conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)))(x)
+    y = conv(self.features, 3, strides=self.strides, padding=1)(x)
     y = nn.relu(norm()(y))
-    y = conv(self.features, (3, 3), padding=((1, 1), (1, 1)))(y)
+    y = conv(self.features, 3, padding=1)(y)
     y = norm()(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = conv(self.features, (1, 1), strides=self.strides, name="shortcut_conv")(x)
+      x = conv(self.features, 1, strides=self.strides, name="shortcut_conv")(x)
       x = norm(name="shortcut_norm")(x)
     return nn.relu(x + y)
 
@@ -59,30 +102,31 @@ class BottleneckBlock(nn.Module):
   strides: int
   dtype: Any
   train: bool
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
+    conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl)
     norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
     out_features = 4 * self.features
-    y = nn.relu(norm()(conv(self.features, (1, 1))(x)))
-    y = conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)))(y)
+    y = nn.relu(norm()(conv(self.features, 1)(x)))
+    y = conv(self.features, 3, strides=self.strides, padding=1)(y)
     y = nn.relu(norm()(y))
-    y = norm()(conv(out_features, (1, 1))(y))
+    y = norm()(conv(out_features, 1)(y))
     if self.strides != 1 or x.shape[-1] != out_features:
-      x = conv(out_features, (1, 1), strides=self.strides, name="shortcut_conv")(x)
+      x = conv(out_features, 1, strides=self.strides, name="shortcut_conv")(x)
       x = norm(name="shortcut_norm")(x)
     return nn.relu(x + y)
 
 
 def _run_stages(x, stage_sizes: Sequence[int], stage_channels: Sequence[int], block_cls,
-                dtype, train):
+                dtype, train, conv_impl):
   for stage, (num_blocks, features) in enumerate(zip(stage_sizes, stage_channels)):
     for block in range(num_blocks):
       strides = 2 if stage > 0 and block == 0 else 1
       x = block_cls(features=features, strides=strides, dtype=dtype, train=train,
-                    name=f"stage{stage + 1}_block{block + 1}")(x)
+                    conv_impl=conv_impl, name=f"stage{stage + 1}_block{block + 1}")(x)
   return x
 
 
@@ -93,6 +137,7 @@ class CifarResNet(nn.Module):
   depth: int = 20
   width: float = 1.0
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"  # "im2col": convs as matmuls (faster training on CPU)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -101,12 +146,13 @@ class CifarResNet(nn.Module):
     blocks = (self.depth - 2) // 6
     channels = [_channels(c, self.width) for c in (16, 32, 64)]
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                kernel_init=_conv_init, name="stem_conv")(x)
+    x = Conv(channels[0], 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
+             name="stem_conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      dtype=self.dtype, name="stem_norm")(x)
     x = nn.relu(x)
-    x = _run_stages(x, (blocks,) * 3, channels, BasicBlock, self.dtype, train)
+    x = _run_stages(x, (blocks,) * 3, channels, BasicBlock, self.dtype, train,
+                    self.conv_impl)
     embedding = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
     return logits.astype(jnp.float32), embedding.astype(jnp.float32)
@@ -118,6 +164,7 @@ class ImageNetResNet(nn.Module):
   depth: int = 50
   width: float = 1.0
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"  # "im2col": convs as matmuls (faster training on CPU)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -126,14 +173,14 @@ class ImageNetResNet(nn.Module):
     stage_sizes, bottleneck = IMAGENET_DEPTHS[self.depth]
     channels = [_channels(c, self.width) for c in (64, 128, 256, 512)]
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(channels[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, kernel_init=_conv_init, name="stem_conv")(x)
+    x = Conv(channels[0], 7, strides=2, padding=3, dtype=self.dtype, impl=self.conv_impl,
+             name="stem_conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      dtype=self.dtype, name="stem_norm")(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     block_cls = BottleneckBlock if bottleneck else BasicBlock
-    x = _run_stages(x, stage_sizes, channels, block_cls, self.dtype, train)
+    x = _run_stages(x, stage_sizes, channels, block_cls, self.dtype, train, self.conv_impl)
     embedding = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
     return logits.astype(jnp.float32), embedding.astype(jnp.float32)
