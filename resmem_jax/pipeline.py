@@ -128,10 +128,32 @@ def choose_hparams(rcfg, train_out, val_out, search_memory) -> tuple[dict, list]
           [vars(p) for p in points])
 
 
+def parse_backend_options(text: str | None) -> dict:
+  """``"mode=tree_ah,num_leaves=235,reorder=300"`` -> {"mode": "tree_ah", "num_leaves": 235, ...}.
+
+  A string (not a nested ConfigDict) so any option can be set from the command line with
+  ``--config.resmem.backend_options=...``; values that parse as int or float become numbers.
+  """
+  options = {}
+  for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    if "=" not in item:
+      raise ValueError(f"resmem.backend_options entries must be key=value, got {item!r}")
+    key, value = (x.strip() for x in item.split("=", 1))
+    for cast in (int, float):
+      try:
+        value = cast(value)
+        break
+      except ValueError:
+        pass
+    options[key] = value
+  return options
+
+
 def _memory_options(rcfg) -> dict:
   opts = {"backend": str(rcfg.backend), "residual_format": str(rcfg.residual_format)}
   if str(rcfg.residual_format) == "sparse":
     opts["top_m"] = int(rcfg.top_m)
+  opts.update(parse_backend_options(rcfg.get("backend_options")))
   return opts
 
 
@@ -178,7 +200,7 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
 
   fixed = all(rcfg.get(n) is not None for n in ("k", "sigma", "temperature"))
   mem_dir = workdir / "memory"
-  mem_signature = dict(signature, **_memory_options(rcfg), top_m=int(rcfg.get("top_m") or 0),
+  mem_signature = dict(signature, memory_options=_memory_options(rcfg),
                        fixed={n: rcfg.get(n) for n in ("k", "sigma", "temperature")},
                        k_grid=list(rcfg.k_grid), sigma_grid=list(rcfg.sigma_grid),
                        temperature_grid=list(rcfg.temperature_grid),

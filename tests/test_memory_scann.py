@@ -21,11 +21,14 @@ def test_scann_recall_at_10_on_100k_clustered_points():
   np.testing.assert_allclose(distances, true, rtol=1e-5, atol=1e-5)
 
 
-def test_scann_asymmetric_hashing_mode_for_medium_memories():
+def test_scann_asymmetric_hashing_mode_when_asked():
   keys, queries = clustered_points(25_000, 16, num_queries=300, seed=4)
   residuals = np.zeros((len(keys), 1), np.float32)
   _, reference = resmem_jax.build_memory(keys, residuals, backend="exact").search(queries, 10)
-  memory = resmem_jax.build_memory(keys, residuals, backend="scann")
+  assert resmem_jax.build_memory(keys[:5000], residuals[:5000],
+                                 backend="scann")._scann.options["mode"] == "brute_force"
+  memory = resmem_jax.build_memory(keys, residuals, backend="scann", mode="ah", reorder=300,
+                                   dims_per_block=1, quantization_threshold=0.2)
   assert memory._scann.options["mode"] == "ah"
   _, found = memory.search(queries, 10)
   assert recall_at_k(found, reference) >= 0.99

@@ -163,3 +163,27 @@ def test_imagenet_paper_config_runs_end_to_end_on_mock_data(tmp_path):
   assert results["dataset"] == "imagenet2012"
   assert results["num_examples"]["validation"] > 0 and results["num_examples"]["test"] > 0
   assert results["memory"]["size"] == results["num_examples"]["train"]
+
+
+def test_backend_options_parse_and_reject_garbage():
+  from resmem_jax import pipeline
+  assert pipeline.parse_backend_options("mode=tree_ah, num_leaves=235,quantization_threshold=0.2") == {
+      "mode": "tree_ah", "num_leaves": 235, "quantization_threshold": 0.2}
+  assert pipeline.parse_backend_options("") == {}
+  with pytest.raises(ValueError, match="key=value"):
+    pipeline.parse_backend_options("tree_ah")
+
+
+def test_sparse_residual_memory_through_the_pipeline(digits_run):
+  """The sparse top-m format end to end (the ImageNet/LM setting) on the trained digits model."""
+  import shutil
+  from resmem_jax import pipeline
+  workdir, first = digits_run
+  sub = workdir.parent / f"{workdir.name}_sparse"
+  if not sub.exists():
+    shutil.copytree(workdir, sub, ignore=shutil.ignore_patterns("memory", "results.json"))
+  cfg = _tiny_config(residual_format="sparse", top_m=3, k=1, sigma=1.0, temperature=1.0)
+  results = pipeline.run(cfg, sub, progress=False)
+  assert results["memory"]["residual_format"] == "sparse"
+  # top-m keeps the true label's entry exactly, so k = 1 still memorizes every training label
+  assert results["resmem"]["train_accuracy"] == 1.0

@@ -14,20 +14,27 @@ def resmem_config() -> ml_collections.ConfigDict:
   """How ResMem is built and tuned on top of the trained base model (read by the pipeline).
 
   ``k``, ``sigma`` and ``temperature`` left as None are chosen on the validation split from
-  the grids. ``sigma`` is on the scale of Euclidean distances between penultimate-layer
-  embeddings, which for ReLU features of the models here range roughly from 0.1 to tens, so
-  the grid is geometric (ratio about 1.8) over [0.01, 100].
+  the grids, by ``select_by`` (validation squared loss by default, see resmem_jax/hparams.py).
+  With ``sigma_relative`` (default) the ``sigma_grid`` values are multiples of the median
+  distance from a validation embedding to its nearest training embedding, since embedding
+  distances have no natural unit; the grid is geometric (ratio about 1.8) over [0.01, 100].
+  A fixed ``sigma`` is always absolute.
   """
   cfg = ml_collections.ConfigDict()
   cfg.backend = "scann"
+  # Extra search-backend options as "key=value,..." (see resmem_jax/memory/scann_index.py), e.g.
+  # "mode=tree_ah,num_leaves=235,leaves_to_search=32,reorder=300" trades recall for speed.
+  cfg.backend_options = ""
   cfg.residual_format = "dense"
   cfg.top_m = 16
   cfg.k = config_dict.placeholder(int)
   cfg.sigma = config_dict.placeholder(float)
   cfg.temperature = config_dict.placeholder(float)
-  cfg.k_grid = (1, 2, 4, 8, 16, 32, 64)
+  cfg.k_grid = (1, 2, 4, 8, 16, 32, 64, 128)
   cfg.sigma_grid = tuple(round(0.01 * 10 ** (i / 4), 6) for i in range(17))
+  cfg.sigma_relative = True
   cfg.temperature_grid = (0.5, 1.0, 2.0, 4.0)
+  cfg.select_by = "squared_loss"  # or "accuracy"
   cfg.eval_batch_size = 1024
   return cfg
 

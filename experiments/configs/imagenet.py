@@ -25,6 +25,11 @@ def get_config(variant: str | None = None):
   cfg.train.dtype = "bfloat16"
   cfg.train.log_every_steps = 100
   cfg.train.checkpoint_every_steps = 2000
+  # 1.28M x 1000 dense float32 residuals would be 5 GB: keep the true label + top-32 probabilities
+  # (about 200 bytes per example; error bound in resmem_jax/memory/storage.py).
+  cfg.resmem.residual_format = "sparse"
+  cfg.resmem.top_m = 32
+  cfg.resmem.eval_batch_size = 1024
   if variant == "tiny":
     cfg.model.depth = 18
     cfg.model.width = 0.125
