@@ -7,3 +7,15 @@ try:  # TFDS only feeds data; JAX owns the accelerators.
   tf.config.set_visible_devices([], "GPU")
 except ImportError:  # pragma: no cover - tensorflow is optional for the library
   pass
+
+import logging as _logging
+
+
+class _QuietOrbaxInfo(_logging.Filter):
+  """Orbax logs every checkpoint step's internals at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record):
+    return record.levelno >= _logging.WARNING or "orbax" not in record.pathname
+
+
+_logging.getLogger("absl").addFilter(_QuietOrbaxInfo())
