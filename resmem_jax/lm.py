@@ -181,6 +181,16 @@ def collect_train_tokens(forward, variables, batches, mesh, temperatures, num_cl
 # ----------------------------------------------------------------------------- memory
 
 
+def _residual_chunks(train: TrainTokens, temperature: float, max_dense_elements: int):
+  """Dense residual rows at ``temperature`` in order, ``max_dense_elements`` floats at a time."""
+  n = len(train.targets)
+  chunk = n if n * train.num_classes <= max_dense_elements else max(
+      1024, max_dense_elements // train.num_classes)
+  for start in range(0, n, chunk):
+    rows = slice(start, min(n, start + chunk))
+    yield rows, train.dense_residuals(temperature, rows)
+
+
 def build_token_memory(train: TrainTokens, temperature: float, *, backend: str, top_m: int,
                        max_dense_elements: int = 1 << 28, **backend_options):
   """The ResMem memory: one entry per training token, sparse top-m residuals at ``temperature``.
@@ -189,21 +199,25 @@ def build_token_memory(train: TrainTokens, temperature: float, *, backend: str, 
   rest is appended with ``Memory.add`` chunk by chunk, so no ``[N, V]`` array exists at once.
   """
   import resmem_jax
-  n = len(train.targets)
-  chunk = n if n * train.num_classes <= max_dense_elements else max(
-      1024, max_dense_elements // train.num_classes)
   memory = None
-  for start in range(0, n, chunk):
-    rows = slice(start, min(n, start + chunk))
-    keys, residual_rows = train.hidden[rows], train.dense_residuals(temperature, rows)
+  for rows, residual_rows in _residual_chunks(train, temperature, max_dense_elements):
+    keys = train.hidden[rows]
     if memory is None:
       memory = resmem_jax.build_memory(keys, residual_rows, backend=backend,
                                        residual_format="sparse", top_m=top_m, **backend_options)
     else:
       memory.add(keys, residual_rows)
+  n = len(train.targets)
   if memory.size != n:
     raise RuntimeError(f"memory holds {memory.size} entries for {n} training tokens")
   return memory
+
+
+def retemper_token_memory(memory, train: TrainTokens, temperature: float,
+                          max_dense_elements: int = 1 << 28):
+  """The same memory (keys and search index shared) with residuals at another temperature."""
+  return memory.with_residuals(
+      rows for _, rows in _residual_chunks(train, temperature, max_dense_elements))
 
 
 # ----------------------------------------------------------------------------- validation sweep
@@ -493,7 +507,7 @@ def run(config, workdir) -> dict:
 
   if best_res.temperature != temperature_grid[0]:
     start = time.perf_counter()
-    memory = build_token_memory(train_tokens, best_res.temperature, backend=backend, top_m=top_m)
+    memory = retemper_token_memory(memory, train_tokens, best_res.temperature)
     timings["memory_build_s"] += time.perf_counter() - start
 
   start = time.perf_counter()

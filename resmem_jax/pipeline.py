@@ -230,11 +230,13 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
       search_memory = memory_lib.build_memory(
           train_out.embeddings, memory_lib_residuals(train_out, t0), **_memory_options(rcfg))
       chosen, grid = choose_hparams(rcfg, train_out, val_out, search_memory)
-      if chosen["temperature"] == t0:
-        memory = search_memory
     metadata = {"model_config": config.model.to_dict(), "checkpoint_step": int(step),
                 "dataset": str(config.data.name), "temperature": chosen["temperature"]}
-    if memory is None:
+    if search_memory is not None:
+      # Same keys and index, residuals at the chosen T (no second index build).
+      memory = search_memory.with_residuals(
+          memory_lib_residuals(train_out, chosen["temperature"]), metadata=metadata)
+    else:
       memory = memory_lib.build_memory(
           train_out.embeddings, memory_lib_residuals(train_out, chosen["temperature"]),
           metadata=metadata, **_memory_options(rcfg))

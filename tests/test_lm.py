@@ -200,6 +200,11 @@ def test_memory_holds_one_entry_per_training_token(tmp_path):
   np.testing.assert_array_equal(np.asarray(indices)[:, 0], np.arange(50))
   np.testing.assert_allclose(memory.gather_residuals(np.arange(50)[:, None])[:, 0],
                              train.dense_residuals(2.0, slice(0, 50)), atol=1e-6)
+  # Another temperature: same keys and index, residuals recomputed chunk by chunk.
+  cooled = lm.retemper_token_memory(memory, train, 1.0, max_dense_elements=70000)
+  assert cooled.size == 2499
+  np.testing.assert_allclose(cooled.gather_residuals(np.arange(2499)),
+                             train.dense_residuals(1.0, slice(0, 2499)), atol=1e-6)
 
 
 def test_tiny_end_to_end_run(tmp_path):

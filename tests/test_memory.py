@@ -154,3 +154,32 @@ print("RESULT" + json.dumps(out.astype(float).tolist()))
   np.testing.assert_array_equal(got[:, 11:22].astype(np.int32), idx)
   np.testing.assert_allclose(got[:, :11], dist, atol=1e-6)
   np.testing.assert_allclose(got[:, 22:], est, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+@pytest.mark.parametrize("residual_format", ["dense", "sparse"])
+def test_with_residuals_shares_the_index_and_swaps_values(backend, residual_format):
+  rng = np.random.default_rng(7)
+  keys = rng.normal(size=(300, 6)).astype(np.float32)
+  labels = rng.integers(0, 5, 300)
+  logits = rng.normal(size=(300, 5)).astype(np.float32)
+  queries = rng.normal(size=(20, 6)).astype(np.float32)
+  base = np.full((20, 5), 0.2, np.float32)
+  first = resmem_jax.build_memory(keys, resmem_jax.residuals(labels, logits, 1.0), backend=backend,
+                                  residual_format=residual_format, top_m=2)
+  swapped = first.with_residuals(resmem_jax.residuals(labels, logits, 3.0))
+  rebuilt = resmem_jax.build_memory(keys, resmem_jax.residuals(labels, logits, 3.0), backend=backend,
+                                    residual_format=residual_format, top_m=2)
+  np.testing.assert_allclose(swapped.predict(base, queries, 4, 0.5),
+                             rebuilt.predict(base, queries, 4, 0.5), rtol=1e-6, atol=1e-6)
+  if backend == "scann":
+    assert swapped._scann is first._scann  # no index rebuild
+  # chunks in row order give the same memory; the original keeps its values
+  chunked = first.with_residuals(np.array_split(resmem_jax.residuals(labels, logits, 3.0), 3))
+  np.testing.assert_allclose(chunked.gather_residuals(np.arange(300)),
+                             swapped.gather_residuals(np.arange(300)), atol=1e-7)
+  assert not np.allclose(first.gather_residuals(np.arange(10)), swapped.gather_residuals(np.arange(10)))
+  with pytest.raises(ValueError, match="rows"):
+    first.with_residuals(np.zeros((299, 5), np.float32))
+  with pytest.raises(ValueError, match="outputs"):
+    first.with_residuals(np.zeros((300, 4), np.float32))

@@ -218,6 +218,37 @@ class Memory:
     else:
       self._buffer = ExactIndex(self._keys[self._scann.size:])
 
+  def with_residuals(self, residuals, metadata=None) -> "Memory":
+    """A memory over the same keys and search index with new residual values.
+
+    For residuals recomputed at another temperature: the index (a ScaNN build can take minutes)
+    is shared, not rebuilt. ``residuals`` is an ``[n, C]`` array or an iterable of row chunks in
+    order (so a large-vocabulary sparse memory never holds all dense rows at once). The format
+    (and ``top_m``) stay those of this memory; ``metadata`` defaults to this memory's.
+    """
+    chunks = [residuals] if isinstance(residuals, np.ndarray) or hasattr(residuals, "shape") else residuals
+    store = None
+    for chunk in chunks:
+      chunk = _float_matrix(chunk, "residuals")
+      if chunk.shape[1] != self.num_outputs:
+        raise ValueError(f"residuals have {chunk.shape[1]} outputs but the memory has {self.num_outputs}")
+      if store is None:
+        store = storage.make_store(chunk, self.residual_format, getattr(self._store, "top_m", None))
+      else:
+        store.append(chunk)
+    if store is None or len(store) != self.size:
+      got = 0 if store is None else len(store)
+      raise ValueError(f"residuals have {got} rows but the memory has {self.size} keys")
+    clone = Memory.__new__(Memory)
+    clone.__dict__.update(self.__dict__)
+    clone._store = store
+    # The ScaNN searcher is shared (Memory.add rebinds, never mutates it); the exact index is
+    # cheap to recreate and is mutated by add, so the clone gets its own.
+    if self.backend == "exact":
+      clone._exact = ExactIndex(self._keys, **self.backend_options)
+    clone.metadata = self.metadata if metadata is None else _json_metadata(metadata)
+    return clone
+
   # -- persistence ----------------------------------------------------------------------------
   def save(self, path) -> None:
     """Writes the memory to directory ``path`` atomically (temp dir + rename)."""
