@@ -228,17 +228,17 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
                          "data.val_fraction > 0, or fix resmem.k, resmem.sigma and resmem.temperature")
       t0 = float(rcfg.temperature) if rcfg.get("temperature") is not None else 1.0
       search_memory = memory_lib.build_memory(
-          train_out.embeddings, memory_lib_residuals(train_out, t0), **_memory_options(rcfg))
+          train_out.embeddings, _training_residuals(train_out, t0), **_memory_options(rcfg))
       chosen, grid = choose_hparams(rcfg, train_out, val_out, search_memory)
     metadata = {"model_config": config.model.to_dict(), "checkpoint_step": int(step),
                 "dataset": str(config.data.name), "temperature": chosen["temperature"]}
     if search_memory is not None:
       # Same keys and index, residuals at the chosen T (no second index build).
       memory = search_memory.with_residuals(
-          memory_lib_residuals(train_out, chosen["temperature"]), metadata=metadata)
+          _training_residuals(train_out, chosen["temperature"]), metadata=metadata)
     else:
       memory = memory_lib.build_memory(
-          train_out.embeddings, memory_lib_residuals(train_out, chosen["temperature"]),
+          train_out.embeddings, _training_residuals(train_out, chosen["temperature"]),
           metadata=metadata, **_memory_options(rcfg))
     if jax.process_index() == 0:
       memory.save(mem_dir / "index")
@@ -303,9 +303,10 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
   return results
 
 
-def memory_lib_residuals(out: embed_lib.SplitOutputs, temperature: float) -> np.ndarray:
-  from resmem_jax import residuals as residuals_lib
-  return np.asarray(residuals_lib.residuals(out.labels, out.logits, temperature))
+def _training_residuals(out: embed_lib.SplitOutputs, temperature: float) -> np.ndarray:
+  """onehot(y) - softmax(z / T) for every example of a split."""
+  from resmem_jax.residuals import residuals
+  return np.asarray(residuals(out.labels, out.logits, temperature))
 
 
 def format_table(results: dict) -> str:
