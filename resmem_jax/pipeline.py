@@ -212,7 +212,11 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
   if state_path.exists() and (mem_dir / "index").exists():
     state = json.loads(state_path.read_text())
     if state.get("signature") == mem_signature:
-      memory = memory_lib.load_memory(mem_dir / "index")
+      try:
+        memory = memory_lib.load_memory(mem_dir / "index")
+      except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"the saved memory in {mem_dir} cannot be used ({err}); delete "
+                         f"{mem_dir} to rebuild it from the checkpoint") from err
       chosen, grid = state["hparams"], state.get("grid", [])
       reused = True
       logging.info("reusing memory in %s", mem_dir)

@@ -187,3 +187,15 @@ def test_sparse_residual_memory_through_the_pipeline(digits_run):
   assert results["memory"]["residual_format"] == "sparse"
   # top-m keeps the true label's entry exactly, so k = 1 still memorizes every training label
   assert results["resmem"]["train_accuracy"] == 1.0
+
+
+def test_corrupt_saved_memory_gives_a_clear_error(digits_run):
+  import shutil
+  from resmem_jax import pipeline
+  workdir, _ = digits_run
+  sub = workdir.parent / f"{workdir.name}_corrupt"
+  shutil.copytree(workdir, sub)
+  keys = sub / "memory" / "index" / "keys.npy"
+  keys.write_bytes(keys.read_bytes()[:100])
+  with pytest.raises(ValueError, match="delete .*memory to rebuild"):
+    pipeline.run(_tiny_config(), sub, progress=False)
