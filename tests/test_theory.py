@@ -164,3 +164,15 @@ def test_binary_writes_results_and_plot(tmp_path):
   assert results["theory_slopes"]["2"] == pytest.approx(-0.5)
   png = pathlib.Path(workdir / results["plot"]).read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_zero_risk_model_gets_null_slope(monkeypatch):
+  # Least squares without noise can fit exactly (risk 0.0): no log-log slope, and no crash.
+  def fake_trial(config, d, n, seed, memory_builder=None):
+    risks = {m: 1.0 / n for m in theory.MODELS}
+    risks["least_squares"] = 0.0
+    return risks, 1
+  monkeypatch.setattr(theory, "run_trial", fake_trial)
+  results = theory.run_sweep(theory.TheoryConfig(dims=(2,), ns=(64, 256), seeds=1))
+  assert results["slopes"]["least_squares"]["2"] is None
+  assert results["slopes"]["resmem"]["2"] == pytest.approx(-1.0)
