@@ -1,21 +1,33 @@
-"""Imported first by every binary: keeps TensorFlow's C++ logging quiet and off the GPU/TPU."""
+"""Imported first by every binary: quiet TensorFlow's C++ logs and Orbax's per-step INFO chatter.
+
+TensorFlow itself is not imported here: resmem_jax.data hides accelerators from it when (and only
+when) a TFDS data set is loaded, so the embedded digits path never pays for the import.
+"""
+import logging as _logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-try:  # TFDS only feeds data; JAX owns the accelerators.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
-except ImportError:  # pragma: no cover - tensorflow is optional for the library
-  pass
-
-import logging as _logging
 
 
 class _QuietOrbaxInfo(_logging.Filter):
-  """Orbax logs every checkpoint step's internals at INFO; keep its warnings, drop the chatter."""
+  """Orbax logs every checkpoint step's internals at INFO; keep its warnings, drop the chatter.
+
+  Some Orbax records name absl's logging module as their source, so the filter looks at the
+  calling frames rather than ``record.pathname``.
+  """
 
   def filter(self, record):
-    return record.levelno >= _logging.WARNING or "orbax" not in record.pathname
+    if record.levelno >= _logging.WARNING:
+      return True
+    frame = sys._getframe(1)  # pylint: disable=protected-access
+    for _ in range(16):
+      if frame is None:
+        break
+      if "/orbax/" in frame.f_code.co_filename:
+        return False
+      frame = frame.f_back
+    return True
 
 
 _logging.getLogger("absl").addFilter(_QuietOrbaxInfo())

@@ -32,7 +32,7 @@ class SplitOutputs:
     return int(self.labels.shape[0])
 
 
-def make_forward(module, mesh: Mesh, input_key: str = "image") -> Callable:
+def make_forward(module, mesh: Mesh) -> Callable:
   """Jitted ``(variables, batch) -> (logits, embedding)`` with the batch sharded over ``mesh``."""
   batch_sharding = mesh_lib.batch_sharded(mesh)
 
@@ -44,7 +44,6 @@ def make_forward(module, mesh: Mesh, input_key: str = "image") -> Callable:
     embedding = jax.lax.with_sharding_constraint(embedding.astype(np.float32), batch_sharding)
     return logits, embedding
 
-  del input_key
   return forward
 
 
@@ -109,7 +108,7 @@ def embed_split(module, variables, data_cfg, split: str, batch_size: int, mesh: 
   mesh = mesh or mesh_lib.data_mesh()
   batch_size = mesh_lib.pad_to_multiple(int(batch_size), mesh_lib.num_data_shards(mesh))
   variables = mesh_lib.replicate(variables, mesh)
-  forward = forward or make_forward(module, mesh, input_key)
+  forward = forward or make_forward(module, mesh)
   n = data_lib.num_examples(data_cfg, split)
   total = -(-n // batch_size)
   out = run_forward(forward, variables, data_lib.eval_batches(data_cfg, split, batch_size), mesh,

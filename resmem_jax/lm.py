@@ -27,7 +27,6 @@ log loss; the same one for both methods.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -40,6 +39,7 @@ import numpy as np
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import metrics
 from resmem_jax import resmem as resmem_math
+from resmem_jax.jsonio import write_json_atomic
 
 SELECT_BY = ("accuracy", "log_loss")
 
@@ -543,7 +543,7 @@ def run(config, workdir) -> dict:
   results["num_validation_tokens"] = sweep.count
   results["timings_s"] = timings
   if jax.process_index() == 0:
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(workdir / "results.json", results)
   return results
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from resmem_jax import embed as embed_lib
 from resmem_jax import hparams as hparams_lib
+from resmem_jax.jsonio import write_json_atomic
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import metrics
 
@@ -42,16 +43,6 @@ def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
   z -= z.max(axis=-1, keepdims=True)
   e = np.exp(z)
   return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-  """Writes JSON through a temp file + rename, so a kill never leaves a half-written file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _report(pred: np.ndarray, labels: np.ndarray) -> dict:

@@ -11,6 +11,7 @@ import pathlib
 from typing import Sequence
 
 from resmem_jax import pipeline
+from resmem_jax.jsonio import write_json_atomic
 
 
 def _summary(name: str, value, results: dict) -> dict:
@@ -45,7 +46,7 @@ def model_size_sweep(config, workdir, field: str, values: Sequence) -> dict:
   rows = _run_variants(config, workdir, field, values, field.split(".")[-1])
   out = {"dataset": str(config.data.name), "model": str(config.model.name), "sweep": field,
          "variants": rows}
-  pipeline.write_json_atomic(pathlib.Path(workdir) / "model_size_sweep.json", out)
+  write_json_atomic(pathlib.Path(workdir) / "model_size_sweep.json", out)
   plot_sweep(rows, "num_params", "parameters", pathlib.Path(workdir) / "model_size_sweep.png",
              f"{config.data.name}: accuracy vs model size ({field})", log_x=True)
   return out
@@ -61,7 +62,7 @@ def sample_size_sweep(config, workdir, fractions: Sequence[float]) -> dict:
     row["train_fraction"] = row.pop("data.train_fraction")
   out = {"dataset": str(config.data.name), "model": str(config.model.name),
          "sweep": "data.train_fraction", "variants": rows}
-  pipeline.write_json_atomic(pathlib.Path(workdir) / "sample_size_sweep.json", out)
+  write_json_atomic(pathlib.Path(workdir) / "sample_size_sweep.json", out)
   plot_sweep(rows, "train_fraction", "fraction of the training set",
              pathlib.Path(workdir) / "sample_size_sweep.png",
              f"{config.data.name}: accuracy vs training-set size", log_x=True, show_train=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from typing import Callable, Sequence
@@ -38,6 +37,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from resmem_jax.jsonio import write_json_atomic
 
 DOMAINS = ("cube", "sphere")
 RISK_TARGETS = ("noiseless", "noisy")
@@ -479,7 +480,6 @@ def run_experiment(config: TheoryConfig, workdir: str, memory_builder: Callable 
   os.makedirs(workdir, exist_ok=True)
   plot_path = os.path.join(workdir, "risk_vs_n.png")
   results["plot"] = os.path.basename(plot_path)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  write_json_atomic(os.path.join(workdir, "results.json"), results, indent=1)
   plot_risk_curves(results, plot_path)
   return results

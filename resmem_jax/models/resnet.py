@@ -73,6 +73,12 @@ def _channels(base: int, width: float) -> int:
   return max(1, int(round(base * width)))
 
 
+def batch_norm(train: bool, dtype: Any):
+  """BatchNorm as every ResNet layer here uses it (batch statistics only while training)."""
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=dtype)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs with a residual connection (projection shortcut when the shape changes)."""
   features: int
@@ -84,8 +90,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = batch_norm(self.train, self.dtype)
     y = conv(self.features, 3, strides=self.strides, padding=1)(x)
     y = nn.relu(norm()(y))
     y = conv(self.features, 3, padding=1)(y)
@@ -107,8 +112,7 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not self.train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = batch_norm(self.train, self.dtype)
     out_features = 4 * self.features
     y = nn.relu(norm()(conv(self.features, 1)(x)))
     y = conv(self.features, 3, strides=self.strides, padding=1)(y)
@@ -148,8 +152,7 @@ class CifarResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = Conv(channels[0], 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
              name="stem_conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="stem_norm")(x)
+    x = batch_norm(train, self.dtype)(name="stem_norm")(x)
     x = nn.relu(x)
     x = _run_stages(x, (blocks,) * 3, channels, BasicBlock, self.dtype, train,
                     self.conv_impl)
@@ -175,8 +178,7 @@ class ImageNetResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = Conv(channels[0], 7, strides=2, padding=3, dtype=self.dtype, impl=self.conv_impl,
              name="stem_conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="stem_norm")(x)
+    x = batch_norm(train, self.dtype)(name="stem_norm")(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     block_cls = BottleneckBlock if bottleneck else BasicBlock
