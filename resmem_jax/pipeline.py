@@ -188,6 +188,8 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
   val_out = _cached_split(cache_dir, "validation", signature, lambda: embed("validation")) if has_val else None
   embed("test", max_batches=1)  # warm-up: compile for the test batch shape before timing
   test_out = embed("test")
+  timing_repeats = max(1, int(rcfg.get("timing_repeats", 1)))
+  forward_seconds = min([test_out.seconds] + [embed("test").seconds for _ in range(timing_repeats - 1)])
 
   fixed = all(rcfg.get(n) is not None for n in ("k", "sigma", "temperature"))
   mem_dir = workdir / "memory"
@@ -249,10 +251,12 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
   # The first call compiles for the test shapes; the second, timed one is what a user sees at
   # serving time (and must return the same prediction).
   test_pred = resmem_predict(test_out)
-  t0 = time.perf_counter()
-  timed_pred = resmem_predict(test_out)
-  query_seconds = time.perf_counter() - t0
-  np.testing.assert_allclose(timed_pred, test_pred, rtol=1e-5, atol=1e-6)
+  query_seconds = float("inf")
+  for _ in range(timing_repeats):
+    t0 = time.perf_counter()
+    timed_pred = resmem_predict(test_out)
+    query_seconds = min(query_seconds, time.perf_counter() - t0)
+    np.testing.assert_allclose(timed_pred, test_pred, rtol=1e-5, atol=1e-6)
   train_pred = resmem_predict(train_out)
 
   base_test = _report(_softmax(test_out.logits), test_out.labels)
@@ -284,10 +288,11 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
       "base": block(base_test, base_train_acc),
       "resmem": block(res_test, res_train_acc),
       "timing": {
-          "base_forward_seconds": test_out.seconds,
+          "base_forward_seconds": forward_seconds,
           "resmem_query_and_combine_seconds": query_seconds,
-          "resmem_total_seconds": test_out.seconds + query_seconds,
-          "resmem_over_base": (test_out.seconds + query_seconds) / max(test_out.seconds, 1e-9),
+          "resmem_total_seconds": forward_seconds + query_seconds,
+          "resmem_over_base": (forward_seconds + query_seconds) / max(forward_seconds, 1e-9),
+          "timing_repeats": timing_repeats,
           "devices": jax.device_count(),
           "platform": jax.devices()[0].platform,
       },
@@ -319,5 +324,5 @@ def format_table(results: dict) -> str:
   t = results["timing"]
   lines.append(f"prediction time on test: base forward {t['base_forward_seconds']:.3f}s, "
                f"resmem {t['resmem_total_seconds']:.3f}s ({t['resmem_over_base']:.2f}x, "
-               f"{results['memory']['backend']})")
+               f"{results['memory']['backend']}; fastest of {t.get('timing_repeats', 1)})")
   return "\n".join(lines)

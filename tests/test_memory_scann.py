@@ -19,6 +19,13 @@ def test_scann_recall_at_10_on_100k_clustered_points():
   # Returned distances are the true Euclidean distances of the returned ids.
   true = np.linalg.norm(keys[found] - queries[:, None, :], axis=-1)
   np.testing.assert_allclose(distances, true, rtol=1e-5, atol=1e-5)
+  # A deeper k searches deeper (reorder grows with k), so recall holds at k = 100 too.
+  _, reference = resmem_jax.build_memory(keys, residuals, backend="exact").search(queries, 100)
+  assert recall_at_k(memory.search(queries, 100)[1], reference) >= 0.98
+  # Training points are found at distance exactly 0 (differences, not the norm expansion).
+  distances, found = memory.search(keys[:200], 1)
+  np.testing.assert_array_equal(distances[:, 0], 0.0)
+  np.testing.assert_array_equal(found[:, 0], np.arange(200))
 
 
 def test_scann_asymmetric_hashing_mode_when_asked():

@@ -29,7 +29,7 @@ import numpy as np
 
 from resmem_jax import resmem as resmem_math
 from resmem_jax.memory import storage
-from resmem_jax.memory.exact import ExactIndex, rerank_exact
+from resmem_jax.memory.exact import RERANK_MARGIN, ExactIndex, rerank_exact
 
 BACKENDS = ("exact", "scann")
 EXACT_OPTIONS = ("block_size", "query_chunk", "devices")
@@ -41,7 +41,7 @@ ESTIMATE_CHUNK = 4096
 __all__ = ["Memory", "build_memory", "load_memory", "BACKENDS"]
 
 
-def _float_matrix(value, name: str, allow_empty: bool = False) -> np.ndarray:
+def _float_matrix(value, name: str, allow_empty: bool = False, copy: bool = True) -> np.ndarray:
   array = np.asarray(value)
   if not (np.issubdtype(array.dtype, np.floating) or array.dtype == jnp.bfloat16):
     raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
@@ -49,7 +49,8 @@ def _float_matrix(value, name: str, allow_empty: bool = False) -> np.ndarray:
     raise ValueError(f"{name} must be 2-D [n, dim], got shape {array.shape}")
   if array.shape[0] == 0 and not allow_empty:
     raise ValueError(f"{name} is empty (0 rows); a memory needs at least one example")
-  array = array.astype(np.float32)
+  # Stored arrays are copied (a caller may mutate theirs later); queries need not be.
+  array = array.astype(np.float32, copy=copy)
   if not np.all(np.isfinite(array)):
     raise ValueError(f"{name} contains NaN or inf")
   return array
@@ -134,7 +135,7 @@ class Memory:
     self._buffer = None
 
   def _check_queries(self, queries) -> np.ndarray:
-    queries = _float_matrix(queries, "queries", allow_empty=True)
+    queries = _float_matrix(queries, "queries", allow_empty=True, copy=False)
     if queries.shape[1] != self.dim:
       raise ValueError(f"queries have dimension {queries.shape[1]} but the memory keys have {self.dim}")
     return queries
@@ -157,9 +158,10 @@ class Memory:
     k = self._check_k(k)
     if self.backend == "exact":
       return self._exact.search(queries, k)
-    _, ids = self._scann.search(queries, min(k, self._scann.size))
+    ids = self._scann.candidate_ids(queries, min(k, self._scann.size))
     if self._buffer is not None:
-      _, extra = self._buffer.search(queries, min(k, self._buffer.keys.shape[0]))
+      # Spare candidates because the buffer's expansion ranking is not exact (see exact.py).
+      extra = self._buffer.candidates(queries, k + RERANK_MARGIN)
       ids = np.concatenate([ids, extra + self._scann.size], axis=1)
     return rerank_exact(queries, self._keys, ids, k)
 

@@ -38,17 +38,18 @@ def default_options(n: int, mode: str | None = None) -> dict:
   """ScaNN parameters for ``n`` keys (see the module docstring); ``mode`` forces a mode."""
   if mode == "brute_force" or (mode is None and n < BRUTE_FORCE_BELOW):
     return {"mode": "brute_force", "distance": "mips_l2", "reorder": 0}
-  # dims_per_block=1 and ~300 re-scored candidates reached recall@10 >= 0.999 on clustered
-  # 100k x 64 points at about twice the speed of dims_per_block=2 with the reorder it needs.
+  # dims_per_block=1 reached recall@10 >= 0.99 on clustered 100k points at about twice the
+  # speed of dims_per_block=2 with the (much deeper) reorder that one needs.
   options = {"distance": "mips_l2", "dims_per_block": 1, "quantization_threshold": 0.2,
              "training_sample_size": min(n, 250_000), "num_threads": 0}
   # Measured on clustered points (experiments/bench_memory.py, BUILD_NOTES.md): past a few
-  # dozen leaves recall stops improving and is set by the reorder depth (1M x 64, 25 of 1000
-  # leaves: reorder 150 / 300 / 500 -> recall@10 0.975 / 0.995 / 0.999), while each extra leaf
-  # costs speed. Hence few leaves and a reorder depth growing slowly with n (300 at 100k,
-  # 500 at 1M).
+  # leaves recall stops improving and is set by the reorder depth (1M x 64, 25 of 1000
+  # leaves: reorder 150 / 300 / 500 -> recall@10 0.975 / 0.995 / 0.999; 100k x 128, 8 of 316
+  # leaves: reorder 100 / 150 / 200 / 300 -> 0.986 / 0.996 / 0.998 / 1.000), while each extra
+  # leaf or re-scored candidate costs speed. Hence few leaves and a reorder depth growing with
+  # log n: 150 at 100k, 500 at 1M.
   num_leaves = int(round(math.sqrt(n)))
-  reorder = int(round(300 + 200 * max(0.0, math.log10(n / 100_000))))
+  reorder = int(round(150 + 350 * max(0.0, math.log10(n / 100_000))))
   if mode == "ah":
     options.update(mode="ah", reorder=reorder)
   else:
@@ -119,11 +120,17 @@ class ScannIndex:
       builder = builder.reorder(int(opts["reorder"]))
     return builder.build()
 
-  def search(self, queries: np.ndarray, k: int):
-    """``(distances, indices)`` of (approximately) the k nearest keys; distances exact."""
+  def candidate_ids(self, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids ``[q, k]`` int32 of (approximately) the k nearest keys, -1 where none.
+
+    Unranked by exact distance: the caller re-ranks once (``Memory.search``, with any keys
+    added since the build), so the gather of candidate keys is paid a single time.
+    """
     k = min(k, self.size)
     opts = self.options
-    pre = max(int(opts.get("reorder") or 0), k)
+    # ``reorder`` is the depth for k = 10; a deeper k needs more re-scored candidates (100k x 128,
+    # reorder 150: recall@32 0.974, recall@128 0.781; 128 needs about 400 for 0.99).
+    pre = max(int(opts.get("reorder") or 0) + 3 * max(0, k - 10), k)
     kwargs = {"final_num_neighbors": k}
     if opts["mode"] != "brute_force" and opts.get("reorder"):
       kwargs["pre_reorder_num_neighbors"] = pre
@@ -135,8 +142,11 @@ class ScannIndex:
     else:
       ids, _ = self.searcher.search_batched(transformed, **kwargs)
     ids = np.asarray(ids, np.int64)
-    ids = np.where((ids >= 0) & (ids < self.size), ids, -1).astype(np.int32)
-    return rerank_exact(queries, self.keys, ids, k)
+    return np.where((ids >= 0) & (ids < self.size), ids, -1).astype(np.int32)
+
+  def search(self, queries: np.ndarray, k: int):
+    """``(distances, indices)`` of (approximately) the k nearest keys; distances exact."""
+    return rerank_exact(queries, self.keys, self.candidate_ids(queries, k), k)
 
   def serialize(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
