@@ -134,6 +134,9 @@ def test_transformer_is_dispatched_to_the_lm_module():
   except (AttributeError, KeyError, ValueError) as err:  # LM config needs other fields
     pytest.skip(f"transformer config fields differ: {err}")
   assert type(module).__module__ == transformer.__name__
+  # The compute dtype reaches the transformer like every other model (train.dtype wins).
+  assert models.build_model(cfg, num_classes=11, dtype="bfloat16").dtype == jnp.bfloat16
+  assert models.build_model(cfg, num_classes=11).dtype == jnp.float32
 
 
 @pytest.mark.parametrize("strides,padding,kernel", [(1, 1, 3), (2, 1, 3), (2, 0, 1), (2, 3, 7)])

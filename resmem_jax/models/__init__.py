@@ -71,7 +71,7 @@ def build_model(model_cfg, num_classes: int, dtype: Any = None):
   if name == "transformer":
     # Registered hook: the LM engineer's module is imported only when asked for.
     transformer = importlib.import_module("resmem_jax.models.transformer")
-    return transformer.build(model_cfg, num_classes)
+    return transformer.build(model_cfg, num_classes, dtype=dtype)
 
   width = _get(model_cfg, "width", None)
   depth = _get(model_cfg, "depth", None)

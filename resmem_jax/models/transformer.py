@@ -75,10 +75,11 @@ class TransformerLM(nn.Module):
     return logits, hidden
 
 
-def build(model_cfg, num_classes: int) -> TransformerLM:
+def build(model_cfg, num_classes: int, dtype=None) -> TransformerLM:
   """TransformerLM from a model config (``width``, ``depth``, ``num_heads``, ``max_len``, ...).
 
-  ``num_classes`` is the vocabulary size (``dataset_info(data_cfg).num_classes``).
+  ``num_classes`` is the vocabulary size (``dataset_info(data_cfg).num_classes``). ``dtype`` is
+  the compute dtype; None reads ``model_cfg.dtype`` (float32 when absent).
   """
   get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
   if num_classes is None or int(num_classes) < 2:
@@ -91,9 +92,10 @@ def build(model_cfg, num_classes: int) -> TransformerLM:
   depth = int(get("depth", 2))
   if depth < 1:
     raise ValueError(f"model.depth must be >= 1, got {depth}")
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(str(get("dtype", "float32")))
   if dtype is None:
-    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {get('dtype')!r}")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(str(get("dtype", "float32")))
+    if dtype is None:
+      raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {get('dtype')!r}")
   return TransformerLM(
       vocab_size=int(num_classes), width=width, depth=depth, num_heads=num_heads,
       max_len=int(get("max_len", 128)), mlp_ratio=int(get("mlp_ratio", 4)),
