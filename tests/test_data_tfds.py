@@ -113,6 +113,19 @@ def test_missing_archive_without_network_fails_fast(tmp_path, monkeypatch):
     data.dataset_info(cfg_for("imagenet2012", tmp_path / "tfds", manual_dir=str(empty)))
 
 
+def test_text_data_set_without_network_fails_fast(tmp_path, monkeypatch):
+  from resmem_jax.data import text  # pylint: disable=g-import-not-at-top
+  empty = tmp_path / "manual"
+  empty.mkdir()
+  monkeypatch.setattr(sources, "_host_reachable", lambda host, port: False)
+  text._in_memory_text.cache_clear()
+  started = time.perf_counter()
+  with pytest.raises(FileNotFoundError, match="cannot be reached") as err:
+    list(text._raw_documents("tiny_shakespeare", "train", str(tmp_path / "tfds"), str(empty)))
+  assert time.perf_counter() - started < 30
+  assert "input.txt" in str(err.value) and "shared/datasets/tiny_shakespeare" in str(err.value)
+
+
 def test_unreachable_host_check_is_quick():
   started = time.perf_counter()
   # Port 9 on a TEST-NET-1 address (RFC 5737) is never served.

@@ -141,7 +141,8 @@ def tfds_builder(name: str, data_dir: str | None, manual_dir: str | None):
   config = tfds.download.DownloadConfig(
       manual_dir=manual,
       # With every archive local there is nothing to fetch; skip the GCS probe that hangs offline.
-      try_download_gcs=bool(missing))
+      # Builders that declare no URLs (e.g. c4) keep TFDS's default.
+      try_download_gcs=bool(missing) or not needed)
   try:
     builder.download_and_prepare(download_config=config)
   except Exception as err:  # TFDS raises many types; all mean the same thing to the user.

@@ -105,9 +105,9 @@ def _dirs(data_cfg):
 def _raw_documents(tfds_name: str, tfds_split: str, data_dir, manual_dir, seed=None) -> Iterator[str]:
   """Texts of a TFDS split (prepared on first use), in file order or shuffled with ``seed``."""
   import tensorflow_datasets as tfds  # heavy; only when data is read
-  builder = tfds.builder(tfds_name, data_dir=data_dir)
-  config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-  builder.download_and_prepare(download_config=config)
+  from resmem_jax.data import sources  # pylint: disable=g-import-not-at-top
+  # The image data sets' preparation path: local archives first, a fast clear error offline.
+  builder = sources.tfds_builder(tfds_name, data_dir, manual_dir)
   read_config = tfds.ReadConfig(shuffle_seed=seed) if seed is not None else None
   ds = builder.as_dataset(split=tfds_split, shuffle_files=seed is not None, read_config=read_config)
   for example in ds.as_numpy_iterator():
