@@ -198,6 +198,7 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
                        k_grid=list(rcfg.k_grid), sigma_grid=list(rcfg.sigma_grid),
                        temperature_grid=list(rcfg.temperature_grid),
                        sigma_relative=bool(rcfg.get("sigma_relative", True)),
+                       tune_recall=rcfg.get("tune_recall"),
                        select_by=str(rcfg.get("select_by", "squared_loss")))
   state_path = mem_dir / "resmem.json"
   memory = None
@@ -210,7 +211,7 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
       except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"the saved memory in {mem_dir} cannot be used ({err}); delete "
                          f"{mem_dir} to rebuild it from the checkpoint") from err
-      chosen, grid = state["hparams"], state.get("grid", [])
+      chosen, grid, tuning = state["hparams"], state.get("grid", []), state.get("tuning")
       reused = True
       logging.info("reusing memory in %s", mem_dir)
   if memory is None:
@@ -237,9 +238,17 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
       memory = memory_lib.build_memory(
           train_out.embeddings, _training_residuals(train_out, chosen["temperature"]),
           metadata=metadata, **_memory_options(rcfg))
+    tuning = None
+    if rcfg.get("tune_recall") is not None and val_out is not None:
+      # ScaNN's query settings on the real query distribution (validation embeddings) at the
+      # chosen k: the fastest that keeps recall@k >= tune_recall against exact search.
+      tuning = memory.tune_search(val_out.embeddings, int(chosen["k"]), float(rcfg.tune_recall))
+      tuning.pop("tried")
+      logging.info("scann query settings tuned on validation: %s", tuning)
     if jax.process_index() == 0:
       memory.save(mem_dir / "index")
-      write_json_atomic(state_path, {"signature": mem_signature, "hparams": chosen, "grid": grid})
+      write_json_atomic(state_path, {"signature": mem_signature, "hparams": chosen, "grid": grid,
+                                     "tuning": tuning})
 
   k, sigma, temperature = int(chosen["k"]), float(chosen["sigma"]), float(chosen["temperature"])
   if k > memory.size:
@@ -284,7 +293,8 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
                   "validation_squared_loss": chosen.get("validation_squared_loss"),
                   "select_by": chosen.get("select_by")},
       "memory": {"backend": str(rcfg.backend), "residual_format": str(rcfg.residual_format),
-                 "size": int(memory.size), "dim": int(memory.dim), "reused": reused},
+                 "size": int(memory.size), "dim": int(memory.dim), "reused": reused,
+                 "search_tuning": tuning},
       "base": block(base_test, base_train_acc),
       "resmem": block(res_test, res_train_acc),
       "timing": {

@@ -51,3 +51,40 @@ def test_scann_squared_l2_override_and_bad_options():
     resmem_jax.build_memory(keys, residuals, backend="scann", distance="cosine")
   with pytest.raises(ValueError, match="mode"):
     resmem_jax.build_memory(keys, residuals, backend="scann", mode="lsh")
+
+
+def test_tune_search_reaches_the_target_on_the_given_queries(tmp_path):
+  keys, queries = clustered_points(20_000, 16, num_queries=600, seed=6)
+  residuals = np.zeros((len(keys), 1), np.float32)
+  memory = resmem_jax.build_memory(keys, residuals, backend="scann", mode="tree_ah",
+                                   num_leaves=100, leaves_to_search=1, reorder=10)
+  _, reference = resmem_jax.build_memory(keys, residuals, backend="exact").search(queries, 10)
+  before = recall_at_k(memory.search(queries, 10)[1], reference)
+  report = memory.tune_search(queries[:300], 10, target_recall=0.98)
+  assert report["met_target"] and report["recall"] >= 0.98
+  assert memory._scann.options["leaves_to_search"] == report["leaves_to_search"]
+  assert memory._scann.options["reorder"] == report["reorder"]
+  # Held-out queries from the same distribution get the recall the tuning promised (nearly).
+  after = recall_at_k(memory.search(queries[300:], 10)[1], reference[300:])
+  assert before < 0.9 <= 0.96 <= after
+  # The settings survive a save / load, and a rebuild after add() uses them.
+  memory.save(tmp_path / "tuned")
+  loaded = resmem_jax.load_memory(tmp_path / "tuned")
+  assert loaded._scann.options["reorder"] == report["reorder"]
+  np.testing.assert_array_equal(loaded.search(queries[300:], 10)[1], memory.search(queries[300:], 10)[1])
+  memory.add(keys[:1] + 1e-3, residuals[:1])
+  assert memory.backend_options["reorder"] == report["reorder"]
+
+
+def test_tune_search_rejects_what_it_cannot_tune():
+  keys, queries = clustered_points(3_000, 8, num_queries=20, seed=7)
+  residuals = np.zeros((len(keys), 1), np.float32)
+  with pytest.raises(ValueError, match="scann backend"):
+    resmem_jax.build_memory(keys, residuals, backend="exact").tune_search(queries, 5)
+  with pytest.raises(ValueError, match="brute force"):
+    resmem_jax.build_memory(keys, residuals, backend="scann").tune_search(queries, 5)
+  memory = resmem_jax.build_memory(keys, residuals, backend="scann", mode="tree_ah", num_leaves=20)
+  with pytest.raises(ValueError, match="target_recall"):
+    memory.tune_search(queries, 5, target_recall=1.5)
+  with pytest.raises(ValueError, match="k must be"):
+    memory.tune_search(queries, 0)

@@ -88,6 +88,25 @@ def test_k1_memorizes_training_set_exactly(digits_run, backend):
   assert results["base"]["train_accuracy"] < 1.0  # so the 100% is the memory's doing
 
 
+def test_scann_query_settings_tuned_on_validation(digits_run, tmp_path):
+  import shutil
+  from resmem_jax import pipeline
+  workdir, _ = digits_run
+  sub = tmp_path / "tuned"
+  shutil.copytree(workdir, sub, ignore=shutil.ignore_patterns("memory", "results.json"))
+  cfg = _tiny_config(backend="scann", backend_options="mode=tree_ah,num_leaves=16",
+                     tune_recall=0.95)
+  results = pipeline.run(cfg, sub, progress=False)
+  tuning = results["memory"]["search_tuning"]
+  assert tuning["met_target"] and tuning["recall"] >= 0.95
+  manifest = json.loads((sub / "memory" / "index" / "manifest.json").read_text())
+  assert manifest["scann"]["options"]["reorder"] == tuning["reorder"]
+  assert pipeline.run(cfg, sub, progress=False)["memory"]["search_tuning"] == tuning  # reused
+  with pytest.raises(ValueError, match="brute force"):
+    shutil.rmtree(sub / "memory")
+    pipeline.run(_tiny_config(backend="scann", tune_recall=0.95), sub, progress=False)
+
+
 def test_embedding_pass_exactly_once_on_8_devices():
   # 8 fake devices, a split size that is not a multiple of the batch (or of 8): the pass returns
   # each example once, in order, equal to a direct forward pass on the unpadded data.

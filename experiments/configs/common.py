@@ -40,6 +40,10 @@ def resmem_config() -> ml_collections.ConfigDict:
   # this many timed passes of each, so that a burst of other load does not decide it. Each extra
   # pass re-runs the test forward pass: set 1 where that is expensive.
   cfg.timing_repeats = 3
+  # With a partitioned ScaNN memory (backend_options "mode=tree_ah,..."), set a recall@k target
+  # (e.g. 0.97) to choose ScaNN's query settings on the validation embeddings at the chosen k:
+  # the fastest setting whose recall against exact search reaches it (memory/tuning.py).
+  cfg.tune_recall = config_dict.placeholder(float)
   return cfg
 
 

@@ -165,6 +165,14 @@ class Memory:
       ids = np.concatenate([ids, extra + self._scann.size], axis=1)
     return rerank_exact(queries, self._keys, ids, k)
 
+  def tune_search(self, queries, k: int, target_recall: float = 0.99, **grids) -> dict:
+    """Fastest ScaNN query settings reaching ``target_recall`` (recall@k vs exact) on ``queries``.
+
+    See :func:`resmem_jax.memory.tuning.tune_search`; the settings stay with this memory.
+    """
+    from resmem_jax.memory import tuning  # pylint: disable=g-import-not-at-top
+    return tuning.tune_search(self, self._check_queries(queries), k, target_recall, **grids)
+
   # -- residuals and predictions --------------------------------------------------------------
   def gather_residuals(self, indices) -> np.ndarray:
     """Dense float32 residuals ``[..., C]`` of memory rows ``indices``."""

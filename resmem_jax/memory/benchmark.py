@@ -14,13 +14,7 @@ import numpy as np
 
 from resmem_jax.memory import build_memory
 from resmem_jax.memory.synthetic import clustered_points
-
-
-def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:
-  """Mean over queries of |found ∩ reference| / k."""
-  k = reference.shape[1]
-  hits = [len(np.intersect1d(a, b, assume_unique=False)) for a, b in zip(found, reference)]
-  return float(np.sum(hits) / (k * len(reference)))
+from resmem_jax.memory.tuning import recall_at_k
 
 
 def _timed(fn):

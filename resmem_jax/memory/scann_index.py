@@ -14,8 +14,10 @@ Parameters follow ScaNN's published guidance, from the number of keys ``n``:
   (55k keys) AH + reorder 300 reached only recall@10 0.73 / 0.98 / 0.98 at d = 8 / 64 / 256 while
   brute force was exact *and* faster (80k / 20k / 2.8k queries/s vs 45k / 13k / 2.0k), so brute
   force is kept up to 100k. ``mode="ah"`` remains available as an option.
-Recall is governed by ``leaves_to_search`` and ``reorder`` (re-scored candidates); every
-parameter can be overridden through ``build_memory(..., backend="scann", **options)``.
+Recall is governed by ``leaves_to_search`` and ``reorder`` (re-scored candidates, stated for
+k = 10; deeper k re-scores ``3 (k - 10)`` more); every parameter can be overridden through
+``build_memory(..., backend="scann", **options)``. Real embeddings can need other settings than
+the clustered benchmark data: ``experiments/configs/mnist.py:serving`` carries a tuned set.
 """
 from __future__ import annotations
 
