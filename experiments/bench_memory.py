@@ -19,6 +19,9 @@ _HNSW_EF = flags.DEFINE_list("hnsw_ef", ["16", "32", "64", "128", "256"], "faiss
 _FAISS = flags.DEFINE_bool("faiss", True, "Also run the faiss-cpu peers when installed.")
 _CLASSES = flags.DEFINE_list("classes", ["100", "1000"], "Class counts for the storage table.")
 _TOP_M = flags.DEFINE_integer("top_m", 16, "m of the sparse residual format.")
+_TUNE_RECALL = flags.DEFINE_float(
+    "tune_recall", None, "Also report scann after Memory.tune_search to this recall@k, tuned on "
+    "1,000 extra queries (this changes the query sample, so compare rows within one run).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed query calls per index; the fastest is reported.")
 
 
@@ -31,7 +34,8 @@ def main(argv):
   if _SCANN_LEAVES.value is not None:
     scann_options["leaves_to_search"] = _SCANN_LEAVES.value
   benchmark.main(sizes, _NUM_QUERIES.value, _K.value, scann_options, [int(e) for e in _HNSW_EF.value],
-                 _FAISS.value, [int(c) for c in _CLASSES.value], _TOP_M.value, _REPEATS.value)
+                 _FAISS.value, [int(c) for c in _CLASSES.value], _TOP_M.value, _REPEATS.value,
+                 _TUNE_RECALL.value)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,15 @@ def test_tune_search_rejects_what_it_cannot_tune():
     memory.tune_search(queries, 5, target_recall=1.5)
   with pytest.raises(ValueError, match="k must be"):
     memory.tune_search(queries, 0)
+
+
+def test_benchmark_rows_report_measured_recall(capsys):
+  from resmem_jax.memory import benchmark
+  benchmark.run_search_benchmark(4_000, 8, 300, 5, {"mode": "tree_ah", "num_leaves": 20},
+                                 hnsw_ef=[16], with_faiss=False, repeats=1, tune_recall=0.95)
+  rows = {line[:28].strip(): line.split() for line in capsys.readouterr().out.splitlines()
+          if not line.startswith(" ")}
+  assert float(rows["exact (jax)"][-1]) == 1.0
+  assert 0.0 < float(rows["scann tree_ah"][-1]) <= 1.0
+  assert float(rows["scann tuned (target 0.95)"][-1]) >= 0.9  # tuned on other queries
+  assert float(rows["scann tuned (target 0.95)"][-2]) > 0  # queries per second

@@ -38,8 +38,11 @@ def _row(name, size, dim, build_s, search_s, num_queries, recall):
 
 
 def run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with_faiss, seed=0,
-                         repeats=2):
-  keys, queries = clustered_points(size, dim, num_queries=num_queries, seed=seed)
+                         repeats=2, tune_recall=None, tune_queries=1000):
+  keys, queries = clustered_points(size, dim, num_queries=num_queries + (tune_queries if tune_recall else 0),
+                                   seed=seed)
+  # Tuning queries come from the same distribution but are never the timed / scored ones.
+  queries, held_out = queries[:num_queries], queries[num_queries:]
   residuals = np.zeros((size, 1), np.float32)  # search cost does not depend on residuals
 
   memory, build_s = _timed(lambda: build_memory(keys, residuals, backend="exact"))
@@ -54,6 +57,14 @@ def run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with
   _row("scann " + memory._scann.options["mode"], size, dim, build_s, search_s, num_queries,
        recall_at_k(found, reference))
   print(f"  scann options: {memory._scann.options}", flush=True)
+  if tune_recall and memory._scann.options["mode"] != "brute_force":
+    tuned = memory.tune_search(held_out, k, tune_recall)
+    memory.search(queries[:8], k)
+    (_, found), search_s = _best_of(lambda: memory.search(queries, k), repeats)
+    _row(f"scann tuned (target {tune_recall})", size, dim, build_s, search_s, num_queries,
+         recall_at_k(found, reference))
+    print(f"  tuned on {len(held_out)} other queries: leaves_to_search "
+          f"{tuned['leaves_to_search']}, reorder {tuned['reorder']}", flush=True)
   del memory
 
   if not with_faiss:
@@ -98,9 +109,10 @@ def run_storage_benchmark(class_counts, top_m, dim=64, size=2000, seed=0):
       print(f"{num_classes:>7} {name:<10} {stored['keys']:>10.0f} {stored['residuals']:>11.0f} {err:>10.2e}")
 
 
-def main(sizes, num_queries, k, scann_options, hnsw_ef, with_faiss, class_counts, top_m, repeats=2):
+def main(sizes, num_queries, k, scann_options, hnsw_ef, with_faiss, class_counts, top_m, repeats=2,
+         tune_recall=None):
   print(f"{'index':<28} {'n':>9} {'d':>4} {'build s':>9} {'queries/s':>11} {'recall@' + str(k):>9}")
   for size, dim in sizes:
     run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with_faiss,
-                         repeats=repeats)
+                         repeats=repeats, tune_recall=tune_recall)
   run_storage_benchmark(class_counts, top_m)
