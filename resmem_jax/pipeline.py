@@ -148,6 +148,25 @@ def _memory_options(rcfg) -> dict:
   return opts
 
 
+def _check_tune_recall(rcfg, num_keys: int, has_val: bool) -> None:
+  """Fails before any memory is built when ``resmem.tune_recall`` cannot be honoured."""
+  target = rcfg.get("tune_recall")
+  if target is None:
+    return
+  if not 0 < float(target) <= 1:
+    raise ValueError(f"resmem.tune_recall must be in (0, 1], got {target}")
+  if str(rcfg.backend) != "scann":
+    raise ValueError(f"resmem.tune_recall tunes ScaNN; resmem.backend is {rcfg.backend!r}")
+  if not has_val:
+    raise ValueError("resmem.tune_recall tunes on the validation embeddings: set data.val_fraction > 0")
+  from resmem_jax.memory import scann_index  # pylint: disable=g-import-not-at-top
+  mode = parse_backend_options(rcfg.get("backend_options")).get("mode")
+  if scann_index.default_options(num_keys, mode)["mode"] == "brute_force":
+    raise ValueError(f"resmem.tune_recall: a ScaNN memory of {num_keys} keys searches by brute "
+                     "force (exact, nothing to tune); set resmem.backend_options='mode=tree_ah' "
+                     "(or 'mode=ah') for a partitioned index")
+
+
 def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
   """Trains (if needed), memorizes and evaluates; returns and writes ``results.json``."""
   from resmem_jax import data as data_lib
@@ -191,6 +210,7 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
   timing_repeats = max(1, int(rcfg.get("timing_repeats", 1)))
   forward_seconds = min([test_out.seconds] + [embed("test").seconds for _ in range(timing_repeats - 1)])
 
+  _check_tune_recall(rcfg, train_out.size, has_val)
   fixed = all(rcfg.get(n) is not None for n in ("k", "sigma", "temperature"))
   mem_dir = workdir / "memory"
   mem_signature = dict(signature, memory_options=_memory_options(rcfg),
@@ -239,7 +259,7 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
           train_out.embeddings, _training_residuals(train_out, chosen["temperature"]),
           metadata=metadata, **_memory_options(rcfg))
     tuning = None
-    if rcfg.get("tune_recall") is not None and val_out is not None:
+    if rcfg.get("tune_recall") is not None:
       # ScaNN's query settings on the real query distribution (validation embeddings) at the
       # chosen k: the fastest that keeps recall@k >= tune_recall against exact search.
       tuning = memory.tune_search(val_out.embeddings, int(chosen["k"]), float(rcfg.tune_recall))

@@ -102,9 +102,12 @@ def test_scann_query_settings_tuned_on_validation(digits_run, tmp_path):
   manifest = json.loads((sub / "memory" / "index" / "manifest.json").read_text())
   assert manifest["scann"]["options"]["reorder"] == tuning["reorder"]
   assert pipeline.run(cfg, sub, progress=False)["memory"]["search_tuning"] == tuning  # reused
+  shutil.rmtree(sub / "memory")
   with pytest.raises(ValueError, match="brute force"):
-    shutil.rmtree(sub / "memory")
     pipeline.run(_tiny_config(backend="scann", tune_recall=0.95), sub, progress=False)
+  with pytest.raises(ValueError, match="backend"):
+    pipeline.run(_tiny_config(backend="exact", tune_recall=0.95), sub, progress=False)
+  assert not (sub / "memory").exists()  # both failed before building anything
 
 
 def test_embedding_pass_exactly_once_on_8_devices():
