@@ -225,13 +225,21 @@ def _sample_input(task: str, info) -> np.ndarray:
   return np.zeros(shape, np.float32 if task == "classification" else np.int32)
 
 
-def _schedule_lengths(config, train_size: int):
-  batch = int(config.train.batch_size)
-  steps_per_epoch = max(1, train_size // batch)
-  if int(config.train.num_steps) > 0:
-    total = int(config.train.num_steps)
+def _schedule_lengths(config, split_sizes):
+  """(steps per epoch, total steps); the training split is counted only when epochs matter.
+
+  With ``num_steps`` set, no warm-up in epochs and a step interval for evaluation, an epoch's
+  length is never used, and counting it would mean one pass over the whole training split (for
+  lm1b / C4, all of it tokenized): steps per epoch is then 0 (unknown).
+  """
+  train = config.train
+  needs_epoch = (int(train.num_steps) <= 0 or float(train.get("warmup_epochs", 0.0)) > 0
+                 or not int(train.get("eval_every_steps", 0)))
+  steps_per_epoch = max(1, split_sizes["train"] // int(train.batch_size)) if needs_epoch else 0
+  if int(train.num_steps) > 0:
+    total = int(train.num_steps)
   else:
-    total = max(1, int(math.ceil(float(config.train.num_epochs) * steps_per_epoch)))
+    total = max(1, int(math.ceil(float(train.num_epochs) * steps_per_epoch)))
   return steps_per_epoch, total
 
 
@@ -396,7 +404,7 @@ def train_and_evaluate(config, workdir) -> dict:
                      f"{multiple} devices")
   eval_batch_size = mesh_lib.pad_to_multiple(int(config.train.get("eval_batch_size", batch_size)),
                                              multiple)
-  steps_per_epoch, total_steps = _schedule_lengths(config, info.split_sizes["train"])
+  steps_per_epoch, total_steps = _schedule_lengths(config, info.split_sizes)
 
   dtype = models.compute_dtype(config.train.get("dtype", "float32"))
   module = models.build_model(config.model, info.num_classes, dtype=dtype)
@@ -420,8 +428,9 @@ def train_and_evaluate(config, workdir) -> dict:
     logging.info("Resumed from %s at step %d", workdir / "checkpoints", latest)
   start_step = int(jax.device_get(state.step))
   writer = _MetricWriter(workdir, latest)
-  logging.info("%s: %d params, %d steps (%d per epoch), batch %d over %d devices",
-               config.model.name, num_params, total_steps, steps_per_epoch, batch_size, multiple)
+  logging.info("%s: %d params, %d steps (%s per epoch), batch %d over %d devices",
+               config.model.name, num_params, total_steps, steps_per_epoch or "not counted",
+               batch_size, multiple)
 
   dropout_key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
   replicated = mesh_lib.replicated(mesh)

@@ -219,3 +219,39 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
   full_records = (full / "metrics.jsonl").read_text().splitlines()
   killed_records = (killed / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l) for l in killed_records] == [json.loads(l) for l in full_records]
+
+
+class _CountingSizes(dict):
+  def __init__(self, **sizes):
+    super().__init__(**sizes)
+    self.asked = []
+
+  def __getitem__(self, split):
+    self.asked.append(split)
+    return super().__getitem__(split)
+
+
+def test_training_split_is_counted_only_when_epochs_matter():
+  from experiments.configs import digits
+  cfg = digits.get_config("tiny")
+  cfg.train.batch_size = 10
+  cfg.train.num_steps, cfg.train.warmup_epochs, cfg.train.eval_every_steps = 7, 0.0, 5
+  sizes = _CountingSizes(train=95)
+  assert train._schedule_lengths(cfg, sizes) == (0, 7) and sizes.asked == []
+  cfg.train.eval_every_steps = 0  # "once per epoch" needs the epoch length
+  assert train._schedule_lengths(cfg, sizes) == (9, 7) and sizes.asked == ["train"]
+  cfg.train.num_steps, cfg.train.num_epochs = -1, 2.0
+  assert train._schedule_lengths(cfg, sizes) == (9, 18)
+
+
+def test_text_split_sizes_are_counted_lazily(monkeypatch):
+  from resmem_jax.data import text
+  counted = []
+  monkeypatch.setattr(text, "num_examples", lambda cfg, split: counted.append(split) or 3)
+  monkeypatch.setattr(text, "vocabulary", lambda cfg: text.CharVocabulary("ab"))
+  cfg = {"name": "tiny_shakespeare", "seq_len": 8}
+  info = text.dataset_info(cfg)
+  assert counted == []  # nothing read yet
+  assert info.split_sizes["validation"] == 3 and info.split_sizes["validation"] == 3
+  assert counted == ["validation"]  # counted once, only the split asked for
+  assert dict(info.split_sizes) == {s: 3 for s in text.SPLITS}

@@ -34,6 +34,7 @@ the first N tokens of every split: quick runs and tests), and for subwords ``voc
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import math
@@ -229,11 +230,35 @@ def num_examples(data_cfg, split: str) -> int:
   return sum(_windows_per_document(len(d), seq_len) for d in _documents(data_cfg, split))
 
 
+class _LazySplitSizes(collections.abc.Mapping):
+  """split -> sequences per pass, each counted (a tokenizing pass) only when first asked for.
+
+  Counting lm1b's or C4's training split means reading all of it, so nothing counts a split
+  that the caller never looks at (training with ``num_steps`` never needs the train size).
+  """
+
+  def __init__(self, data_cfg):
+    self._cfg = data_cfg
+    self._sizes = {}
+
+  def __getitem__(self, split):
+    if split not in SPLITS:
+      raise KeyError(split)
+    if split not in self._sizes:
+      self._sizes[split] = num_examples(self._cfg, split)
+    return self._sizes[split]
+
+  def __iter__(self):
+    return iter(SPLITS)
+
+  def __len__(self):
+    return len(SPLITS)
+
+
 def dataset_info(data_cfg) -> TextDatasetInfo:
   return TextDatasetInfo(
       name=_get(data_cfg, "name"), num_classes=vocabulary(data_cfg).vocab_size,
-      input_shape=(_seq_len(data_cfg),),
-      split_sizes={split: num_examples(data_cfg, split) for split in SPLITS})
+      input_shape=(_seq_len(data_cfg),), split_sizes=_LazySplitSizes(data_cfg))
 
 
 def _host_rows(global_batch_size: int):
