@@ -100,3 +100,12 @@ def test_benchmark_rows_report_measured_recall(capsys):
   assert 0.0 < float(rows["scann tree_ah"][-1]) <= 1.0
   assert float(rows["scann tuned (target 0.95)"][-1]) >= 0.9  # tuned on other queries
   assert float(rows["scann tuned (target 0.95)"][-2]) > 0  # queries per second
+
+
+def test_tune_search_caps_the_number_of_queries():
+  keys, queries = clustered_points(5_000, 8, num_queries=500, seed=8)
+  memory = resmem_jax.build_memory(keys, np.zeros((len(keys), 1), np.float32), backend="scann",
+                                   mode="tree_ah", num_leaves=30)
+  report = memory.tune_search(queries, 5, target_recall=0.9, max_queries=100, repeats=1)
+  assert report["num_queries"] == 100 and report["met_target"]
+  assert len(report["tried"]) >= 1 and all(t["seconds"] > 0 for t in report["tried"])

@@ -44,14 +44,17 @@ def _timed(fn, repeats):
 
 
 def tune_search(memory, queries, k: int, target_recall: float = 0.99, *,
-                leaves_grid=LEAVES_GRID, reorder_grid=REORDER_GRID, repeats: int = 2) -> dict:
+                leaves_grid=LEAVES_GRID, reorder_grid=REORDER_GRID, repeats: int = 2,
+                max_queries: int = 2000) -> dict:
   """Sets the fastest (leaves_to_search, reorder) whose recall@k on ``queries`` >= target.
 
   ``memory`` must use the ``scann`` backend in ``tree_ah`` or ``ah`` mode (brute force has nothing
   to tune). Returns ``{"leaves_to_search", "reorder", "recall", "queries_per_second",
-  "exact_queries_per_second", "met_target", "tried"}``; when no setting reaches the target the
+  "exact_queries_per_second", "met_target", "num_queries", "tried"}``; when no setting reaches the target the
   one with the highest recall is kept and ``met_target`` is False. The choice also applies to
-  later rebuilds (after :meth:`Memory.add`) and is saved with the memory.
+  later rebuilds (after :meth:`Memory.add`) and is saved with the memory. At most
+  ``max_queries`` evenly spaced queries are used: the exact reference search over a large memory
+  is the expensive part.
   """
   if memory.backend != "scann":
     raise ValueError(f"tune_search needs the scann backend, this memory uses {memory.backend!r}")
@@ -65,6 +68,8 @@ def tune_search(memory, queries, k: int, target_recall: float = 0.99, *,
   if queries.ndim != 2 or queries.shape[0] == 0:
     raise ValueError(f"queries must be a non-empty [q, {memory.dim}] array, got shape {queries.shape}")
   k = memory._check_k(k)  # pylint: disable=protected-access
+  if queries.shape[0] > max_queries:
+    queries = queries[np.linspace(0, queries.shape[0] - 1, max_queries).astype(np.int64)]
   from resmem_jax.memory.exact import ExactIndex  # pylint: disable=g-import-not-at-top
   exact = ExactIndex(memory.keys)
   exact.search(queries[:8], k)  # compile outside the timing
@@ -103,4 +108,5 @@ def tune_search(memory, queries, k: int, target_recall: float = 0.99, *,
   return {"leaves_to_search": best.leaves_to_search, "reorder": best.reorder,
           "recall": best.recall, "queries_per_second": len(queries) / best.seconds,
           "exact_queries_per_second": len(queries) / exact_seconds,
-          "met_target": bool(reaching), "tried": [dataclasses.asdict(s) for s in tried]}
+          "met_target": bool(reaching), "num_queries": int(len(queries)),
+          "tried": [dataclasses.asdict(s) for s in tried]}
