@@ -50,9 +50,9 @@ def tune_search(memory, queries, k: int, target_recall: float = 0.99, *,
 
   ``memory`` must use the ``scann`` backend in ``tree_ah`` or ``ah`` mode (brute force has nothing
   to tune). Returns ``{"leaves_to_search", "reorder", "recall", "queries_per_second",
-  "exact_queries_per_second", "met_target", "num_queries", "tried"}``; when no setting reaches the target the
-  one with the highest recall is kept and ``met_target`` is False. The choice also applies to
-  later rebuilds (after :meth:`Memory.add`) and is saved with the memory. At most
+  "exact_queries_per_second", "met_target", "num_queries", "tried"}``; when no setting reaches
+  the target, the one with the highest recall is kept and ``met_target`` is False. The choice
+  also applies to later rebuilds (after :meth:`Memory.add`) and is saved with the memory. At most
   ``max_queries`` evenly spaced queries are used: the exact reference search over a large memory
   is the expensive part.
   """
