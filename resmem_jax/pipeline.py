@@ -247,6 +247,14 @@ def run(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
       t0 = float(rcfg.temperature) if rcfg.get("temperature") is not None else 1.0
       search_memory = memory_lib.build_memory(
           train_out.embeddings, _training_residuals(train_out, t0), **_memory_options(rcfg))
+      if rcfg.get("tune_recall") is not None:
+        # The selection query runs at the grid's largest k: meet the recall target there too,
+        # so k, sigma and T are chosen on neighbours as good as the ones served.
+        k_max = min(max(int(v) for v in rcfg.k_grid), search_memory.size)
+        search_tuning = search_memory.tune_search(val_out.embeddings, k_max, float(rcfg.tune_recall))
+        logging.info("scann query settings for the k=%d selection query: leaves %s, reorder %s, "
+                     "recall %.4f", k_max, search_tuning["leaves_to_search"],
+                     search_tuning["reorder"], search_tuning["recall"])
       chosen, grid = choose_hparams(rcfg, train_out, val_out, search_memory)
     metadata = {"model_config": config.model.to_dict(), "checkpoint_step": int(step),
                 "dataset": str(config.data.name), "temperature": chosen["temperature"]}
