@@ -88,6 +88,12 @@ def test_tune_search_rejects_what_it_cannot_tune():
     memory.tune_search(queries, 5, target_recall=1.5)
   with pytest.raises(ValueError, match="k must be"):
     memory.tune_search(queries, 0)
+  with pytest.raises(ValueError, match="NaN"):
+    memory.tune_search(np.full_like(queries, np.nan), 5)
+  with pytest.raises(ValueError, match="dimension"):
+    memory.tune_search(queries[:, :4], 5)
+  with pytest.raises(ValueError, match="empty"):
+    memory.tune_search(queries[:0], 5)
 
 
 def test_benchmark_rows_report_measured_recall(capsys):

@@ -171,7 +171,7 @@ class Memory:
     See :func:`resmem_jax.memory.tuning.tune_search`; the settings stay with this memory.
     """
     from resmem_jax.memory import tuning  # pylint: disable=g-import-not-at-top
-    return tuning.tune_search(self, self._check_queries(queries), k, target_recall, **grids)
+    return tuning.tune_search(self, queries, k, target_recall, **grids)
 
   # -- residuals and predictions --------------------------------------------------------------
   def gather_residuals(self, indices) -> np.ndarray:

@@ -2,34 +2,19 @@
 
 For each (n, d): clustered points (:mod:`resmem_jax.memory.synthetic`) and independent queries;
 reports build seconds, queries per second (one batched call over all queries, the fastest of
-``repeats`` calls, after a warm-up call on a few queries so JIT compilation is excluded) and recall@k against the ``exact`` backend,
-for ``exact``, ``scann`` and, when importable, faiss ``IndexFlatL2`` and ``IndexHNSWFlat`` (an
-efSearch sweep). Then the bytes per stored example of each residual format.
+``repeats`` calls, after a warm-up call on a few queries so JIT compilation is excluded) and
+recall@k against the ``exact`` backend, for ``exact``, ``scann`` (and, with ``tune_recall``,
+scann after :func:`~resmem_jax.memory.tuning.tune_search` on held-out queries) and, when
+importable, faiss ``IndexFlatL2`` and ``IndexHNSWFlat`` (an efSearch sweep). Then the bytes per
+stored example of each residual format.
 """
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
 from resmem_jax.memory import build_memory
 from resmem_jax.memory.synthetic import clustered_points
-from resmem_jax.memory.tuning import recall_at_k
-
-
-def _timed(fn):
-  start = time.perf_counter()
-  out = fn()
-  return out, time.perf_counter() - start
-
-
-def _best_of(fn, repeats):
-  """Result and fastest wall time of ``repeats`` calls: the least disturbed by other load."""
-  best = None
-  for _ in range(max(1, repeats)):
-    out, seconds = _timed(fn)
-    best = seconds if best is None else min(best, seconds)
-  return out, best
+from resmem_jax.memory.tuning import best_of, recall_at_k
 
 
 def _row(name, size, dim, build_s, search_s, num_queries, recall):
@@ -39,28 +24,29 @@ def _row(name, size, dim, build_s, search_s, num_queries, recall):
 
 def run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with_faiss, seed=0,
                          repeats=2, tune_recall=None, tune_queries=1000):
-  keys, queries = clustered_points(size, dim, num_queries=num_queries + (tune_queries if tune_recall else 0),
-                                   seed=seed)
+  extra = tune_queries if tune_recall else 0
+  keys, queries = clustered_points(size, dim, num_queries=num_queries + extra, seed=seed)
   # Tuning queries come from the same distribution but are never the timed / scored ones.
   queries, held_out = queries[:num_queries], queries[num_queries:]
   residuals = np.zeros((size, 1), np.float32)  # search cost does not depend on residuals
 
-  memory, build_s = _timed(lambda: build_memory(keys, residuals, backend="exact"))
+  memory, build_s = best_of(lambda: build_memory(keys, residuals, backend="exact"), 1)
   memory.search(queries[:8], k)
-  (_, reference), search_s = _best_of(lambda: memory.search(queries, k), repeats)
+  (_, reference), search_s = best_of(lambda: memory.search(queries, k), repeats)
   _row("exact (jax)", size, dim, build_s, search_s, num_queries, 1.0)
   del memory
 
-  memory, build_s = _timed(lambda: build_memory(keys, residuals, backend="scann", **scann_options))
+  memory, build_s = best_of(
+      lambda: build_memory(keys, residuals, backend="scann", **scann_options), 1)
   memory.search(queries[:8], k)
-  (_, found), search_s = _best_of(lambda: memory.search(queries, k), repeats)
+  (_, found), search_s = best_of(lambda: memory.search(queries, k), repeats)
   _row("scann " + memory._scann.options["mode"], size, dim, build_s, search_s, num_queries,
        recall_at_k(found, reference))
   print(f"  scann options: {memory._scann.options}", flush=True)
   if tune_recall and memory._scann.options["mode"] != "brute_force":
     tuned = memory.tune_search(held_out, k, tune_recall)
     memory.search(queries[:8], k)
-    (_, found), search_s = _best_of(lambda: memory.search(queries, k), repeats)
+    (_, found), search_s = best_of(lambda: memory.search(queries, k), repeats)
     _row(f"scann tuned (target {tune_recall})", size, dim, build_s, search_s, num_queries,
          recall_at_k(found, reference))
     print(f"  tuned on {len(held_out)} other queries: leaves_to_search "
@@ -74,14 +60,14 @@ def run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with
   except ImportError:
     print("faiss not installed: peer rows skipped")
     return
-  index, build_s = _timed(lambda: _faiss_add(faiss.IndexFlatL2(dim), keys))
-  (_, found), search_s = _best_of(lambda: index.search(queries, k), repeats)
+  index, build_s = best_of(lambda: _faiss_add(faiss.IndexFlatL2(dim), keys), 1)
+  (_, found), search_s = best_of(lambda: index.search(queries, k), repeats)
   _row("faiss IndexFlatL2", size, dim, build_s, search_s, num_queries, recall_at_k(found, reference))
   del index
-  index, build_s = _timed(lambda: _faiss_add(faiss.IndexHNSWFlat(dim, 32), keys))
+  index, build_s = best_of(lambda: _faiss_add(faiss.IndexHNSWFlat(dim, 32), keys), 1)
   for ef in hnsw_ef:
     index.hnsw.efSearch = int(ef)
-    (_, found), search_s = _best_of(lambda: index.search(queries, k), repeats)
+    (_, found), search_s = best_of(lambda: index.search(queries, k), repeats)
     _row(f"faiss HNSWFlat M=32 ef={ef}", size, dim, build_s, search_s, num_queries,
          recall_at_k(found, reference))
 

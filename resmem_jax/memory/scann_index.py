@@ -5,8 +5,8 @@ Euclidean search is reduced to maximum inner product search (MIPS): after centri
 ``|q - k|^2 = |q|^2 - 2 (q.k - |k|^2 / 2)``, so with ``k' = [k, -|k|^2 / 2]`` and ``q' = [q, 1]``
 the nearest key is the one with the largest ``q'.k'``. ScaNN's anisotropic quantization is built
 for inner products; on clustered 1M x 64 data it gave much higher recall this way than ScaNN's
-``squared_l2`` mode (see experiments/bench_memory.py, ``--scann_distance``). The returned ids are
-re-ranked by directly computed Euclidean distance, so distances are exact.
+``squared_l2`` mode (see experiments/bench_memory.py, ``--scann_distance``). ``Memory.search``
+re-ranks the returned ids by directly computed Euclidean distance, so distances are exact.
 
 Parameters follow ScaNN's published guidance, from the number of keys ``n``:
   n < 100k: brute force; otherwise: tree partitioning (about sqrt(n) leaves) + AH + exact
@@ -26,7 +26,6 @@ import os
 
 import numpy as np
 
-from resmem_jax.memory.exact import rerank_exact
 
 OPTION_NAMES = ("mode", "distance", "num_leaves", "leaves_to_search", "reorder",
                 "dims_per_block", "quantization_threshold", "training_sample_size",
@@ -145,10 +144,6 @@ class ScannIndex:
       ids, _ = self.searcher.search_batched(transformed, **kwargs)
     ids = np.asarray(ids, np.int64)
     return np.where((ids >= 0) & (ids < self.size), ids, -1).astype(np.int32)
-
-  def search(self, queries: np.ndarray, k: int):
-    """``(distances, indices)`` of (approximately) the k nearest keys; distances exact."""
-    return rerank_exact(queries, self.keys, self.candidate_ids(queries, k), k)
 
   def serialize(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)

@@ -33,7 +33,9 @@ def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:
   return float(hits / (k * len(reference)))
 
 
-def _timed(fn, repeats):
+def best_of(fn, repeats: int):
+  """``fn()``'s result and the fastest wall time of ``repeats`` calls (the least disturbed by
+  other load)."""
   best, out = None, None
   for _ in range(max(1, repeats)):
     start = time.perf_counter()
@@ -64,16 +66,16 @@ def tune_search(memory, queries, k: int, target_recall: float = 0.99, *,
                      "mode='tree_ah' or mode='ah' to have settings to tune")
   if not 0 < float(target_recall) <= 1:
     raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-  queries = np.asarray(queries, np.float32)
-  if queries.ndim != 2 or queries.shape[0] == 0:
-    raise ValueError(f"queries must be a non-empty [q, {memory.dim}] array, got shape {queries.shape}")
+  queries = memory._check_queries(queries)  # pylint: disable=protected-access
+  if queries.shape[0] == 0:
+    raise ValueError("queries is empty (0 rows); tuning needs real queries")
   k = memory._check_k(k)  # pylint: disable=protected-access
   if queries.shape[0] > max_queries:
     queries = queries[np.linspace(0, queries.shape[0] - 1, max_queries).astype(np.int64)]
   from resmem_jax.memory.exact import ExactIndex  # pylint: disable=g-import-not-at-top
   exact = ExactIndex(memory.keys)
   exact.search(queries[:8], k)  # compile outside the timing
-  (_, reference), exact_seconds = _timed(lambda: exact.search(queries, k), repeats)
+  (_, reference), exact_seconds = best_of(lambda: exact.search(queries, k), repeats)
 
   if options["mode"] == "tree_ah":
     num_leaves = int(options["num_leaves"])
@@ -89,7 +91,7 @@ def tune_search(memory, queries, k: int, target_recall: float = 0.99, *,
           options["leaves_to_search"] = leaf_count
         options["reorder"] = reorder
         memory.search(queries[:8], k)
-        (_, found), seconds = _timed(lambda: memory.search(queries, k), repeats)
+        (_, found), seconds = best_of(lambda: memory.search(queries, k), repeats)
         setting = SearchSetting(leaf_count, reorder, recall_at_k(found, reference), seconds)
         tried.append(setting)
         if setting.recall >= target_recall:
