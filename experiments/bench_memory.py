@@ -6,7 +6,7 @@
 from absl import app
 from absl import flags
 
-from resmem_jax.memory import benchmark
+from resmem_jax.bench import memory_search
 
 _SIZES = flags.DEFINE_list("sizes", ["100000x128", "1000000x64"], "Memory sizes as NxD.")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 10000, "Queries per size.")
@@ -33,9 +33,9 @@ def main(argv):
     scann_options["reorder"] = _SCANN_REORDER.value
   if _SCANN_LEAVES.value is not None:
     scann_options["leaves_to_search"] = _SCANN_LEAVES.value
-  benchmark.main(sizes, _NUM_QUERIES.value, _K.value, scann_options, [int(e) for e in _HNSW_EF.value],
-                 _FAISS.value, [int(c) for c in _CLASSES.value], _TOP_M.value, _REPEATS.value,
-                 _TUNE_RECALL.value)
+  memory_search.main(sizes, _NUM_QUERIES.value, _K.value, scann_options,
+                     [int(e) for e in _HNSW_EF.value], _FAISS.value, [int(c) for c in _CLASSES.value],
+                     _TOP_M.value, _REPEATS.value, _TUNE_RECALL.value)
 
 
 if __name__ == "__main__":

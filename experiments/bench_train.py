@@ -14,7 +14,7 @@ from experiments import common_flags  # noqa: F401  (must come first)
 from absl import app
 from absl import flags
 
-from resmem_jax import train
+from resmem_jax.bench import train_step
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 _DEPTH = flags.DEFINE_integer("depth", 20, "CIFAR ResNet depth (6n+2).")
@@ -29,9 +29,9 @@ _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "n for the n x n x n float32
 def main(argv):
   del argv
   for dtype in _DTYPES.value:
-    result = train.benchmark_train_step(batch_size=_BATCH.value, depth=_DEPTH.value, dtype=dtype,
-                                        steps=_STEPS.value, matmul_size=_MATMUL.value,
-                                        conv_impl=_CONV.value)
+    result = train_step.benchmark_train_step(
+        batch_size=_BATCH.value, depth=_DEPTH.value, dtype=dtype, steps=_STEPS.value,
+        matmul_size=_MATMUL.value, conv_impl=_CONV.value)
     for key, value in result.items():
       print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     print()

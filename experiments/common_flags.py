@@ -3,6 +3,7 @@
 TensorFlow itself is not imported here: resmem_jax.data hides accelerators from it when (and only
 when) a TFDS data set is loaded, so the embedded digits path never pays for the import.
 """
+import contextlib
 import logging as _logging
 import os
 import sys
@@ -31,3 +32,13 @@ class _QuietOrbaxInfo(_logging.Filter):
 
 
 _logging.getLogger("absl").addFilter(_QuietOrbaxInfo())
+
+
+@contextlib.contextmanager
+def config_errors():
+  """A bad config field ends the binary with one line naming it (no traceback)."""
+  from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except settings.SettingsError as err:
+    raise SystemExit(f"config error: {err}") from None

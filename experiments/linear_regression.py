@@ -2,7 +2,7 @@ r"""The paper's stylized linear regression: test risk of a norm-constrained line
 
 Sweeps n over a geometric grid, several seeds per n, for each input dimension d, and writes
 ``WORKDIR/results.json`` (risk mean/std/min/max per model, d, n; fitted log-log slopes) and
-``WORKDIR/risk_vs_n.png`` (one log-log panel per d). See resmem_jax/theory.py for the setting.
+``WORKDIR/risk_vs_n.png`` (one log-log panel per d). See resmem_jax/jobs/theory.py for the setting.
 
   python -m experiments.linear_regression --workdir=/tmp/theory
   python -m experiments.linear_regression --workdir=/tmp/theory --dims=1,2 --ns=64,256,1024 --seeds=2
@@ -11,7 +11,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from resmem_jax import theory
+from resmem_jax.jobs import theory
 
 _DEFAULTS = theory.TheoryConfig()
 

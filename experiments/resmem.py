@@ -2,23 +2,31 @@ r"""Train (or reuse) a base model, memorize its residuals, report base vs ResMem
 
   python -m experiments.resmem --config=experiments/configs/digits.py --workdir=/tmp/resmem_digits
   python -m experiments.resmem --config=experiments/configs/mnist.py \
-      --config.data.manual_dir=../shared/datasets/mnist --workdir=/tmp/mnist_mlp
+      --config.data.manual_dir=/path/to/mnist_archives --workdir=/tmp/mnist_cnn
+
+Any TFDS image classification set runs with ``--config.data.name=NAME`` (e.g. svhn_cropped).
+Rerunning the same command resumes training from WORKDIR/checkpoints and reuses WORKDIR/memory.
 """
-from absl import app, flags
+from experiments import common_flags  # noqa: F401  (must come first: quiets TensorFlow)
+
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import common_flags  # noqa: F401  (quiet TF logging before heavy imports)
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, memory and results")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, memory and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from resmem_jax import pipeline
-  pipeline.run(_CONFIG.value, _WORKDIR.value)
+  from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+  from resmem_jax.jobs import engine, report  # pylint: disable=g-import-not-at-top
+  with common_flags.config_errors():
+    results = engine.run(settings.from_config(_CONFIG.value), _WORKDIR.value)
+  print(report.format_table(results))
 
 
 if __name__ == "__main__":

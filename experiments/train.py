@@ -5,7 +5,7 @@
       --config.data.manual_dir=../shared/datasets/mnist --config.data.data_dir=/tmp/tfds
 
 Rerunning the same command resumes from DIR/checkpoints. Any config field can be overridden
-with ``--config.FIELD=VALUE``.
+with ``--config.FIELD=VALUE``; the config is checked before any data is read.
 """
 from experiments import common_flags  # noqa: F401  (must come first: quiets TensorFlow)
 
@@ -14,7 +14,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from resmem_jax import train
+from resmem_jax import data
+from resmem_jax import settings as settings_lib
+from resmem_jax import training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (.py[:variant]).",
                                           lock_config=True)
@@ -26,7 +28,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  settings = settings_lib.from_config(_CONFIG.value)
+  settings_lib.check(settings)
+  dataset = data.get_dataset(settings.data)
+  final = training.train_and_evaluate(dataset, settings.model, settings.train, settings.seed,
+                                      _WORKDIR.value)
   print({k: round(v, 5) if isinstance(v, float) else v for k, v in final.items()})
 
 

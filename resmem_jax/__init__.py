@@ -1,10 +1,13 @@
 """resmem_jax: ResMem (residual memorization) in JAX/Flax.
 
     import resmem_jax
-    r = resmem_jax.residuals(labels, logits, temperature=1.0)
-    mem = resmem_jax.build_memory(train_embeddings, r, backend="exact")
-    pred = mem.predict(base_probs, test_embeddings, k=16, sigma=0.5)
+    r = resmem_jax.residuals(labels, logits, temperature=1.0)        # onehot(y) - softmax(z / T)
+    memory = resmem_jax.build_memory(train_embeddings, r, backend="exact")
+    pred = resmem_jax.predict(memory, base_probs, test_embeddings, k=16, sigma=0.5)
 
+Layout: ``core/`` the math (pure array functions), ``memory/`` a residual store + a search index,
+``data/`` and ``models/`` registries, ``training/``, ``inference.py`` (one masked pass), ``jobs/``
+(the engine and the experiments), ``settings.py`` (the config, typed and checked).
 Heavy modules (TFDS, ScaNN, Orbax) are imported only when first used.
 """
 from __future__ import annotations
@@ -15,11 +18,13 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily so `import resmem_jax` stays fast)
 _LAZY = {
-    "residuals": "resmem_jax.residuals",
-    "regression_residuals": "resmem_jax.residuals",
+    "residuals": "resmem_jax.core.residuals",
+    "regression_residuals": "resmem_jax.core.residuals",
     "build_memory": "resmem_jax.memory",
     "load_memory": "resmem_jax.memory",
     "Memory": "resmem_jax.memory",
+    "predict": "resmem_jax.resmem",
+    "residual_estimate": "resmem_jax.resmem",
 }
 
 

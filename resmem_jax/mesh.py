@@ -18,12 +18,12 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed(enabled: bool | None = None) -> None:
-  """Calls ``jax.distributed.initialize()`` for multi-host runs, at most once.
+  """Calls ``jax.distributed.initialize()`` for multi-host runs, unless JAX already is.
 
   ``enabled=None`` decides from the environment: JAX's own coordinator variables, a TPU pod
   slice (TPU_WORKER_HOSTNAMES with several hosts) or a SLURM job with several tasks.
   """
-  if getattr(initialize_distributed, "_done", False):
+  if jax.distributed.is_initialized():
     return
   if enabled is None:
     env = os.environ
@@ -33,7 +33,6 @@ def initialize_distributed(enabled: bool | None = None) -> None:
         or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
   if enabled:
     jax.distributed.initialize()
-  initialize_distributed._done = True
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

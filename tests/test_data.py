@@ -3,23 +3,25 @@ import numpy as np
 import pytest
 
 from resmem_jax import data
-from resmem_jax.data import augment, sources, splits
+from resmem_jax import settings as settings_lib
+from resmem_jax.data import augment, digits, splits
+from resmem_jax.settings import DataSettings
 
 
-def digits_cfg(**overrides):
-  cfg = dict(name="digits", data_dir=None, manual_dir=None, val_fraction=0.1,
-             train_fraction=1.0, augment=False)
-  cfg.update(overrides)
-  return cfg
+def digits_data(**overrides) -> data.Dataset:
+  fields = dict(name="digits", val_fraction=0.1)
+  fields.update(overrides)
+  return data.get_dataset(DataSettings(**fields))
 
 
 def test_digits_source_is_real_and_split_deterministically():
   from sklearn.datasets import load_digits
-  info = data.dataset_info(digits_cfg(val_fraction=0.0))
+  info = digits_data(val_fraction=0.0).info
   assert info.name == "digits" and info.num_classes == 10 and info.input_shape == (8, 8, 1)
+  assert info.input_dtype == "float32"
   assert info.split_sizes == {"train": 1797 - 360, "validation": 0, "test": 360}
-  train_x, train_y, test_x, test_y = sources._load_digits()
-  again = sources._load_digits()
+  train_x, train_y, test_x, test_y = digits.load_digits()
+  again = digits.load_digits()
   np.testing.assert_array_equal(test_x, again[2])
   # Train and test together are exactly scikit-learn's 1797 images, each once.
   everything = np.concatenate([train_x, test_x]).reshape(1797, -1)
@@ -29,6 +31,31 @@ def test_digits_source_is_real_and_split_deterministically():
   order_ref = np.lexsort(np.c_[reference, load_digits().target].T)
   np.testing.assert_array_equal(everything[order_ours], reference[order_ref])
   np.testing.assert_array_equal(labels[order_ours], load_digits().target[order_ref])
+
+
+def test_registry_names_and_lookup():
+  assert data.known_datasets() == ("digits", "imagenet2012", "tiny_shakespeare", "lm1b", "c4")
+  for name in data.known_datasets():
+    data.check_name(name)  # built-ins need no TFDS lookup
+    dataset = data.get_dataset(DataSettings(name=name))
+    assert isinstance(dataset, data.Dataset) and dataset.settings.name == name
+  assert type(data.get_dataset(DataSettings(name="lm1b"))).__name__ == "TextDataset"
+
+
+def test_a_dataset_loads_once_and_instances_share_nothing(monkeypatch):
+  loads = []
+  real = digits.load_digits
+  monkeypatch.setattr(digits, "load_digits", lambda: loads.append(1) or real())
+  first = digits_data()
+  assert loads == []  # creating a data set reads nothing
+  first.info, first.num_examples("test")
+  list(first.eval_batches("test", 100, process_index=0, process_count=1))
+  next(first.train_batches(32, 0, process_index=0, process_count=1))
+  assert len(loads) == 1 and first.arrays is first.arrays
+  second = digits_data(val_fraction=0.5)
+  assert second.info.split_sizes["validation"] == round(0.5 * 1437)
+  assert len(loads) == 2  # no module-level cache between instances
+  assert first.info.split_sizes["validation"] == round(0.1 * 1437)
 
 
 def test_validation_carving_is_deterministic_disjoint_and_complete():
@@ -46,50 +73,59 @@ def test_validation_carving_is_deterministic_disjoint_and_complete():
 
 
 def test_public_splits_do_not_overlap():
-  cfg = digits_cfg(val_fraction=0.2)
-  views = sources.split_views("digits", None, None, 0.2, 1.0, 0)
-  assert not set(views["train"].indices) & set(views["validation"].indices)
-  assert len(views["train"]) + len(views["validation"]) == 1437
-  assert data.num_examples(cfg, "validation") == round(0.2 * 1437)
-  labels = np.concatenate([b["label"][b["mask"]] for b in data.eval_batches(cfg, "validation", 64)])
-  np.testing.assert_array_equal(labels, views["validation"].labels[views["validation"].indices])
+  dataset = digits_data(val_fraction=0.2)
+  rows = dataset.split_indices
+  assert not set(rows["train"]) & set(rows["validation"])
+  assert len(rows["train"]) + len(rows["validation"]) == 1437
+  assert dataset.num_examples("validation") == round(0.2 * 1437)
+  batches = dataset.eval_batches("validation", 64, process_index=0, process_count=1)
+  labels = np.concatenate([b["labels"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(labels, dataset.arrays.train_labels[rows["validation"]])
 
 
 def test_train_fraction_is_nested_deterministic_and_inside_train():
-  full = sources.split_views("digits", None, None, 0.1, 1.0, 0)["train"].indices
-  half = sources.split_views("digits", None, None, 0.1, 0.5, 0)["train"].indices
-  tenth = sources.split_views("digits", None, None, 0.1, 0.1, 0)["train"].indices
+  full = digits_data().split_indices["train"]
+  half = digits_data(train_fraction=0.5).split_indices["train"]
+  tenth = digits_data(train_fraction=0.1).split_indices["train"]
   assert len(half) == round(0.5 * len(full)) and len(tenth) == round(0.1 * len(full))
   assert set(tenth) <= set(half) <= set(full)
   np.testing.assert_array_equal(half, splits.subsample(full, 0.5))
-  assert data.num_examples(digits_cfg(train_fraction=0.5), "train") == len(half)
+  assert digits_data(train_fraction=0.5).num_examples("train") == len(half)
   # The validation split does not depend on the training fraction.
-  assert data.num_examples(digits_cfg(train_fraction=0.5), "validation") == \
-      data.num_examples(digits_cfg(), "validation")
+  np.testing.assert_array_equal(digits_data(train_fraction=0.5).split_indices["validation"],
+                                digits_data().split_indices["validation"])
   with pytest.raises(ValueError, match="train_fraction"):
     splits.subsample(full, 0.0)
 
 
 def test_training_stream_covers_each_epoch_once():
   n, batch = 23, 5
-  stream = np.concatenate([splits.train_batch_indices(n, batch, 7, s) for s in range(n * 3)])
+  order = splits.TrainOrder(n, batch, seed=7)
+  stream = np.concatenate([order.batch(s) for s in range(n * 3)])
   for epoch in range(3 * batch):  # n*3 steps of 5 = 15 epochs of 23
     np.testing.assert_array_equal(np.sort(stream[epoch * n:(epoch + 1) * n]), np.arange(n))
   assert not np.array_equal(stream[:n], stream[n:2 * n])  # fresh permutation per epoch
+  # Any step directly (the permutation kept is not stale) and in any order.
+  np.testing.assert_array_equal(splits.TrainOrder(n, batch, seed=7).batch(40), stream[200:205])
+  np.testing.assert_array_equal(order.batch(2), stream[10:15])
+  with pytest.raises(ValueError, match="training split is empty"):
+    splits.TrainOrder(0, batch, seed=7)
 
 
 def test_train_batches_resume_exactly_and_depend_on_seed():
-  cfg = digits_cfg(augment=True)
-  stream = data.train_batches(cfg, 64, seed=3)
+  dataset = digits_data(augment=True)
+  stream = dataset.train_batches(64, seed=3, process_index=0, process_count=1)
   first = [next(stream) for _ in range(25)]  # crosses the epoch boundary (1293 / 64)
   for start in (0, 7, 20, 24):
-    resumed = next(data.train_batches(cfg, 64, seed=3, start_step=start))
-    np.testing.assert_array_equal(resumed["image"], first[start]["image"])
-    np.testing.assert_array_equal(resumed["label"], first[start]["label"])
-  other = next(data.train_batches(cfg, 64, seed=4))
-  assert not np.array_equal(other["label"], first[0]["label"])
-  assert first[0]["image"].dtype == np.float32 and first[0]["label"].dtype == np.int32
-  assert first[0]["image"].shape == (64, 8, 8, 1)
+    resumed = next(dataset.train_batches(64, seed=3, start_step=start, process_index=0,
+                                         process_count=1))
+    np.testing.assert_array_equal(resumed["inputs"], first[start]["inputs"])
+    np.testing.assert_array_equal(resumed["labels"], first[start]["labels"])
+  other = next(dataset.train_batches(64, seed=4, process_index=0, process_count=1))
+  assert not np.array_equal(other["labels"], first[0]["labels"])
+  assert set(first[0]) == {"inputs", "labels"}
+  assert first[0]["inputs"].dtype == np.float32 and first[0]["labels"].dtype == np.int32
+  assert first[0]["inputs"].shape == (64, 8, 8, 1) and first[0]["labels"].shape == (64,)
 
 
 @pytest.mark.parametrize("num_examples,batch,processes", [(37, 8, 1), (37, 9, 3), (5, 16, 2),
@@ -108,39 +144,42 @@ def test_eval_index_batches_cover_each_example_once(num_examples, batch, process
 
 
 def test_eval_batches_yield_every_test_example_once_with_padding():
-  cfg = digits_cfg()
-  batches = list(data.eval_batches(cfg, "test", 49))  # 360 = 7 * 49 + 17
-  assert len(batches) == 8
-  assert all(b["image"].shape == (49, 8, 8, 1) for b in batches)
+  dataset = digits_data()
+  batches = list(dataset.eval_batches("test", 49, process_index=0, process_count=1))
+  assert len(batches) == 8  # 360 = 7 * 49 + 17
+  assert all(set(b) == {"inputs", "labels", "mask"} for b in batches)
+  assert all(b["inputs"].shape == (49, 8, 8, 1) for b in batches)
+  assert all(b["mask"].dtype == bool and b["mask"].shape == b["labels"].shape for b in batches)
   assert batches[-1]["mask"].sum() == 17 and batches[0]["mask"].all()
-  assert not batches[-1]["image"][~batches[-1]["mask"]].any()
-  source = sources.array_source("digits", None, None)
-  labels = np.concatenate([b["label"][b["mask"]] for b in batches])
-  np.testing.assert_array_equal(labels, source.test_labels)
-  images = np.concatenate([b["image"][b["mask"]] for b in batches])
-  expected = augment.normalise(source.test_images, 16.0, source.mean, source.std)
+  assert not batches[-1]["inputs"][~batches[-1]["mask"]].any()
+  assert not batches[-1]["labels"][~batches[-1]["mask"]].any()
+  arrays = dataset.arrays
+  labels = np.concatenate([b["labels"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(labels, arrays.test_labels)
+  images = np.concatenate([b["inputs"][b["mask"]] for b in batches])
+  expected = augment.normalise(arrays.test_images, 16.0, arrays.mean, arrays.std)
   np.testing.assert_allclose(images, expected)
 
 
 def test_processes_get_their_slice_of_every_global_batch():
-  cfg = digits_cfg(augment=True)
-  whole = data.train_batches(cfg, 48, 0, 5, process_index=0, process_count=1)
-  parts = [data.train_batches(cfg, 48, 0, 5, process_index=p, process_count=3) for p in range(3)]
+  dataset = digits_data(augment=True)
+  whole = dataset.train_batches(48, 0, 5, process_index=0, process_count=1)
+  parts = [dataset.train_batches(48, 0, 5, process_index=p, process_count=3) for p in range(3)]
   for _ in range(3):
     expected = next(whole)
     got = [next(p) for p in parts]
-    np.testing.assert_array_equal(np.concatenate([g["image"] for g in got]), expected["image"])
-    np.testing.assert_array_equal(np.concatenate([g["label"] for g in got]), expected["label"])
-  evals = [list(data.eval_batches(cfg, "test", 50, process_index=p, process_count=2))
+    np.testing.assert_array_equal(np.concatenate([g["inputs"] for g in got]), expected["inputs"])
+    np.testing.assert_array_equal(np.concatenate([g["labels"] for g in got]), expected["labels"])
+  evals = [list(dataset.eval_batches("test", 50, process_index=p, process_count=2))
            for p in range(2)]
   assert len(evals[0]) == len(evals[1]) == 8
-  merged = np.concatenate([np.concatenate([a["label"][a["mask"]], b["label"][b["mask"]]])
+  merged = np.concatenate([np.concatenate([a["labels"][a["mask"]], b["labels"][b["mask"]]])
                            for a, b in zip(*evals)])
-  np.testing.assert_array_equal(merged, sources.array_source("digits", None, None).test_labels)
+  np.testing.assert_array_equal(merged, dataset.arrays.test_labels)
   with pytest.raises(ValueError, match="multiple of the process count"):
-    data.train_batches(cfg, 50, 0, process_index=0, process_count=3)
+    dataset.train_batches(50, 0, process_index=0, process_count=3)
   with pytest.raises(ValueError, match="process_index"):
-    data.eval_batches(cfg, "test", 48, process_index=3, process_count=3)
+    dataset.eval_batches("test", 48, process_index=3, process_count=3)
 
 
 def test_pad_crop_flip_matches_a_loop_reference():
@@ -162,16 +201,18 @@ def test_pad_crop_flip_matches_a_loop_reference():
 
 
 def test_augmented_batches_keep_labels_and_normalisation():
-  plain = next(data.train_batches(digits_cfg(), 256, 0))
-  augmented = next(data.train_batches(digits_cfg(augment=True), 256, 0))
-  np.testing.assert_array_equal(plain["label"], augmented["label"])
-  assert augmented["image"].shape == plain["image"].shape
-  assert not np.array_equal(plain["image"], augmented["image"])
+  plain = next(digits_data().train_batches(256, 0, process_index=0, process_count=1))
+  dataset = digits_data(augment=True)
+  assert not dataset.mirror_symmetric  # digits are not mirror-symmetric
+  augmented = next(dataset.train_batches(256, 0, process_index=0, process_count=1))
+  np.testing.assert_array_equal(plain["labels"], augmented["labels"])
+  assert augmented["inputs"].shape == plain["inputs"].shape
+  assert not np.array_equal(plain["inputs"], augmented["inputs"])
   # A crop only moves pixels or brings in zero padding: every value is a normalised 0..16.
-  source = sources.array_source("digits", None, None)
+  arrays = dataset.arrays
   allowed = augment.normalise(np.arange(17, dtype=np.uint8).reshape(17, 1, 1, 1), 16.0,
-                              source.mean, source.std).ravel()
-  assert np.isin(np.round(augmented["image"], 5), np.round(allowed, 5)).all()
+                              arrays.mean, arrays.std).ravel()
+  assert np.isin(np.round(augmented["inputs"], 5), np.round(allowed, 5)).all()
 
 
 def test_normalisation_uses_per_channel_train_statistics():
@@ -187,24 +228,25 @@ def test_normalisation_uses_per_channel_train_statistics():
 
 
 def test_bad_arguments_raise_clear_errors():
-  with pytest.raises(ValueError, match="known: .*cifar10.*digits.*mnist") as err:
-    data.dataset_info(digits_cfg(name="svhn"))
-  assert all(name in str(err.value) for name in data.known_datasets())
+  dataset = digits_data()
   with pytest.raises(ValueError, match="split="):
-    data.num_examples(digits_cfg(), "dev")
+    dataset.num_examples("dev")
+  with pytest.raises(ValueError, match="split="):
+    dataset.eval_batches("dev", 8, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="global_batch_size"):
-    data.eval_batches(digits_cfg(), "test", 0)
+    dataset.eval_batches("test", 0, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="start_step"):
-    data.train_batches(digits_cfg(), 8, 0, start_step=-1)
+    dataset.train_batches(8, 0, start_step=-1, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="val_fraction"):
-    data.dataset_info(digits_cfg(val_fraction=1.5))
+    _ = digits_data(val_fraction=1.5).info
+  with pytest.raises(ValueError, match="training split is empty"):
+    digits_data(val_fraction=0.9999).train_batches(8, 0, process_index=0, process_count=1)
 
 
-def test_config_dict_is_accepted():
-  import ml_collections
-  cfg = ml_collections.ConfigDict(dict(name="digits", data_dir=None, manual_dir=None,
-                                       val_fraction=0.1, train_fraction=1.0, augment=False))
-  assert data.dataset_info(cfg).split_sizes["validation"] == 144
+def test_settings_from_a_config_reach_the_data_set():
+  config = settings_lib.default_config()
+  dataset = data.get_dataset(settings_lib.from_config(config).data)
+  assert dataset.info.name == "digits" and dataset.info.split_sizes["validation"] == 144
 
 
 def test_batches_shard_onto_eight_devices():
@@ -212,16 +254,17 @@ def test_batches_shard_onto_eight_devices():
   code = """
 import numpy as np
 from resmem_jax import data, mesh
-cfg = dict(name="digits", val_fraction=0.1, augment=True)
+from resmem_jax.settings import DataSettings
+dataset = data.get_dataset(DataSettings(name="digits", val_fraction=0.1, augment=True))
 m = mesh.data_mesh()
 assert mesh.num_data_shards(m) == 8
-host = next(data.train_batches(cfg, 64, seed=0, start_step=3))
+host = next(dataset.train_batches(64, seed=0, start_step=3))
 batch = mesh.shard_batch(host, m)
-assert batch["image"].shape == (64, 8, 8, 1)
-assert len(batch["image"].sharding.device_set) == 8
-np.testing.assert_array_equal(mesh.to_host(batch)["label"], host["label"])
+assert batch["inputs"].shape == (64, 8, 8, 1)
+assert len(batch["inputs"].sharding.device_set) == 8
+np.testing.assert_array_equal(mesh.to_host(batch)["labels"], host["labels"])
 total = 0
-for host in data.eval_batches(cfg, "test", 48):
+for host in dataset.eval_batches("test", 48):
   total += int(mesh.to_host(mesh.shard_batch(host, m))["mask"].sum())
 assert total == 360, total
 print("ok")

@@ -1,22 +1,24 @@
 """Models: output shapes, parameter counts, batch-norm train/eval behaviour, a few train steps."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
-from resmem_jax import train
+from resmem_jax.settings import ModelSettings
+from resmem_jax.training import state as state_lib
+from resmem_jax.training import steps
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(kw)
+  return ModelSettings(**kw)
 
 
 def _init(module, shape, seed=0):
   x = jax.random.normal(jax.random.key(seed), shape)
-  return x, train.init_variables(module, x, jax.random.key(1))
+  return x, state_lib.init_variables(module, x, jax.random.key(1))
 
 
 def test_mlp_count_params_matches_layer_arithmetic():
@@ -95,16 +97,20 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     (dict(name="cnn", width=4, depth=2, embed_dim=16), (16, 8, 8, 1)),
     (dict(name="cifar_resnet", width=0.25, depth=8), (8, 8, 8, 3)),
     (dict(name="resnet", width=0.0625, depth=18), (8, 16, 16, 3)),
+    (dict(name="transformer", width=16, depth=1, num_heads=2, max_len=8), (8, 6)),
 ])
 def test_each_family_trains_a_few_steps(cfg, shape):
   module = models.build_model(_cfg(**cfg), num_classes=4)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=shape).astype(np.float32),
-           "label": rng.integers(0, 4, shape[0]).astype(np.int32)}
+  if cfg["name"] == "transformer":  # token ids in, a label per position
+    batch = {"inputs": rng.integers(0, 4, shape).astype(np.int32),
+             "labels": rng.integers(0, 4, shape).astype(np.int32)}
+  else:
+    batch = {"inputs": rng.normal(size=shape).astype(np.float32),
+             "labels": rng.integers(0, 4, shape[0]).astype(np.int32)}
   tx = optax.adam(1e-2)
-  mesh = train.mesh_lib.data_mesh()
-  state = train.init_state(module, tx, batch["image"][:1], seed=0, mesh=mesh)
-  step = jax.jit(train.make_train_step(module, tx, "classification", 0.0, jax.random.key(0)))
+  state = state_lib.init_state(module, tx, batch["inputs"][:1], seed=0, mesh=mesh_lib.data_mesh())
+  step = jax.jit(steps.make_train_step(module, tx, 0.0, jax.random.key(0)))
   losses = []
   for _ in range(5):
     state, metrics = step(state, batch)
@@ -113,30 +119,46 @@ def test_each_family_trains_a_few_steps(cfg, shape):
   assert losses[-1] < 0.8 * losses[0]  # memorising one batch
 
 
-def test_build_model_rejects_bad_config():
-  with pytest.raises(ValueError, match="model_cfg.name"):
+def test_build_model_rejects_bad_settings():
+  with pytest.raises(ValueError, match="model.name='vgg'.*valid names: mlp, cnn"):
     models.build_model(_cfg(name="vgg", width=1, depth=1), 10)
-  with pytest.raises(ValueError, match="6n\\+2"):
+  with pytest.raises(ValueError, match="model.depth must be 6n\\+2"):
     models.build_model(_cfg(name="cifar_resnet", width=1, depth=21), 10)
-  with pytest.raises(ValueError, match="depth"):
+  with pytest.raises(ValueError, match="model.depth"):
     models.build_model(_cfg(name="resnet", width=1, depth=19), 10)
+  with pytest.raises(ValueError, match="model.width"):
+    models.build_model(_cfg(name="mlp", width=16.5, depth=1), 10)  # not a whole number of units
+  with pytest.raises(ValueError, match="model.conv_impl"):
+    models.build_model(_cfg(name="cifar_resnet", width=1, depth=8, conv_impl="fft"), 10)
   with pytest.raises(ValueError, match="num_classes"):
     models.build_model(_cfg(name="mlp", width=8, depth=1), 0)
-  with pytest.raises(ValueError, match="dtype"):
+  with pytest.raises(ValueError, match="train.dtype"):
     models.build_model(_cfg(name="mlp", width=8, depth=1), 3, dtype="int8")
 
 
-def test_transformer_is_dispatched_to_the_lm_module():
-  transformer = pytest.importorskip("resmem_jax.models.transformer")
+def test_check_settings_validates_without_building_and_suggests_names():
+  for name in models.MODEL_NAMES:  # every model's defaults (with a valid depth) pass
+    depth = {"cifar_resnet": 20, "resnet": 18}.get(name, 2)
+    models.check_settings(_cfg(name=name, width=1.0 if "resnet" in name else 32.0, depth=depth))
+  with pytest.raises(ValueError, match="did you mean 'cifar_resnet'"):
+    models.check_settings(_cfg(name="cifar_resnt"))
+  with pytest.raises(ValueError, match="model.embed_dim"):
+    models.check_settings(_cfg(name="cnn", embed_dim=0))
+  with pytest.raises(ValueError, match="model.num_heads"):
+    models.check_settings(_cfg(name="transformer", width=30, num_heads=4))
+  with pytest.raises(ValueError, match="model.max_len"):
+    models.check_settings(_cfg(name="transformer", width=32, max_len=0))
+
+
+def test_transformer_is_built_from_the_registry():
   cfg = _cfg(name="transformer", width=16, depth=1, num_heads=2)
-  try:
-    module = models.build_model(cfg, num_classes=11)
-  except (AttributeError, KeyError, ValueError) as err:  # LM config needs other fields
-    pytest.skip(f"transformer config fields differ: {err}")
-  assert type(module).__module__ == transformer.__name__
-  # The compute dtype reaches the transformer like every other model (train.dtype wins).
+  module = models.build_model(cfg, num_classes=11)
+  assert isinstance(module, models.TransformerLM) and module.vocab_size == 11
+  # The compute dtype reaches the transformer like every other model (from train.dtype).
   assert models.build_model(cfg, num_classes=11, dtype="bfloat16").dtype == jnp.bfloat16
-  assert models.build_model(cfg, num_classes=11).dtype == jnp.float32
+  assert module.dtype == jnp.float32
+  with pytest.raises(ValueError, match="vocabulary size"):
+    models.build_model(cfg, num_classes=1)
 
 
 @pytest.mark.parametrize("strides,padding,kernel", [(1, 1, 3), (2, 1, 3), (2, 0, 1), (2, 3, 7)])

@@ -1,4 +1,4 @@
-"""Tests for resmem_jax/theory.py and experiments/linear_regression.py (stylized linear regression)."""
+"""Tests for resmem_jax/jobs/theory.py and experiments/linear_regression.py (stylized linear regression)."""
 import json
 import math
 import pathlib
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_python
-from resmem_jax import theory
+from resmem_jax.jobs import theory
 
 
 def _numpy_knn(keys, values, queries, k):

@@ -1,4 +1,5 @@
-"""Training loop: schedules, losses, learning, restore, multi-device equality, kill + resume."""
+"""Training: schedules, losses, learning, restore, multi-device equality, kill + resume."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -8,24 +9,24 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, run_python
-from resmem_jax import train
+from resmem_jax import training
+from resmem_jax.settings import ModelSettings, TrainSettings
+from resmem_jax.training import optimizer
+from resmem_jax.training import steps
 import train_fakes
 
 
-def _train_cfg(**kw):
-  cfg = {"learning_rate": 0.4, "warmup_epochs": 1.0, "schedule": "cosine",
-         "step_boundaries": (0.5, 0.75), "step_factor": 0.1}
-  cfg.update(kw)
-  return ml_collections.ConfigDict(cfg)
+def _schedule_settings(**kw):
+  return TrainSettings(**{"learning_rate": 0.4, "warmup_epochs": 1.0, "schedule": "cosine",
+                          "step_boundaries": (0.5, 0.75), "step_factor": 0.1, **kw})
 
 
 def test_warmup_cosine_schedule_matches_formula():
-  schedule = train.make_schedule(_train_cfg(), steps_per_epoch=10, total_steps=50)
+  schedule = optimizer.make_schedule(_schedule_settings(), steps_per_epoch=10, total_steps=50)
   for step in [0, 5, 10, 20, 35, 50]:
     if step < 10:
       expected = 0.4 * step / 10
@@ -35,11 +36,12 @@ def test_warmup_cosine_schedule_matches_formula():
 
 
 def test_step_schedule_drops_at_boundaries():
-  schedule = train.make_schedule(_train_cfg(schedule="step", warmup_epochs=0.0), 10, 100)
+  schedule = optimizer.make_schedule(_schedule_settings(schedule="step", warmup_epochs=0.0),
+                                     10, 100)
   values = [float(schedule(s)) for s in (0, 49, 50, 74, 75, 99)]
   np.testing.assert_allclose(values, [0.4, 0.4, 0.04, 0.04, 0.004, 0.004], rtol=1e-5)
   with pytest.raises(ValueError, match="train.schedule"):
-    train.make_schedule(_train_cfg(schedule="linear"), 10, 100)
+    optimizer.make_schedule(_schedule_settings(schedule="linear"), 10, 100)
 
 
 def test_cross_entropy_and_masked_sums_match_numpy():
@@ -49,120 +51,139 @@ def test_cross_entropy_and_masked_sums_match_numpy():
   mask = np.array([1, 1, 0, 1, 0, 1], bool)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   ce = -log_p[np.arange(6), labels]
-  np.testing.assert_allclose(train.cross_entropy(logits, labels), ce, rtol=1e-5)
-  sums = train.loss_sums("classification", logits, {"label": labels, "mask": mask})
+  np.testing.assert_allclose(steps.cross_entropy(logits, labels), ce, rtol=1e-5)
+  sums = steps.loss_sums(logits, {"labels": labels, "mask": mask})
   np.testing.assert_allclose(float(sums["loss"]), ce[mask].sum(), rtol=1e-5)
   assert float(sums["count"]) == 4
   assert float(sums["correct"]) == np.sum((logits.argmax(-1) == labels) & mask)
-  smooth = train.cross_entropy(logits, labels, label_smoothing=0.1)
+  unmasked = steps.loss_sums(logits, {"labels": labels})  # no mask: every position counts
+  np.testing.assert_allclose(float(unmasked["loss"]), ce.sum(), rtol=1e-5)
+  assert float(unmasked["count"]) == 6
+  smooth = steps.cross_entropy(logits, labels, label_smoothing=0.1)
   expected = -(0.9 * log_p[np.arange(6), labels] + 0.1 * log_p.mean(-1))
   np.testing.assert_allclose(smooth, expected, rtol=1e-5)
 
 
-def test_lm_loss_is_masked_token_cross_entropy():
+def test_token_loss_is_masked_cross_entropy_over_positions():
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(2, 3, 7)).astype(np.float32)
-  targets = rng.integers(0, 7, (2, 3)).astype(np.int32)
-  mask = np.array([[1, 1, 0], [1, 0, 0]], np.int32)
+  labels = rng.integers(0, 7, (2, 3)).astype(np.int32)
+  mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  ce = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
-  sums = train.loss_sums("lm", logits, {"targets": targets, "mask": mask})
+  ce = -np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+  sums = steps.loss_sums(logits, {"labels": labels, "mask": mask})
   np.testing.assert_allclose(float(sums["loss"]), (ce * mask).sum(), rtol=1e-5)
   assert float(sums["count"]) == 3
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_optimizers_build_and_reject_unknown(name):
-  tx = train.make_optimizer(_train_cfg(optimizer=name, weight_decay=1e-4, momentum=0.9), 10, 20)
+  train = _schedule_settings(optimizer=name, weight_decay=1e-4, momentum=0.9)
+  tx = optimizer.make_optimizer(train, optimizer.make_schedule(train, 10, 20))
   params = {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
   updates, _ = tx.update(jax.tree_util.tree_map(np.zeros_like, params), tx.init(params), params)
   # Zero gradient: only weight decay moves the kernel; the bias is not decayed.
   np.testing.assert_array_equal(updates["bias"], 0.0)
   with pytest.raises(ValueError, match="train.optimizer"):
-    train.make_optimizer(_train_cfg(optimizer="lamb"), 10, 20)
+    optimizer.make_optimizer(_schedule_settings(optimizer="lamb"),
+                             optimizer.make_schedule(train, 10, 20))
 
 
-def _fake_config(model="cnn"):
-  from experiments.configs import digits
-  cfg = digits.get_config("tiny")
-  cfg.model.name = model
-  cfg.model.width = 4 if model == "cnn" else 16
-  cfg.model.depth = 1 if model == "cnn" else 2
-  cfg.model.embed_dim = 16
-  cfg.train.num_steps = 24
-  cfg.train.batch_size = 16
-  cfg.train.learning_rate = 0.05
-  cfg.train.eval_every_steps = 8
-  cfg.train.log_every_steps = 4
-  cfg.train.checkpoint_every_steps = 8
-  return cfg
+def _settings(model="cnn", **train):
+  """(ModelSettings, TrainSettings) of a 24-step run on the fake images."""
+  if model == "cnn":
+    model_settings = ModelSettings(name="cnn", width=4, depth=1, embed_dim=16)
+  else:
+    model_settings = ModelSettings(name=model, width=16, depth=2, embed_dim=16)
+  train_settings = TrainSettings(**{
+      "num_steps": 24, "batch_size": 16, "eval_batch_size": 256, "learning_rate": 0.05,
+      "weight_decay": 1e-4, "eval_every_steps": 8, "log_every_steps": 4,
+      "checkpoint_every_steps": 8, **train})
+  return model_settings, train_settings
 
 
-def test_training_learns_and_restores(tmp_path, monkeypatch):
-  monkeypatch.setattr(train, "_data_module", lambda: train_fakes)
-  cfg = _fake_config("cnn")
-  final = train.train_and_evaluate(cfg, tmp_path)
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  losses = [r["train_loss"] for r in records if "train_loss" in r and not r.get("final")]
+def _records(workdir):
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+def _train_losses(workdir):
+  return np.array([r["train_loss"] for r in _records(workdir)
+                   if "train_loss" in r and not r.get("final")])
+
+
+def test_training_learns_and_restores(tmp_path):
+  data = train_fakes.ImageFake()
+  model, train = _settings("cnn")
+  final = training.train_and_evaluate(data, model, train, 0, tmp_path)
+  losses = _train_losses(tmp_path)
   assert losses[-1] < 0.5 * losses[0]
   assert final["validation_accuracy"] > 0.9 and final["test_accuracy"] > 0.9
   assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+  # The logged learning rate is the rate the optimiser applied at that step.
+  schedule = optimizer.make_schedule(
+      train, *optimizer.schedule_lengths(train, data.info.split_sizes))
+  logged = [(r["step"], r["learning_rate"]) for r in _records(tmp_path) if "learning_rate" in r]
+  assert [s for s, _ in logged] == [4, 8, 12, 16, 20, 24]
+  np.testing.assert_allclose([lr for _, lr in logged], [float(schedule(s - 1)) for s, _ in logged],
+                             rtol=1e-6)
+  info = json.loads((tmp_path / "model_info.json").read_text())
+  assert info["num_classes"] == 4 and info["input_shape"] == [4, 4, 1]
 
-  module, variables, step = train.restore_model(cfg, tmp_path)
+  module, variables, step = training.restore_model(tmp_path, model)
   assert step == 24
-  images, labels = train_fakes._split("test")
+  images, labels = data.examples("test")
   logits, embedding = module.apply(variables, images, train=False)
   np.testing.assert_allclose(np.mean(np.argmax(logits, -1) == labels), final["test_accuracy"])
   assert embedding.shape == (len(labels), 16)
   # A finished run returns its recorded result without training again.
-  assert train.train_and_evaluate(cfg, tmp_path) == final
+  before = (tmp_path / "metrics.jsonl").read_text()
+  assert training.train_and_evaluate(data, model, train, 0, tmp_path) == final
+  assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
-def test_lm_task_trains_the_transformer(tmp_path, monkeypatch):
-  pytest.importorskip("resmem_jax.models.transformer")
-  monkeypatch.setattr(train, "_data_module", lambda: train_fakes.TokenSource)
-  cfg = _fake_config()
-  cfg.task = "lm"
-  cfg.model = ml_collections.ConfigDict(
-      {"name": "transformer", "width": 16, "depth": 1, "num_heads": 2, "max_len": 8})
-  cfg.train.optimizer, cfg.train.learning_rate, cfg.train.num_steps = "adam", 0.01, 30
-  cfg.train.log_every_steps = 10
-  final = train.train_and_evaluate(cfg, tmp_path)
+def test_token_data_trains_the_transformer(tmp_path):
+  model = ModelSettings(name="transformer", width=16, depth=1, num_heads=2, max_len=8)
+  _, train = _settings(optimizer="adam", learning_rate=0.01, num_steps=30, log_every_steps=10)
+  final = training.train_and_evaluate(train_fakes.TokenFake(), model, train, 0, tmp_path,
+                                      progress=False)
   losses = _train_losses(tmp_path)
   assert losses[-1] < 0.5 * losses[0]
   assert final["test_accuracy"] > 0.8  # the next token is a function of the current one
 
 
-def test_restore_model_without_checkpoint_raises(tmp_path):
+def test_restore_model_without_checkpoint_or_model_info_raises(tmp_path):
+  model, train = _settings()
   with pytest.raises(FileNotFoundError, match="checkpoints"):
-    train.restore_model(_fake_config(), tmp_path)
+    training.restore_model(tmp_path, model)
+  training.train_and_evaluate(train_fakes.ImageFake(), model,
+                              dataclasses.replace(train, num_steps=2), 0, tmp_path)
+  (tmp_path / "model_info.json").unlink()
+  with pytest.raises(FileNotFoundError, match="model_info.json"):
+    training.restore_model(tmp_path, model)
 
 
-def test_bad_config_raises(tmp_path):
-  cfg = _fake_config()
-  cfg.task = "regression"
-  with pytest.raises(ValueError, match="config.task"):
-    train.train_and_evaluate(cfg, tmp_path)
+def test_bad_settings_raise(tmp_path):
+  model, train = _settings()
+  with pytest.raises(ValueError, match="train.batch_size"):
+    training.train_and_evaluate(train_fakes.ImageFake(), model,
+                                dataclasses.replace(train, batch_size=0), 0, tmp_path)
+  with pytest.raises(ValueError, match="model.depth"):
+    training.train_and_evaluate(train_fakes.ImageFake(), dataclasses.replace(model, depth=0),
+                                train, 0, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
 
 
 _DEVICE_RUN = """
-import json, sys
+import dataclasses, sys
 sys.path.insert(0, "tests")
 import jax, train_fakes, test_train
-from resmem_jax import train
-train._data_module = lambda: train_fakes
-cfg = test_train._fake_config("cifar_resnet")
-cfg.model.depth, cfg.model.width, cfg.train.num_steps = 8, 0.25, 8
-cfg.train.log_every_steps = 1
-train.train_and_evaluate(cfg, sys.argv[1] if len(sys.argv) > 1 else {workdir!r})
+from resmem_jax import training
+model, train = test_train._settings("cifar_resnet", num_steps=8, log_every_steps=1)
+model = dataclasses.replace(model, depth=8, width=0.25)
+training.train_and_evaluate(train_fakes.ImageFake(), model, train, 0, {workdir!r})
 print("DEVICES", jax.device_count())
 """
-
-
-def _train_losses(workdir):
-  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  records = [json.loads(line) for line in lines]
-  return np.array([r["train_loss"] for r in records if "train_loss" in r and not r.get("final")])
 
 
 def test_one_and_eight_devices_give_the_same_trajectory(tmp_path):
@@ -210,15 +231,15 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
   subprocess.run(_train_command(killed), env=_env(), cwd=REPO_ROOT, check=True,
                  capture_output=True, timeout=300)
   from experiments.configs import digits
-  cfg = digits.get_config("tiny")
-  _, full_vars, full_step = train.restore_model(cfg, full)
-  _, killed_vars, killed_step = train.restore_model(cfg, killed)
+  from resmem_jax import settings as settings_lib
+  settings = settings_lib.from_config(digits.get_config("tiny"))
+  _, full_vars, full_step = training.restore_model(full, settings.model, settings.train.dtype)
+  _, killed_vars, killed_step = training.restore_model(killed, settings.model,
+                                                       settings.train.dtype)
   assert full_step == killed_step == total
   for a, b in zip(jax.tree_util.tree_leaves(full_vars), jax.tree_util.tree_leaves(killed_vars)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-  full_records = (full / "metrics.jsonl").read_text().splitlines()
-  killed_records = (killed / "metrics.jsonl").read_text().splitlines()
-  assert [json.loads(l) for l in killed_records] == [json.loads(l) for l in full_records]
+  assert _records(killed) == _records(full)
 
 
 class _CountingSizes(dict):
@@ -232,26 +253,10 @@ class _CountingSizes(dict):
 
 
 def test_training_split_is_counted_only_when_epochs_matter():
-  from experiments.configs import digits
-  cfg = digits.get_config("tiny")
-  cfg.train.batch_size = 10
-  cfg.train.num_steps, cfg.train.warmup_epochs, cfg.train.eval_every_steps = 7, 0.0, 5
+  train = TrainSettings(batch_size=10, num_steps=7, warmup_epochs=0.0, eval_every_steps=5)
   sizes = _CountingSizes(train=95)
-  assert train._schedule_lengths(cfg, sizes) == (0, 7) and sizes.asked == []
-  cfg.train.eval_every_steps = 0  # "once per epoch" needs the epoch length
-  assert train._schedule_lengths(cfg, sizes) == (9, 7) and sizes.asked == ["train"]
-  cfg.train.num_steps, cfg.train.num_epochs = -1, 2.0
-  assert train._schedule_lengths(cfg, sizes) == (9, 18)
-
-
-def test_text_split_sizes_are_counted_lazily(monkeypatch):
-  from resmem_jax.data import text
-  counted = []
-  monkeypatch.setattr(text, "num_examples", lambda cfg, split: counted.append(split) or 3)
-  monkeypatch.setattr(text, "vocabulary", lambda cfg: text.CharVocabulary("ab"))
-  cfg = {"name": "tiny_shakespeare", "seq_len": 8}
-  info = text.dataset_info(cfg)
-  assert counted == []  # nothing read yet
-  assert info.split_sizes["validation"] == 3 and info.split_sizes["validation"] == 3
-  assert counted == ["validation"]  # counted once, only the split asked for
-  assert dict(info.split_sizes) == {s: 3 for s in text.SPLITS}
+  assert optimizer.schedule_lengths(train, sizes) == (0, 7) and sizes.asked == []
+  train = dataclasses.replace(train, eval_every_steps=0)  # "once per epoch" needs the epoch length
+  assert optimizer.schedule_lengths(train, sizes) == (9, 7) and sizes.asked == ["train"]
+  train = dataclasses.replace(train, num_steps=-1, num_epochs=2.0)
+  assert optimizer.schedule_lengths(train, sizes) == (9, 18)

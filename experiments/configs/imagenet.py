@@ -26,7 +26,7 @@ def get_config(variant: str | None = None):
   cfg.train.log_every_steps = 100
   cfg.train.checkpoint_every_steps = 2000
   # 1.28M x 1000 dense float32 residuals would be 5 GB: keep the true label + top-32 probabilities
-  # (about 200 bytes per example; error bound in resmem_jax/memory/storage.py).
+  # (about 200 bytes per example; error bound in resmem_jax/memory/store.py).
   cfg.resmem.residual_format = "sparse"
   cfg.resmem.top_m = 32
   cfg.resmem.eval_batch_size = 1024

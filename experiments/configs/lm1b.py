@@ -9,8 +9,6 @@ The subword vocabulary (``data.vocab_size`` entries, built from the first ``data
 training sentences) is saved under ``data.vocab_dir`` (default ``<data_dir>/resmem_vocab``).
 Validation is the first 1% of lm1b's training split; test is lm1b's test split.
 """
-from ml_collections import config_dict
-
 from experiments.configs import common
 from experiments.configs import tiny_shakespeare
 
@@ -18,13 +16,10 @@ from experiments.configs import tiny_shakespeare
 def subword_lm_config(name: str, variant: str | None):
   """Shared by lm1b and c4: a subword Transformer LM trained for a fixed number of steps."""
   cfg = common.base_config()
-  cfg.task = "lm"
   cfg.data.name = name
   cfg.data.seq_len = 256
   cfg.data.vocab_size = 32768
   cfg.data.vocab_documents = 100000
-  cfg.data.vocab_dir = config_dict.placeholder(str)
-  cfg.data.max_split_tokens = config_dict.placeholder(int)
 
   cfg.model.name = "transformer"
   cfg.model.width = 512
@@ -33,7 +28,6 @@ def subword_lm_config(name: str, variant: str | None):
   cfg.model.max_len = 256
   cfg.model.mlp_ratio = 4
   cfg.model.dropout_rate = 0.0
-  cfg.model.dtype = "bfloat16"
 
   cfg.train.num_steps = 100000
   cfg.train.batch_size = 256
@@ -51,7 +45,7 @@ def subword_lm_config(name: str, variant: str | None):
   cfg.train.checkpoint_every_steps = 2000
   tiny_shakespeare.lm_resmem_config(cfg)
   cfg.resmem.top_m = 32
-  cfg.resmem.max_validation_tokens = 1_000_000  # the sweep needs per-token logits on the host
+  cfg.resmem.max_validation_rows = 1_000_000  # validation tokens used to choose k, sigma, T
 
   if variant == "tiny":
     cfg.data.seq_len = 16
@@ -62,7 +56,6 @@ def subword_lm_config(name: str, variant: str | None):
     cfg.model.depth = 1
     cfg.model.num_heads = 2
     cfg.model.max_len = 16
-    cfg.model.dtype = "float32"
     cfg.train.num_steps = 10
     cfg.train.batch_size = 8
     cfg.train.eval_batch_size = 32

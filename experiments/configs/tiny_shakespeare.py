@@ -6,35 +6,31 @@
 Offline, TFDS prepares the data from ``data.manual_dir`` (the original ``input.txt``); elsewhere
 leave it unset and TFDS downloads. ``data.data_dir`` is where TFDS writes the prepared records.
 """
-from ml_collections import config_dict
-
 from experiments.configs import common
 
 SHARED_ARCHIVE = "../shared/datasets/tiny_shakespeare"
 
 
 def lm_resmem_config(cfg):
-  """LM additions to the ``resmem`` section (sparse per-token residuals, kNN-LM's lambda)."""
+  """LM settings of the ``resmem`` section: sparse per-token residuals and kNN-LM beside ResMem."""
   cfg.resmem.backend = "scann"
   cfg.resmem.residual_format = "sparse"  # per-token memory: dense vocabulary rows do not scale
   cfg.resmem.top_m = 16
   cfg.resmem.k_grid = (1, 2, 4, 8, 16, 32, 64)
   cfg.resmem.temperature_grid = (0.5, 1.0, 2.0)
-  cfg.resmem.knn_lambda = None  # None: chosen on validation from the grid
-  cfg.resmem.knn_lambda_grid = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
-  cfg.resmem.select_by = "accuracy"  # or "log_loss"; the same rule for ResMem and kNN-LM
-  cfg.resmem.max_validation_tokens = None  # None: every validation token
+  cfg.resmem.knnlm = True
+  cfg.resmem.select_by = "accuracy"  # the same rule for ResMem and kNN-LM
+  cfg.resmem.evaluate_train = False  # one memory entry per training token: no train pass
+  cfg.resmem.timing_repeats = 1
   cfg.resmem.eval_batch_size = 256  # sequences per inference batch
   return cfg
 
 
 def get_config(variant: str | None = None):
   cfg = common.base_config()
-  cfg.task = "lm"
   cfg.data.name = "tiny_shakespeare"
   cfg.data.manual_dir = SHARED_ARCHIVE
   cfg.data.seq_len = 64
-  cfg.data.max_split_tokens = config_dict.placeholder(int)  # None: whole splits
 
   # Sized to train in about ten minutes on two shared CPU cores (0.43M parameters).
   cfg.model.name = "transformer"
@@ -77,7 +73,7 @@ def get_config(variant: str | None = None):
     cfg.resmem.temperature_grid = (1.0,)
     cfg.resmem.knn_lambda_grid = (0.1, 0.5)
     cfg.resmem.backend = "exact"
-    cfg.resmem.max_validation_tokens = 2048
+    cfg.resmem.max_validation_rows = 2048
   elif variant:
     raise ValueError(f"unknown tiny_shakespeare config variant {variant!r} (use '' or 'tiny')")
   return cfg

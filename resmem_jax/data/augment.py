@@ -1,4 +1,4 @@
-"""Image augmentation and normalisation on NumPy batches (used for the in-memory data sets).
+"""Image augmentation and normalisation on NumPy batches (used for the in-memory image sets).
 
 The random choices are drawn for the whole global batch from one generator and then sliced per
 process, so a run on 1 host and on N hosts sees exactly the same augmented examples.
@@ -6,6 +6,10 @@ process, so a run on 1 host and on N hosts sees exactly the same augmented examp
 from __future__ import annotations
 
 import numpy as np
+
+# Data sets whose labels survive a horizontal mirror image (digits and letters do not). ImageNet
+# (resmem_jax/data/imagenet.py) flips in its own tf.data pipeline.
+MIRROR_SYMMETRIC = frozenset({"cifar10", "cifar100", "imagenet2012"})
 
 
 def sample_crop_flip(rng: np.random.Generator, batch_size: int, pad: int,

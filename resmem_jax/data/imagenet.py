@@ -6,15 +6,23 @@ the examples when it prepared them), ``train_fraction`` keeps a prefix of the re
 process reads its own even part (``tfds.split_for_jax_process``). Each epoch shuffles files and
 examples with seeds from ``(seed, epoch)``; resuming at ``start_step`` skips the still-encoded
 records of the current epoch (no JPEG decoding) instead of replaying earlier batches. Crops and
-flips use stateless ops seeded by ``(seed, epoch, position)``.
+flips use stateless ops seeded by ``(seed, epoch, position)``. Images are ``data.image_size``
+(default 224) square, normalised with the usual published channel statistics.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+import functools
+from typing import Iterator
 
 import numpy as np
 
-from resmem_jax.data import sources
+from resmem_jax.data import base
+from resmem_jax.data import tfds_prepare
+
+TFDS_NAME = "imagenet2012"
+# TFDS's split that serves as our held-out test split (ImageNet publishes labels for it only).
+TFDS_TEST_SPLIT = "validation"
+DEFAULT_IMAGE_SIZE = 224
 
 # Standard ImageNet channel statistics for images scaled to [0, 1].
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -35,7 +43,7 @@ def split_specs(num_train: int, val_fraction: float, train_fraction: float) -> d
   return {
       "train": f"train[{num_val}:{num_val + num_keep}]",
       "validation": f"train[:{num_val}]",
-      "test": sources.TFDS_TEST_SPLIT["imagenet2012"],
+      "test": TFDS_TEST_SPLIT,
   }
 
 
@@ -88,29 +96,42 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.default_rng([2, int(seed), int(epoch)]).integers(0, 2**31 - 1))
 
 
-class ImageNetSource:
-  """Streams ``imagenet2012`` batches; created per call, TFDS builder prepared once."""
+class ImageNet(base.Dataset):
+  """Streams ``imagenet2012`` batches; the TFDS builder is prepared on first use."""
 
-  def __init__(self, data_cfg: Any):
-    data_dir = sources.config_value(data_cfg, "data_dir", None)
-    manual_dir = sources.config_value(data_cfg, "manual_dir", None)
-    self.image_size = int(sources.config_value(data_cfg, "image_size", 224))
-    self.builder = sources.tfds_builder("imagenet2012", data_dir, manual_dir)
+  @functools.cached_property
+  def builder(self):
+    return tfds_prepare.tfds_builder(TFDS_NAME, self.settings.data_dir, self.settings.manual_dir)
+
+  @property
+  def image_size(self) -> int:
+    return self.settings.image_size or DEFAULT_IMAGE_SIZE
+
+  @functools.cached_property
+  def specs(self) -> dict[str, str]:
+    """TFDS split strings of our "train", "validation" and "test"."""
     num_train = int(self.builder.info.splits["train"].num_examples)
-    self.specs = split_specs(num_train,
-                             float(sources.config_value(data_cfg, "val_fraction", 0.0)),
-                             float(sources.config_value(data_cfg, "train_fraction", 1.0)))
-    self.sizes = _split_sizes(self.builder, self.specs)
+    return split_specs(num_train, self.settings.val_fraction, self.settings.train_fraction)
+
+  @functools.cached_property
+  def info(self) -> base.DatasetInfo:
+    return base.DatasetInfo(
+        name=self.settings.name,
+        num_classes=int(self.builder.info.features["label"].num_classes),
+        input_shape=(self.image_size, self.image_size, 3), input_dtype="float32",
+        split_sizes=_split_sizes(self.builder, self.specs))
 
   def _local_split(self, split: str, process_index: int, process_count: int) -> str:
     import tensorflow_datasets as tfds
     return tfds.split_for_jax_process(self.specs[split], process_index=process_index,
                                       process_count=process_count)
 
-  def train_batches(self, local_batch: int, seed: int, start_step: int, augment: bool,
-                    process_index: int, process_count: int) -> Iterator[dict[str, np.ndarray]]:
+  def _train_batches(self, global_batch_size, seed, start_step, part, process_index,
+                     process_count) -> Iterator[dict[str, np.ndarray]]:
     import tensorflow as tf
     import tensorflow_datasets as tfds
+    local_batch = part.stop - part.start
+    augment = self.settings.augment
     local_split = self._local_split("train", process_index, process_count)
     local_size = int(self.builder.info.splits[local_split].num_examples)
     if local_size < 1:
@@ -141,16 +162,16 @@ class ImageNetSource:
         while sum(len(x) for x in pending_labels) >= local_batch:
           all_images = np.concatenate(pending_images)
           all_labels = np.concatenate(pending_labels)
-          yield {"image": all_images[:local_batch], "label": all_labels[:local_batch]}
+          yield {"inputs": all_images[:local_batch], "labels": all_labels[:local_batch]}
           pending_images, pending_labels = [all_images[local_batch:]], [all_labels[local_batch:]]
       epoch, offset = epoch + 1, 0
 
-  def eval_batches(self, split: str, global_batch: int, process_index: int,
-                   process_count: int) -> Iterator[dict[str, np.ndarray]]:
+  def _eval_batches(self, split, global_batch_size, part, process_index,
+                    process_count) -> Iterator[dict[str, np.ndarray]]:
     import tensorflow as tf
     import tensorflow_datasets as tfds
-    local_batch = global_batch // process_count
-    total = self.sizes[split]
+    local_batch = part.stop - part.start
+    total = self.info.split_sizes[split]
     # Every process yields as many batches as the process with the largest part needs.
     num_batches = -(-(-(-total // process_count)) // local_batch)
     if total == 0:
@@ -171,4 +192,4 @@ class ImageNetSource:
       if got is not None:
         count = len(got[1])
         images[:count], labels[:count], mask[:count] = got[0], got[1], True
-      yield {"image": images, "label": labels, "mask": mask}
+      yield {"inputs": images, "labels": labels, "mask": mask}

@@ -6,12 +6,12 @@
   fraction is always a subset of a larger one (the paper's sample-size experiment).
 * The training stream is the concatenation of per-epoch permutations drawn from ``(seed, epoch)``;
   the global batch at ``step`` covers stream positions ``[step * B, (step + 1) * B)``, so any step
-  can be reached in O(1) without replaying earlier batches.
+  can be reached in O(1) without replaying earlier batches. :class:`TrainOrder` keeps the
+  permutation of the epoch it last used, so consecutive batches do not redraw it.
 * Every process takes the same contiguous slice of every global batch.
 """
 from __future__ import annotations
 
-import functools
 from typing import Iterator
 
 import numpy as np
@@ -56,27 +56,40 @@ def process_slice(global_batch_size: int, process_index: int, process_count: int
   return slice(process_index * local, (process_index + 1) * local)
 
 
-@functools.lru_cache(maxsize=4)
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-  """The order of the training set in ``epoch`` (cached: consecutive batches share it)."""
+  """The order of the training set in ``epoch``."""
   rng = np.random.default_rng([PERMUTATION_STREAM, int(seed), int(epoch)])
-  order = rng.permutation(num_examples)
-  order.setflags(write=False)
-  return order
+  return rng.permutation(num_examples)
 
 
-def train_batch_indices(num_examples: int, global_batch_size: int, seed: int,
-                        step: int) -> np.ndarray:
-  """Positions (into the training set) of the global batch at ``step``, shape [B]."""
-  if num_examples < 1:
-    raise ValueError("the training split is empty; check data.val_fraction / data.train_fraction")
-  positions = step * global_batch_size + np.arange(global_batch_size, dtype=np.int64)
-  epochs, offsets = np.divmod(positions, num_examples)
-  out = np.empty(global_batch_size, dtype=np.int64)
-  for epoch in np.unique(epochs):
-    where = epochs == epoch
-    out[where] = epoch_permutation(num_examples, seed, int(epoch))[offsets[where]]
-  return out
+class TrainOrder:
+  """Positions (into the training set) of the global batch at any step, for one ``seed``."""
+
+  def __init__(self, num_examples: int, global_batch_size: int, seed: int):
+    if num_examples < 1:
+      raise ValueError("the training split is empty; check data.val_fraction / "
+                       "data.train_fraction")
+    self.num_examples = num_examples
+    self.global_batch_size = global_batch_size
+    self.seed = seed
+    # The permutation of the epoch used last: consecutive batches share it.
+    self._epoch = -1
+    self._order = np.empty(0, np.int64)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._epoch:
+      self._epoch, self._order = epoch, epoch_permutation(self.num_examples, self.seed, epoch)
+    return self._order
+
+  def batch(self, step: int) -> np.ndarray:
+    """Positions of the global batch at ``step``, int64 [B]."""
+    positions = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, self.num_examples)
+    out = np.empty(self.global_batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+      where = epochs == epoch
+      out[where] = self._permutation(int(epoch))[offsets[where]]
+    return out
 
 
 def augmentation_rng(seed: int, step: int) -> np.random.Generator:

@@ -1,59 +1,47 @@
 """The ResMem memory: embeddings of training examples with their residuals beside them.
 
     mem = build_memory(train_embeddings, residuals, backend="exact")   # or "scann"
-    dist, idx = mem.search(test_embeddings, k=8)      # Euclidean, ascending
-    pred = mem.predict(base_probs, test_embeddings, k=8, sigma=0.5)
-    mem.add(new_embeddings, new_residuals)           # queryable at once
+    distances, ids = mem.search(test_embeddings, k=8)   # Euclidean, ascending, exact distances
+    values, columns = mem.residual_rows(ids)            # the neighbours' stored residual rows
+    mem.add(new_embeddings, new_residuals)              # queryable at once
     mem.save("/tmp/mem"); mem = load_memory("/tmp/mem")
 
-Backends: ``exact`` (blocked brute force in JAX, keys sharded over the local devices; the recall
-reference) and ``scann`` (ScaNN, see :mod:`resmem_jax.memory.scann_index`). Residual formats:
-see :mod:`resmem_jax.memory.storage`.
+A memory is keys + a residual store + a search index (+ optionally the label each key
+memorizes, for the kNN-LM head). It finds neighbours and returns their rows; the prediction
+``p + sum_i w_i r_i`` is computed by :mod:`resmem_jax.core.predictor` (on whole query sets:
+:mod:`resmem_jax.resmem`).
 
-Memory editing with ``scann``: new keys go to a side buffer that is searched exactly and merged
-with the ScaNN results at query time, so they are neighbours at once and never missed; the ScaNN
-index is rebuilt over everything only when the buffer outgrows a tenth of the indexed keys
-(a rebuild of 1M keys costs about a minute, searching a small buffer exactly costs little).
+  index.py    the SearchIndex interface and the backend registry (adding a backend: one module
+              plus one registry line)
+  exact.py    ``exact``: blocked brute force in JAX, keys sharded over the local devices; the
+              recall reference
+  scann.py    ``scann``: ScaNN, with an exact side buffer for keys added after the build
+  store.py    residual formats ``dense``, ``bfloat16``, ``sparse`` (with their error bounds)
+  io.py       the saved layout, manifest and checksums
+  tuning.py   query-time settings tuned to a recall target on real queries
+
+Every backend's candidates are re-ranked once by directly computed distance, so returned
+distances are exact; an approximate backend is approximate only in which ids it returns.
 """
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
-import os
-import shutil
-import tempfile
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from resmem_jax import resmem as resmem_math
-from resmem_jax.memory import storage
-from resmem_jax.memory.exact import RERANK_MARGIN, ExactIndex, rerank_exact
+from resmem_jax.memory import checks
+from resmem_jax.memory import index as index_lib
+from resmem_jax.memory import io
+from resmem_jax.memory import store as store_lib
+from resmem_jax.memory.exact import rerank_exact
 
-BACKENDS = ("exact", "scann")
-EXACT_OPTIONS = ("block_size", "query_chunk", "devices")
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-# Queries per residual gather: bounds the [chunk, k, C] dense neighbour residuals in RAM.
-ESTIMATE_CHUNK = 4096
+BACKENDS = tuple(index_lib.BACKENDS)
+FORMATS = store_lib.FORMATS
+DEFAULT_TOP_M = 16
 
-__all__ = ["Memory", "build_memory", "load_memory", "BACKENDS"]
-
-
-def _float_matrix(value, name: str, allow_empty: bool = False, copy: bool = True) -> np.ndarray:
-  array = np.asarray(value)
-  if not (np.issubdtype(array.dtype, np.floating) or array.dtype == jnp.bfloat16):
-    raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
-  if array.ndim != 2:
-    raise ValueError(f"{name} must be 2-D [n, dim], got shape {array.shape}")
-  if array.shape[0] == 0 and not allow_empty:
-    raise ValueError(f"{name} is empty (0 rows); a memory needs at least one example")
-  # Stored arrays are copied (a caller may mutate theirs later); queries need not be.
-  array = array.astype(np.float32, copy=copy)
-  if not np.all(np.isfinite(array)):
-    raise ValueError(f"{name} contains NaN or inf")
-  return array
+__all__ = ["Memory", "build_memory", "memory_from_store", "load_memory", "parse_backend_options",
+           "check_options", "has_query_settings", "BACKENDS", "FORMATS"]
 
 
 def _json_metadata(metadata) -> dict:
@@ -69,34 +57,18 @@ def _json_metadata(metadata) -> dict:
     raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
 
 
-@jax.jit
-def _weights_and_estimate(distances, sigma, neighbour_residuals):
-  weights = resmem_math.neighbour_weights(distances, sigma)
-  return resmem_math.residual_estimate(weights, neighbour_residuals)
-
-
-_weights = jax.jit(resmem_math.neighbour_weights)
-
-
 class Memory:
-  """Keys ``[n, d]`` float32 + residuals ``[n, C]`` + a nearest-neighbour index. Build with
-  :func:`build_memory` or :func:`load_memory`."""
+  """Keys ``[n, d]`` float32 + a residual store + a search index (+ optional labels ``[n]``
+  int32). Build with :func:`build_memory`, :func:`memory_from_store` or :func:`load_memory`."""
 
-  def __init__(self, keys, store, backend, backend_options, metadata, scann_index=None):
+  def __init__(self, keys: np.ndarray, store, backend: str, index: index_lib.SearchIndex,
+               labels: np.ndarray | None = None, metadata: dict | None = None):
     self._keys = keys
     self._store = store
-    self.backend = backend
-    self.backend_options = dict(backend_options)
-    self.metadata = metadata
-    self._exact = None
-    self._scann = scann_index
-    self._buffer = None  # exact index over keys added since the last ScaNN build
-    if backend == "exact":
-      self._exact = ExactIndex(keys, **self.backend_options)
-    elif scann_index is None:
-      self._build_scann()
-    elif scann_index.size < len(keys):
-      self._buffer = ExactIndex(keys[scann_index.size:])
+    self._backend = backend
+    self._index = index
+    self._labels = labels
+    self.metadata = {} if metadata is None else metadata
 
   # -- properties -----------------------------------------------------------------------------
   @property
@@ -116,119 +88,105 @@ class Memory:
     return self._store.format
 
   @property
+  def backend(self) -> str:
+    return self._backend
+
+  @property
+  def backend_options(self) -> dict:
+    """The index's resolved options (JSON-ready; tuned query settings included), a copy."""
+    return dict(self._index.options)
+
+  @property
+  def index(self) -> index_lib.SearchIndex:
+    """The search index (query-time settings: ``query_settings``, ``set_query_settings``)."""
+    return self._index
+
+  @property
   def keys(self) -> np.ndarray:
     return self._keys
 
+  @property
+  def labels(self) -> np.ndarray | None:
+    """What each key memorizes (class or next token), int32 ``[n]``, or None."""
+    return self._labels
+
   def bytes_per_example(self) -> dict:
-    """Stored bytes per example: ``{"keys": ..., "residuals": ...}``."""
-    return {"keys": float(self._keys.itemsize * self.dim),
-            "residuals": self._store.bytes_per_example()}
+    """Stored bytes per example: ``{"keys": ..., "residuals": ...}`` (+ ``"labels"``)."""
+    out = {"keys": float(self._keys.itemsize * self.dim),
+           "residuals": self._store.bytes_per_example()}
+    if self._labels is not None:
+      out["labels"] = float(self._labels.itemsize)
+    return out
 
   def __repr__(self):
     return (f"Memory(size={self.size}, dim={self.dim}, num_outputs={self.num_outputs}, "
             f"backend={self.backend!r}, residual_format={self.residual_format!r})")
 
-  # -- search ---------------------------------------------------------------------------------
-  def _build_scann(self):
-    from resmem_jax.memory.scann_index import ScannIndex  # pylint: disable=g-import-not-at-top
-    self._scann = ScannIndex(self._keys, self.backend_options)
-    self._buffer = None
-
-  def _check_queries(self, queries) -> np.ndarray:
-    queries = _float_matrix(queries, "queries", allow_empty=True, copy=False)
-    if queries.shape[1] != self.dim:
-      raise ValueError(f"queries have dimension {queries.shape[1]} but the memory keys have {self.dim}")
-    return queries
-
-  def _check_k(self, k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-      raise ValueError(f"k must be an integer, got {k!r}")
-    if k < 1 or k > self.size:
-      raise ValueError(f"k must be in [1, {self.size}] (the memory size), got {k}")
-    return int(k)
-
+  # -- search and rows ------------------------------------------------------------------------
   def search(self, queries, k: int):
     """k nearest keys by Euclidean distance.
 
-    Returns ``(distances [q, k] float32, NOT squared, ascending; indices [q, k] int32)``.
-    ``exact`` is exact; ``scann`` is approximate in which ids it returns but its distances are
-    exactly those of the returned ids.
+    Returns ``(distances [q, k] float32, NOT squared, ascending; ids [q, k] int32)``. ``exact``
+    is exact; ``scann`` is approximate in which ids it returns but its distances are exactly
+    those of the returned ids. Ties go to the lower id. Where an approximate index found fewer
+    than k candidates the missing ids are -1 at distance inf.
     """
-    queries = self._check_queries(queries)
-    k = self._check_k(k)
-    if self.backend == "exact":
-      return self._exact.search(queries, k)
-    ids = self._scann.candidate_ids(queries, min(k, self._scann.size))
-    if self._buffer is not None:
-      # Spare candidates because the buffer's expansion ranking is not exact (see exact.py).
-      extra = self._buffer.candidates(queries, k + RERANK_MARGIN)
-      ids = np.concatenate([ids, extra + self._scann.size], axis=1)
-    return rerank_exact(queries, self._keys, ids, k)
+    queries = checks.queries(queries, self.dim)
+    k = checks.neighbour_count(k, self.size)
+    if queries.shape[0] == 0:
+      return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+    candidates = self._index.candidates(queries, k)
+    if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0] or candidates.shape[1] < k:
+      raise ValueError(f"{type(self._index).__name__}.candidates returned shape "
+                       f"{candidates.shape} for {queries.shape[0]} queries and k={k}; an index "
+                       f"must return at least min(k, size) ids per query")
+    return rerank_exact(queries, self._keys, candidates, k)
+
+  def residual_rows(self, ids):
+    """The store's rows of memory ``ids``: ``(values float32 [..., C], None)`` for dense and
+    bfloat16, ``(values float32 [..., m + 1], columns int32 [..., m + 1])`` for sparse."""
+    return self._store.rows(checks.row_ids(ids, self.size))
+
+  def gather_residuals(self, ids) -> np.ndarray:
+    """Dense float32 residuals ``[..., C]`` of memory rows ``ids``."""
+    return self._store.gather(checks.row_ids(ids, self.size))
 
   def tune_search(self, queries, k: int, target_recall: float = 0.99, **grids) -> dict:
-    """Fastest ScaNN query settings reaching ``target_recall`` (recall@k vs exact) on ``queries``.
+    """Fastest query settings reaching ``target_recall`` (recall@k vs exact) on ``queries``.
 
-    See :func:`resmem_jax.memory.tuning.tune_search`; the settings stay with this memory.
+    See :func:`resmem_jax.memory.tuning.tune_search`; the settings stay with this memory's index.
     """
     from resmem_jax.memory import tuning  # pylint: disable=g-import-not-at-top
     return tuning.tune_search(self, queries, k, target_recall, **grids)
 
-  # -- residuals and predictions --------------------------------------------------------------
-  def gather_residuals(self, indices) -> np.ndarray:
-    """Dense float32 residuals ``[..., C]`` of memory rows ``indices``."""
-    indices = np.asarray(indices)
-    if not np.issubdtype(indices.dtype, np.integer):
-      raise ValueError(f"indices must be integers, got dtype {indices.dtype}")
-    if indices.size and (indices.min() < 0 or indices.max() >= self.size):
-      raise ValueError(f"indices must lie in [0, {self.size}), got range [{indices.min()}, {indices.max()}]")
-    return self._store.gather(indices)
-
-  def residual_estimate(self, queries, k: int, sigma) -> np.ndarray:
-    """``sum_i softmax(-d_i / sigma) r_i`` over the k nearest keys: float32 ``[q, C]``."""
-    resmem_math.check_sigma(sigma)
-    distances, indices = self.search(queries, k)
-    sigma = np.float32(sigma)
-    out = np.empty((distances.shape[0], self.num_outputs), np.float32)
-    for start in range(0, distances.shape[0], ESTIMATE_CHUNK):
-      stop = start + ESTIMATE_CHUNK
-      if self.residual_format == "sparse":
-        weights = np.asarray(_weights(distances[start:stop], sigma))
-        out[start:stop] = self._store.weighted_sum(weights, indices[start:stop])
-      else:
-        out[start:stop] = np.asarray(_weights_and_estimate(
-            distances[start:stop], sigma, self._store.gather(indices[start:stop])))
-    return out
-
-  def predict(self, base, queries, k: int, sigma) -> np.ndarray:
-    """ResMem prediction ``base + residual_estimate(queries, k, sigma)``, float32 ``[q, C]``."""
-    base = _float_matrix(base, "base", allow_empty=True)
-    if base.shape[1] != self.num_outputs:
-      raise ValueError(f"base has {base.shape[1]} outputs but the memory residuals have {self.num_outputs}")
-    if base.shape[0] != np.shape(queries)[0]:
-      raise ValueError(f"base has {base.shape[0]} rows but queries has {np.shape(queries)[0]}")
-    return base + self.residual_estimate(queries, k, sigma)
-
   # -- editing --------------------------------------------------------------------------------
-  def add(self, keys, residuals) -> None:
-    """Appends examples (memory editing); they are returned by the next search."""
-    keys = _float_matrix(keys, "keys")
-    residuals = _float_matrix(residuals, "residuals")
+  def add(self, keys, residuals, labels=None) -> None:
+    """Appends examples (memory editing); they are returned by the next search.
+
+    ``labels`` are required exactly when the memory stores labels.
+    """
+    keys = checks.float_matrix(keys, "keys")
+    residuals = checks.float_matrix(residuals, "residuals")
     if keys.shape[1] != self.dim:
       raise ValueError(f"keys have dimension {keys.shape[1]} but the memory keys have {self.dim}")
     if residuals.shape[1] != self.num_outputs:
       raise ValueError(f"residuals have {residuals.shape[1]} outputs but the memory has {self.num_outputs}")
     if keys.shape[0] != residuals.shape[0]:
       raise ValueError(f"keys has {keys.shape[0]} rows but residuals has {residuals.shape[0]}")
-    self._keys = np.concatenate([self._keys, keys])
-    self._store.append(residuals)
-    if self.backend == "exact":
-      self._exact.add(self._keys)
-    elif self.size - self._scann.size > max(1024, self._scann.size // 10):
-      self._build_scann()
-    else:
-      self._buffer = ExactIndex(self._keys[self._scann.size:])
+    if (labels is None) != (self._labels is None):
+      raise ValueError("this memory stores labels: pass labels for the added keys"
+                       if labels is None else
+                       "this memory has no labels; build it with labels= to store them")
+    if labels is not None:
+      labels = np.concatenate([self._labels, checks.labels(labels, keys.shape[0], self.num_outputs)])
+    all_keys = np.concatenate([self._keys, keys])
+    index = self._index.extend(all_keys)
+    # A copy: the store may be shared with the caller (memory_from_store, with_store).
+    store = copy.copy(self._store)
+    store.append(residuals)
+    self._keys, self._index, self._store, self._labels = all_keys, index, store, labels
 
-  def with_residuals(self, residuals, metadata=None) -> "Memory":
+  def with_residuals(self, residuals, metadata=None) -> Memory:
     """A memory over the same keys and search index with new residual values.
 
     For residuals recomputed at another temperature: the index (a ScaNN build can take minutes)
@@ -236,185 +194,145 @@ class Memory:
     order (so a large-vocabulary sparse memory never holds all dense rows at once). The format
     (and ``top_m``) stay those of this memory; ``metadata`` defaults to this memory's.
     """
-    chunks = [residuals] if isinstance(residuals, np.ndarray) or hasattr(residuals, "shape") else residuals
+    chunks = [residuals] if hasattr(residuals, "shape") else residuals
     store = None
     for chunk in chunks:
-      chunk = _float_matrix(chunk, "residuals")
+      chunk = checks.float_matrix(chunk, "residuals")
       if chunk.shape[1] != self.num_outputs:
         raise ValueError(f"residuals have {chunk.shape[1]} outputs but the memory has {self.num_outputs}")
       if store is None:
-        store = storage.make_store(chunk, self.residual_format, getattr(self._store, "top_m", None))
+        store = store_lib.make_store(chunk, self.residual_format, getattr(self._store, "top_m", None))
       else:
         store.append(chunk)
-    if store is None or len(store) != self.size:
-      got = 0 if store is None else len(store)
-      raise ValueError(f"residuals have {got} rows but the memory has {self.size} keys")
-    clone = Memory.__new__(Memory)
-    clone.__dict__.update(self.__dict__)
-    clone._store = store
-    # The ScaNN searcher is shared (Memory.add rebinds, never mutates it); the exact index is
-    # cheap to recreate and is mutated by add, so the clone gets its own.
-    if self.backend == "exact":
-      clone._exact = ExactIndex(self._keys, **self.backend_options)
-    clone.metadata = self.metadata if metadata is None else _json_metadata(metadata)
-    return clone
+    if store is None:
+      raise ValueError(f"residuals have 0 rows but the memory has {self.size} keys")
+    return self.with_store(store, metadata)
+
+  def with_store(self, store, metadata=None) -> Memory:
+    """A memory over the same keys and search index with a ready residual store (one row per
+    key; from :func:`~resmem_jax.memory.store.store_from_arrays` or ``make_store``).
+    ``metadata`` defaults to this memory's."""
+    _check_store(store, self.size)
+    if store.num_outputs != self.num_outputs:
+      raise ValueError(f"the store has {store.num_outputs} outputs but the memory has {self.num_outputs}")
+    metadata = self.metadata if metadata is None else _json_metadata(metadata)
+    # Sharing the index is safe: an index never changes its keys (add builds a new one).
+    return Memory(self._keys, store, self._backend, self._index, self._labels, metadata)
 
   # -- persistence ----------------------------------------------------------------------------
   def save(self, path) -> None:
-    """Writes the memory to directory ``path`` atomically (temp dir + rename)."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-      arrays = {"keys": self._keys, **self._store.arrays()}
-      for name, array in arrays.items():
-        np.save(os.path.join(tmp, f"{name}.npy"), array, allow_pickle=False)
-      manifest = {
-          "format_version": MANIFEST_VERSION,
-          "n": self.size, "d": self.dim, "num_outputs": self.num_outputs,
-          "key_dtype": "float32",
-          "residual_format": self.residual_format,
-          "residual_dtypes": {name: str(a.dtype) for name, a in arrays.items() if name != "keys"},
-          "top_m": getattr(self._store, "top_m", None),
-          "backend": self.backend,
-          "backend_options": {k: v for k, v in self.backend_options.items() if k != "devices"},
-          "metadata": self.metadata,
-      }
-      if self.backend == "scann":
-        self._scann.serialize(os.path.join(tmp, "scann"))
-        manifest["scann"] = {"indexed": self._scann.size, "options": self._scann.options,
-                             "center": self._scann.center.tolist()}
-      manifest["files"] = _file_digests(tmp)
-      with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-      # Swap in: an existing memory at `path` is replaced only once the new one is complete.
-      backup = None
-      if os.path.exists(path):
-        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rename(path, os.path.join(backup, "memory"))
-      os.rename(tmp, path)
-      if backup:
-        shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
+    """Writes the memory to directory ``path`` atomically (see :mod:`resmem_jax.memory.io`)."""
+    io.save(path, self._keys, self._labels, self._store, self._backend, self._index, self.metadata)
 
 
-def _file_digests(root: str) -> dict:
-  digests = {}
-  for folder, _, names in os.walk(root):
-    for name in sorted(names):
-      full = os.path.join(folder, name)
-      rel = os.path.relpath(full, root)
-      if rel == MANIFEST:
-        continue
-      digests[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
-  return digests
+def _check_store(store, n: int) -> None:
+  if not isinstance(store, (store_lib.DenseStore, store_lib.SparseStore)):
+    raise ValueError(f"store must be a residual store (resmem_jax.memory.store), got "
+                     f"{type(store).__name__}")
+  if len(store) != n:
+    raise ValueError(f"residuals have {len(store)} rows but the memory has {n} keys")
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+def _checked_labels(labels, n: int, num_outputs: int):
+  return None if labels is None else checks.labels(labels, n, num_outputs)
 
 
 def build_memory(keys, residuals, backend: str = "exact", residual_format: str = "dense",
-                 top_m: int | None = None, metadata=None, **backend_options) -> Memory:
+                 top_m: int | None = None, labels=None, metadata=None, **backend_options) -> Memory:
   """Builds a ResMem memory.
 
   Args:
     keys: embeddings ``[n, d]`` (floating point, finite).
-    residuals: residuals ``[n, C]`` (see :func:`resmem_jax.residuals`).
-    backend: ``"exact"`` or ``"scann"``.
+    residuals: residuals ``[n, C]`` (see :func:`resmem_jax.core.residuals.residuals`).
+    backend: one of :data:`BACKENDS` (``"exact"``, ``"scann"``).
     residual_format: ``"dense"`` (float32), ``"bfloat16"`` or ``"sparse"`` (true label + ``top_m``
-      largest probabilities; see :mod:`resmem_jax.memory.storage` for its error bound).
+      largest probabilities; see :mod:`resmem_jax.memory.store` for its error bound).
     top_m: entries kept by ``"sparse"`` besides the label (default 16); ignored otherwise.
+    labels: optional int ``[n]`` in ``[0, C)``: what each key memorizes (the kNN-LM head reads
+      them); saved with the memory and extended by :meth:`Memory.add`.
     metadata: JSON-serialisable dict (e.g. the producing model's config and step), saved in the
       manifest.
-    **backend_options: ``exact``: block_size, query_chunk, devices; ``scann``: see
-      :data:`resmem_jax.memory.scann_index.OPTION_NAMES`.
+    **backend_options: the backend's ``OPTION_NAMES`` (``exact``: block_size, query_chunk,
+      devices; ``scann``: see :data:`resmem_jax.memory.scann.OPTION_NAMES`).
   """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-  if residual_format not in storage.FORMATS:
-    raise ValueError(f"residual_format must be one of {list(storage.FORMATS)}, got {residual_format!r}")
-  keys = _float_matrix(keys, "keys")
-  residuals = _float_matrix(residuals, "residuals")
+  index_cls = index_lib.index_class(backend)
+  index_lib.check_choice("residual_format", residual_format, FORMATS)
+  keys = checks.float_matrix(keys, "keys")
+  residuals = checks.float_matrix(residuals, "residuals")
   if keys.shape[0] != residuals.shape[0]:
     raise ValueError(f"keys has {keys.shape[0]} rows but residuals has {residuals.shape[0]}")
   if residual_format == "sparse":
-    top_m = 16 if top_m is None else top_m
+    top_m = DEFAULT_TOP_M if top_m is None else top_m
     if isinstance(top_m, bool) or not isinstance(top_m, (int, np.integer)) or top_m < 1:
       raise ValueError(f"top_m must be a positive integer, got {top_m!r}")
-  if backend == "exact":
-    unknown = sorted(set(backend_options) - set(EXACT_OPTIONS))
-    if unknown:
-      raise ValueError(f"unknown exact backend options {unknown}; valid: {list(EXACT_OPTIONS)}")
-  store = storage.make_store(residuals, residual_format, top_m)
-  return Memory(keys, store, backend, backend_options, _json_metadata(metadata))
+  options = index_cls.check_options(backend_options)
+  labels = _checked_labels(labels, keys.shape[0], residuals.shape[1])
+  metadata = _json_metadata(metadata)
+  store = store_lib.make_store(residuals, residual_format, top_m)
+  return Memory(keys, store, backend, index_cls.build(keys, options), labels, metadata)
+
+
+def memory_from_store(keys, store, backend: str = "exact", labels=None, metadata=None,
+                      **backend_options) -> Memory:
+  """A memory over ``keys`` with a ready residual store (the engine's path: the rows were
+  computed on the device, see :func:`~resmem_jax.memory.store.store_from_arrays`). Arguments as
+  :func:`build_memory`."""
+  index_cls = index_lib.index_class(backend)
+  keys = checks.float_matrix(keys, "keys")
+  _check_store(store, keys.shape[0])
+  options = index_cls.check_options(backend_options)
+  labels = _checked_labels(labels, keys.shape[0], store.num_outputs)
+  metadata = _json_metadata(metadata)
+  return Memory(keys, store, backend, index_cls.build(keys, options), labels, metadata)
 
 
 def load_memory(path) -> Memory:
   """Loads a memory written by :meth:`Memory.save`, verifying sizes and checksums."""
-  path = os.fspath(path)
-  manifest_path = os.path.join(path, MANIFEST)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no memory directory at {path}")
-  if not os.path.isfile(manifest_path):
-    raise FileNotFoundError(f"{manifest_path} is missing; {path} is not a saved memory")
+  keys, labels, store, backend, index, metadata = io.load(path)
+  return Memory(keys, store, backend, index, labels, metadata)
+
+
+def parse_backend_options(text: str) -> dict:
+  """``"mode=tree_ah,num_leaves=235,reorder=300"`` -> {"mode": "tree_ah", "num_leaves": 235, ...}.
+
+  A string (not a nested ConfigDict) so any option can be set from the command line with
+  ``--config.resmem.backend_options=...``; values that parse as int or float become numbers.
+  """
+  if not isinstance(text, str):
+    raise ValueError(f"resmem.backend_options must be a string 'key=value,...', got {text!r}")
+  options = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    if "=" not in item:
+      raise ValueError(f"resmem.backend_options entries must be key=value, got {item!r}")
+    key, value = (x.strip() for x in item.split("=", 1))
+    for cast in (int, float):
+      try:
+        value = cast(value)
+        break
+      except ValueError:
+        pass
+    options[key] = value
+  return options
+
+
+def check_options(backend: str, backend_options: str | dict, residual_format: str) -> dict:
+  """The checked backend options of a config, without building anything or importing ScaNN.
+
+  ValueError naming ``resmem.backend``, ``resmem.backend_options`` or ``resmem.residual_format``
+  on an unknown backend, option name, option value or residual format.
+  """
+  index_cls = index_lib.index_class(backend, "resmem.backend")
+  index_lib.check_choice("resmem.residual_format", residual_format, FORMATS)
+  options = (parse_backend_options(backend_options) if isinstance(backend_options, str)
+             else dict(backend_options))
   try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-    n, d, num_outputs = int(manifest["n"]), int(manifest["d"]), int(manifest["num_outputs"])
-    backend, residual_format = manifest["backend"], manifest["residual_format"]
-    files = manifest["files"]
-  except (ValueError, KeyError, TypeError) as err:
-    raise ValueError(f"{manifest_path} is corrupt or incomplete: {err!r}") from None
-  if manifest.get("format_version") != MANIFEST_VERSION:
-    raise ValueError(f"{manifest_path} has format_version {manifest.get('format_version')}, "
-                     f"this code reads {MANIFEST_VERSION}")
-  if backend not in BACKENDS or residual_format not in storage.FORMATS:
-    raise ValueError(f"{manifest_path} names backend {backend!r} / residual_format "
-                     f"{residual_format!r}, expected one of {BACKENDS} / {storage.FORMATS}")
-  for rel, info in files.items():
-    full = os.path.join(path, rel)
-    if not os.path.isfile(full):
-      raise ValueError(f"memory file {full} listed in the manifest is missing")
-    size = os.path.getsize(full)
-    if size != info["bytes"]:
-      raise ValueError(f"memory file {full} has {size} bytes, the manifest says {info['bytes']} "
-                       "(truncated or replaced)")
-    if _sha256(full) != info["sha256"]:
-      raise ValueError(f"memory file {full} fails its sha256 checksum (corrupt)")
+    return index_cls.check_options(options)
+  except ValueError as err:
+    raise ValueError(f"resmem.backend_options={backend_options!r}: {err}") from None
 
-  def load(name):
-    try:
-      return np.load(os.path.join(path, f"{name}.npy"), allow_pickle=False)
-    except (OSError, ValueError) as err:
-      raise ValueError(f"cannot read {name}.npy in {path}: {err}") from None
 
-  keys = load("keys")
-  if keys.dtype != np.float32 or keys.shape != (n, d):
-    raise ValueError(f"keys.npy has shape {keys.shape} dtype {keys.dtype}, the manifest says "
-                     f"({n}, {d}) float32")
-  names = ["sparse_columns", "sparse_values"] if residual_format == "sparse" else ["residuals"]
-  store = storage.store_from_arrays({name: load(name) for name in names}, residual_format,
-                                    num_outputs, manifest.get("top_m"))
-  if len(store) != n:
-    raise ValueError(f"residual files hold {len(store)} rows, the manifest says n={n}")
-  options = manifest.get("backend_options", {})
-  scann_index = None
-  if backend == "scann":
-    from resmem_jax.memory.scann_index import ScannIndex  # pylint: disable=g-import-not-at-top
-    info = manifest["scann"]
-    indexed = int(info["indexed"])
-    if not 0 < indexed <= n:
-      raise ValueError(f"{manifest_path}: scann indexed count {indexed} is not in [1, {n}]")
-    scann_index = ScannIndex.load(os.path.join(path, "scann"), keys[:indexed], info["options"],
-                                  np.asarray(info["center"], np.float32))
-  return Memory(keys, store, backend, options, manifest.get("metadata", {}), scann_index=scann_index)
+def has_query_settings(backend: str, num_keys: int, backend_options: dict) -> bool:
+  """Whether a ``backend`` memory of ``num_keys`` keys built with ``backend_options`` (a dict, as
+  :func:`parse_backend_options` returns) has query-time settings to tune (scann: unless it
+  searches by brute force). Does not import ScaNN."""
+  return index_lib.index_class(backend).has_query_settings(num_keys, backend_options)

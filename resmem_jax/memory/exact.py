@@ -10,8 +10,6 @@ keeps a few spare candidates and the caller re-ranks them by directly computed `
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +17,13 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resmem_jax import mesh as mesh_lib
+from resmem_jax.memory import index as index_lib
 
 # Extra candidates kept per query so that rounding in the distance expansion cannot push a true
 # neighbour out of the re-ranked top-k.
 RERANK_MARGIN = 8
+# Compiled searches kept per index family (each k and key layout compiles its own).
+MAX_SEARCH_FNS = 32
 
 
 def _local_topk(queries, keys, key_sqnorms, num_candidates, block_size, index_offset):
@@ -51,8 +52,7 @@ def _local_topk(queries, keys, key_sqnorms, num_candidates, block_size, index_of
   return best_dist, best_index
 
 
-@functools.lru_cache(maxsize=32)
-def _search_fn(mesh, num_candidates: int, block_size: int, local_size: int):
+def _make_search_fn(mesh, num_candidates: int, block_size: int, local_size: int):
   """Jitted candidates search for a mesh, candidate count and key layout."""
   axis = mesh_lib.DATA_AXIS
 
@@ -73,48 +73,67 @@ def _search_fn(mesh, num_candidates: int, block_size: int, local_size: int):
   return search
 
 
-class ExactIndex:
+class ExactIndex(index_lib.SearchIndex):
   """Brute-force index over float32 keys, sharded over the local devices.
 
-  Args:
-    keys: float32 ``[n, d]`` host array (kept by reference for re-ranking).
-    block_size: keys scanned per step on each device.
-    query_chunk: queries per jitted call (bounded memory: query_chunk x block_size floats).
-    devices: devices to shard keys over (default: all local devices).
+  Options:
+    block_size: keys scanned per step on each device (default 8192).
+    query_chunk: queries per jitted call (bounded memory: query_chunk x block_size floats;
+      default 1024).
+    devices: devices to shard keys over (default: all local devices; not saved).
   """
 
+  OPTION_NAMES = ("block_size", "query_chunk", "devices")
+
   def __init__(self, keys: np.ndarray, block_size: int = 8192, query_chunk: int = 1024,
-               devices=None):
-    if block_size < 1 or query_chunk < 1:
-      raise ValueError(f"block_size and query_chunk must be >= 1, got {block_size}, {query_chunk}")
+               devices=None, search_fns: dict | None = None):
     self.mesh = mesh_lib.data_mesh(list(devices) if devices is not None else jax.local_devices())
     self.num_shards = mesh_lib.num_data_shards(self.mesh)
-    self.requested_block_size = int(block_size)
+    self.options = {"block_size": int(block_size), "query_chunk": int(query_chunk)}
     self.query_chunk = int(query_chunk)
-    self._set_keys(keys)
-
-  def _set_keys(self, keys: np.ndarray) -> None:
-    self.keys = keys
-    n, dim = keys.shape
-    per_shard = -(-n // self.num_shards)
-    self.block_size = max(1, min(self.requested_block_size, per_shard))
-    local_size = mesh_lib.pad_to_multiple(per_shard, self.block_size)
-    padded = np.zeros((local_size * self.num_shards, dim), np.float32)
-    padded[:n] = keys
+    # Jitted searches by (candidates, block size, local size); an extended index on the same
+    # mesh inherits them, so editing the memory does not recompile an unchanged layout.
+    self._search_fns = {} if search_fns is None else search_fns
+    self.size, dim = keys.shape
+    per_shard = -(-self.size // self.num_shards)
+    self.block_size = max(1, min(int(block_size), per_shard))
+    self.local_size = mesh_lib.pad_to_multiple(per_shard, self.block_size)
+    padded = np.zeros((self.local_size * self.num_shards, dim), np.float32)
+    padded[:self.size] = keys
     sqnorms = np.full((padded.shape[0],), np.inf, np.float32)  # padding is never a neighbour
-    sqnorms[:n] = np.einsum("nd,nd->n", keys, keys)
+    sqnorms[:self.size] = np.einsum("nd,nd->n", keys, keys)
     sharding = NamedSharding(self.mesh, P(mesh_lib.DATA_AXIS))
-    self.local_size = local_size
     self._device_keys = jax.device_put(padded, sharding)
     self._device_sqnorms = jax.device_put(sqnorms, sharding)
 
-  def add(self, keys: np.ndarray) -> None:
-    self._set_keys(keys)
+  @classmethod
+  def check_options(cls, options: dict) -> dict:
+    index_lib.check_option_names("exact backend options", options, cls.OPTION_NAMES)
+    checked = {}
+    for name in ("block_size", "query_chunk"):
+      if name in options:
+        checked[name] = index_lib.integer_option("exact", name, options[name], 1)
+    if "devices" in options:
+      devices = options["devices"]
+      if devices is not None and (isinstance(devices, str) or not hasattr(devices, "__len__")
+                                  or len(devices) == 0):
+        raise ValueError(f"exact option devices must be a non-empty list of devices, got {devices!r}")
+      checked["devices"] = devices
+    return checked
 
-  def candidates(self, queries: np.ndarray, num_candidates: int) -> np.ndarray:
-    """Indices ``[q, num_candidates]`` of the nearest keys under the expansion formula."""
-    num_candidates = min(num_candidates, self.keys.shape[0])
-    search = _search_fn(self.mesh, num_candidates, self.block_size, self.local_size)
+  @classmethod
+  def build(cls, keys: np.ndarray, options: dict) -> ExactIndex:
+    return cls(keys, **cls.check_options(options))
+
+  def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids ``[q, min(k + RERANK_MARGIN, size)]`` of the nearest keys under the expansion formula."""
+    num_candidates = min(k + RERANK_MARGIN, self.size)
+    layout = (num_candidates, self.block_size, self.local_size)
+    if layout not in self._search_fns:
+      if len(self._search_fns) >= MAX_SEARCH_FNS:  # many edits: drop the oldest layout
+        del self._search_fns[next(iter(self._search_fns))]
+      self._search_fns[layout] = _make_search_fn(self.mesh, *layout)
+    search = self._search_fns[layout]
     replicated = mesh_lib.replicated(self.mesh)
     out = np.empty((queries.shape[0], num_candidates), np.int32)
     chunk = min(self.query_chunk, max(1, queries.shape[0]))
@@ -127,10 +146,18 @@ class ExactIndex:
       out[start:start + rows] = np.asarray(index)[:rows]
     return out
 
-  def search(self, queries: np.ndarray, k: int):
-    """Exact ``(distances, indices)`` of the k nearest keys, ascending."""
-    index = self.candidates(queries, k + RERANK_MARGIN)
-    return rerank_exact(queries, self.keys, index, k)
+  def extend(self, keys: np.ndarray) -> ExactIndex:
+    return ExactIndex(keys, self.options["block_size"], self.query_chunk,
+                      devices=list(self.mesh.devices.flat), search_fns=self._search_fns)
+
+  def save(self, directory: str) -> dict:
+    del directory  # rebuilt from the keys on load: nothing to write
+    return dict(self.options)
+
+  @classmethod
+  def load(cls, directory: str, keys: np.ndarray, info: dict) -> ExactIndex:
+    del directory
+    return cls.build(keys, info)
 
 
 def rerank_exact(queries: np.ndarray, keys: np.ndarray, candidates: np.ndarray, k: int,

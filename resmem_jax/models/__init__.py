@@ -1,106 +1,91 @@
 """Flax models for ResMem's base networks, each returning ``(logits, embedding)``.
 
-The embedding is the network's penultimate features: the vector ResMem indexes. Models are
-chosen by ``model_cfg.name``:
+The embedding is the network's penultimate features: the vector ResMem indexes. ``model.name``
+picks one of the registered models, each a module here that checks its own ``ModelSettings``
+fields (``check``) and builds the flax Module (``build``):
 
   ``mlp``           fully connected net (``width`` hidden units, ``depth`` hidden layers)
   ``cnn``           small conv net for 28x28 / 8x8 images (``width`` channels in the first block)
   ``cifar_resnet``  CIFAR ResNet of depth 6n+2 with width multiplier ``width``
   ``resnet``        ImageNet ResNet-18/34/50/101 (``depth``) with width multiplier ``width``
+  ``transformer``   decoder-only Transformer LM over token ids (``width``, ``depth``, ``num_heads``)
 
-ResNets take ``model_cfg.conv_impl``: "xla" (native convolutions, default) or "im2col"
+ResNets take ``model.conv_impl``: "xla" (native convolutions, default) or "im2col"
 (convolutions as matmuls over stacked shifted views); both give the same parameters and
 results. On the 2-core CPU measured here im2col was slower (see experiments/bench_train.py).
-  ``transformer``   decoder-only LM, defined in ``resmem_jax/models/transformer.py``
 
 Usage::
 
-  module = build_model(config.model, num_classes=10)
+  module = build_model(settings.model, num_classes=10, dtype=settings.train.dtype)
   variables = module.init(rng, images, train=False)
   logits, embedding = module.apply(variables, images, train=False)
 """
 from __future__ import annotations
 
-import importlib
+import difflib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resmem_jax.models.mlp import MLP
+from resmem_jax.models import cifar_resnet
+from resmem_jax.models import cnn
+from resmem_jax.models import mlp
+from resmem_jax.models import resnet
+from resmem_jax.models import transformer
+from resmem_jax.models.cifar_resnet import CifarResNet
 from resmem_jax.models.cnn import SmallCNN
-from resmem_jax.models.resnet import CifarResNet, ImageNetResNet, IMAGENET_DEPTHS
+from resmem_jax.models.mlp import MLP
+from resmem_jax.models.resnet import ImageNetResNet
+from resmem_jax.models.transformer import TransformerLM
+from resmem_jax.settings import ModelSettings
 
-MODEL_NAMES = ("mlp", "cnn", "cifar_resnet", "resnet", "transformer")
+# model.name -> the module that checks its settings (check) and builds it (build).
+REGISTRY = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "cifar_resnet": cifar_resnet,
+    "resnet": resnet,
+    "transformer": transformer,
+}
+MODEL_NAMES = tuple(REGISTRY)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def compute_dtype(name: str | None) -> Any:
-  """'float32' | 'bfloat16' | 'float16' (or None -> float32) -> the jnp dtype."""
-  if name is None:
-    return jnp.float32
+def compute_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' | 'float16' (``train.dtype``) -> the jnp dtype."""
   if name not in _DTYPES:
-    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    raise ValueError(f"train.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
   return _DTYPES[name]
 
 
-def _get(cfg, field, default):
-  value = cfg.get(field, default) if hasattr(cfg, "get") else getattr(cfg, field, default)
-  return default if value is None else value
+def _registered(name: str):
+  if name not in REGISTRY:
+    close = difflib.get_close_matches(str(name), MODEL_NAMES, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"model.name={name!r} is not a model{hint}; valid names: "
+                     f"{', '.join(MODEL_NAMES)}")
+  return REGISTRY[name]
 
 
-def build_model(model_cfg, num_classes: int, dtype: Any = None):
-  """Returns the flax Module named by ``model_cfg.name`` with ``num_classes`` outputs.
+def check_settings(settings: ModelSettings) -> None:
+  """Raises ValueError (naming the field) unless ``settings`` builds a model; creates nothing."""
+  _registered(settings.name).check(settings)
 
-  ``dtype`` is the compute dtype (parameters stay float32); when None it is read from
-  ``model_cfg.dtype`` if present, else float32. Logits are always returned in float32.
+
+def build_model(settings: ModelSettings, num_classes: int, dtype: str = "float32"):
+  """The flax Module named by ``settings.name`` with ``num_classes`` outputs.
+
+  ``dtype`` names the compute dtype (``train.dtype``); parameters stay float32 and logits and
+  embeddings are always returned in float32.
   """
-  name = _get(model_cfg, "name", None)
-  if name not in MODEL_NAMES:
-    raise ValueError(f"model_cfg.name must be one of {MODEL_NAMES}, got {name!r}")
-  if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+  family = _registered(settings.name)
+  if (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+      or num_classes < 1):
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-  num_classes = int(num_classes)
-  if dtype is None:
-    dtype = compute_dtype(_get(model_cfg, "dtype", "float32"))
-  elif isinstance(dtype, str):
-    dtype = compute_dtype(dtype)
-
-  if name == "transformer":
-    # Registered hook: the LM engineer's module is imported only when asked for.
-    transformer = importlib.import_module("resmem_jax.models.transformer")
-    return transformer.build(model_cfg, num_classes, dtype=dtype)
-
-  width = _get(model_cfg, "width", None)
-  depth = _get(model_cfg, "depth", None)
-  if width is None or not width > 0:
-    raise ValueError(f"model_cfg.width must be positive, got {width!r}")
-  if name == "mlp":
-    if depth is None or int(depth) < 1:
-      raise ValueError(f"model_cfg.depth (hidden layers) must be >= 1 for mlp, got {depth!r}")
-    return MLP(num_classes=num_classes, width=int(width), depth=int(depth), dtype=dtype)
-  if name == "cnn":
-    depth = 2 if depth is None else int(depth)
-    if depth < 1:
-      raise ValueError(f"model_cfg.depth (conv blocks) must be >= 1 for cnn, got {depth!r}")
-    return SmallCNN(num_classes=num_classes, width=int(width), depth=depth,
-                    embed_dim=int(_get(model_cfg, "embed_dim", 128)), dtype=dtype)
-  conv_impl = _get(model_cfg, "conv_impl", "xla")
-  if conv_impl not in ("xla", "im2col"):
-    raise ValueError(f"model_cfg.conv_impl must be 'xla' or 'im2col', got {conv_impl!r}")
-  if name == "cifar_resnet":
-    if depth is None or int(depth) < 8 or (int(depth) - 2) % 6:
-      raise ValueError(f"model_cfg.depth must be 6n+2 >= 8 for cifar_resnet, got {depth!r}")
-    return CifarResNet(num_classes=num_classes, depth=int(depth), width=float(width), dtype=dtype,
-                       conv_impl=conv_impl)
-  # name == "resnet"
-  if depth not in IMAGENET_DEPTHS:
-    raise ValueError(f"model_cfg.depth must be one of {sorted(IMAGENET_DEPTHS)} for resnet, "
-                     f"got {depth!r}")
-  return ImageNetResNet(num_classes=num_classes, depth=int(depth), width=float(width), dtype=dtype,
-                        conv_impl=conv_impl)
+  return family.build(settings, int(num_classes), compute_dtype(dtype))
 
 
 def count_params(params) -> int:
@@ -113,5 +98,5 @@ def count_params(params) -> int:
   return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["build_model", "count_params", "compute_dtype", "MODEL_NAMES", "MLP", "SmallCNN",
-           "CifarResNet", "ImageNetResNet"]
+__all__ = ["build_model", "check_settings", "count_params", "compute_dtype", "MODEL_NAMES",
+           "REGISTRY", "MLP", "SmallCNN", "CifarResNet", "ImageNetResNet", "TransformerLM"]

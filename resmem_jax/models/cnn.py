@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resmem_jax.settings import ModelSettings
+
 
 class SmallCNN(nn.Module):
   """Input NHWC; returns (logits float32, embedding [b, embed_dim] float32)."""
@@ -36,3 +38,20 @@ class SmallCNN(nn.Module):
     embedding = nn.relu(nn.Dense(self.embed_dim, dtype=self.dtype, name="embed")(x))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
     return logits.astype(jnp.float32), embedding.astype(jnp.float32)
+
+
+def check(settings: ModelSettings) -> None:
+  """``model.width`` (first block's channels), ``model.depth`` (blocks), ``model.embed_dim``."""
+  if not (settings.width >= 1 and float(settings.width).is_integer()):
+    raise ValueError(f"model.width (channels of the first block) must be a whole number >= 1 for "
+                     f"cnn, got {settings.width!r}")
+  if settings.depth < 1:
+    raise ValueError(f"model.depth (conv blocks) must be >= 1 for cnn, got {settings.depth!r}")
+  if settings.embed_dim < 1:
+    raise ValueError(f"model.embed_dim must be >= 1 for cnn, got {settings.embed_dim!r}")
+
+
+def build(settings: ModelSettings, num_classes: int, dtype: Any) -> SmallCNN:
+  check(settings)
+  return SmallCNN(num_classes=num_classes, width=int(settings.width), depth=settings.depth,
+                  embed_dim=settings.embed_dim, dtype=dtype)

@@ -1,8 +1,10 @@
-"""ResNets with batch norm: the CIFAR family of depth 6n+2 and ImageNet ResNet-18/34/50/101.
+"""ImageNet ResNet-18/34/50/101 and the layers every ResNet here is built from.
 
-Both take NHWC images and return ``(logits, embedding)`` where the embedding is the globally
-average-pooled output of the last stage. ``width`` multiplies every stage's channel count (the
-knob for the paper's model-size sweep). Batch statistics live in the ``batch_stats`` collection:
+The building blocks (convolutions, batch norm, basic and bottleneck blocks, stages) are shared
+with the CIFAR family (``cifar_resnet.py``). Both families take NHWC images and return
+``(logits, embedding)`` where the embedding is the globally average-pooled output of the last
+stage. ``width`` multiplies every stage's channel count (the knob for the paper's model-size
+sweep). Batch statistics live in the ``batch_stats`` collection:
 call ``apply(..., train=True, mutable=["batch_stats"])`` while training and ``train=False``
 (running averages) for evaluation. Under ``jax.jit`` with a batch sharded over a mesh, the batch
 moments are computed over the global batch, so results do not depend on the device count.
@@ -16,8 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resmem_jax.settings import ModelSettings
+
 # He initialisation (fan-out, normal) as in the original ResNet papers.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+CONV_IMPLS = ("xla", "im2col")
 
 # depth -> (blocks per stage, uses bottleneck blocks)
 IMAGENET_DEPTHS = {
@@ -69,7 +75,8 @@ class Conv(nn.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _channels(base: int, width: float) -> int:
+def scaled_channels(base: int, width: float) -> int:
+  """A stage's channels: ``base`` times the width multiplier, at least 1."""
   return max(1, int(round(base * width)))
 
 
@@ -124,41 +131,14 @@ class BottleneckBlock(nn.Module):
     return nn.relu(x + y)
 
 
-def _run_stages(x, stage_sizes: Sequence[int], stage_channels: Sequence[int], block_cls,
-                dtype, train, conv_impl):
+def run_stages(x, stage_sizes: Sequence[int], stage_channels: Sequence[int], block_cls,
+               dtype, train, conv_impl):
   for stage, (num_blocks, features) in enumerate(zip(stage_sizes, stage_channels)):
     for block in range(num_blocks):
       strides = 2 if stage > 0 and block == 0 else 1
       x = block_cls(features=features, strides=strides, dtype=dtype, train=train,
                     conv_impl=conv_impl, name=f"stage{stage + 1}_block{block + 1}")(x)
   return x
-
-
-class CifarResNet(nn.Module):
-  """He et al. (2016) CIFAR ResNet: depth = 6n+2, three stages of n basic blocks at
-  16, 32, 64 channels (times ``width``), 3x3 stem, global average pool, linear head."""
-  num_classes: int
-  depth: int = 20
-  width: float = 1.0
-  dtype: Any = jnp.float32
-  conv_impl: str = "xla"  # "im2col": convs as matmuls (faster training on CPU)
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    if (self.depth - 2) % 6 or self.depth < 8:
-      raise ValueError(f"depth must be 6n+2 >= 8, got {self.depth}")
-    blocks = (self.depth - 2) // 6
-    channels = [_channels(c, self.width) for c in (16, 32, 64)]
-    x = jnp.asarray(x, self.dtype)
-    x = Conv(channels[0], 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
-             name="stem_conv")(x)
-    x = batch_norm(train, self.dtype)(name="stem_norm")(x)
-    x = nn.relu(x)
-    x = _run_stages(x, (blocks,) * 3, channels, BasicBlock, self.dtype, train,
-                    self.conv_impl)
-    embedding = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
-    return logits.astype(jnp.float32), embedding.astype(jnp.float32)
 
 
 class ImageNetResNet(nn.Module):
@@ -174,7 +154,7 @@ class ImageNetResNet(nn.Module):
     if self.depth not in IMAGENET_DEPTHS:
       raise ValueError(f"depth must be one of {sorted(IMAGENET_DEPTHS)}, got {self.depth}")
     stage_sizes, bottleneck = IMAGENET_DEPTHS[self.depth]
-    channels = [_channels(c, self.width) for c in (64, 128, 256, 512)]
+    channels = [scaled_channels(c, self.width) for c in (64, 128, 256, 512)]
     x = jnp.asarray(x, self.dtype)
     x = Conv(channels[0], 7, strides=2, padding=3, dtype=self.dtype, impl=self.conv_impl,
              name="stem_conv")(x)
@@ -182,7 +162,35 @@ class ImageNetResNet(nn.Module):
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     block_cls = BottleneckBlock if bottleneck else BasicBlock
-    x = _run_stages(x, stage_sizes, channels, block_cls, self.dtype, train, self.conv_impl)
+    x = run_stages(x, stage_sizes, channels, block_cls, self.dtype, train, self.conv_impl)
     embedding = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
     return logits.astype(jnp.float32), embedding.astype(jnp.float32)
+
+
+def check_conv_impl(settings: ModelSettings) -> None:
+  """``model.conv_impl``, read by both ResNet families."""
+  if settings.conv_impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl must be 'xla' or 'im2col', got {settings.conv_impl!r}")
+
+
+def check_width(settings: ModelSettings) -> None:
+  """``model.width``: a channel multiplier in both ResNet families."""
+  if not settings.width > 0:
+    raise ValueError(f"model.width (channel multiplier) must be positive for {settings.name}, "
+                     f"got {settings.width!r}")
+
+
+def check(settings: ModelSettings) -> None:
+  """``model.depth`` (18, 34, 50 or 101), ``model.width`` (multiplier), ``model.conv_impl``."""
+  if settings.depth not in IMAGENET_DEPTHS:
+    raise ValueError(f"model.depth must be one of {sorted(IMAGENET_DEPTHS)} for resnet, "
+                     f"got {settings.depth!r}")
+  check_width(settings)
+  check_conv_impl(settings)
+
+
+def build(settings: ModelSettings, num_classes: int, dtype: Any) -> ImageNetResNet:
+  check(settings)
+  return ImageNetResNet(num_classes=num_classes, depth=settings.depth, width=float(settings.width),
+                        dtype=dtype, conv_impl=settings.conv_impl)

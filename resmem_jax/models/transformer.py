@@ -14,6 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resmem_jax.settings import ModelSettings
+
 
 class CausalSelfAttentionBlock(nn.Module):
   """One pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
@@ -75,28 +77,30 @@ class TransformerLM(nn.Module):
     return logits, hidden
 
 
-def build(model_cfg, num_classes: int, dtype=None) -> TransformerLM:
-  """TransformerLM from a model config (``width``, ``depth``, ``num_heads``, ``max_len``, ...).
-
-  ``num_classes`` is the vocabulary size (``dataset_info(data_cfg).num_classes``). ``dtype`` is
-  the compute dtype; None reads ``model_cfg.dtype`` (float32 when absent).
-  """
-  get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
-  if num_classes is None or int(num_classes) < 2:
-    raise ValueError(f"num_classes (vocabulary size) must be >= 2, got {num_classes}")
-  width = int(get("width", 128))
-  num_heads = int(get("num_heads", 4))
-  if width <= 0 or num_heads <= 0 or width % num_heads:
+def check(settings: ModelSettings) -> None:
+  """``model.width`` (a multiple of ``model.num_heads``), ``depth``, ``max_len``, ``mlp_ratio``."""
+  if settings.num_heads < 1:
+    raise ValueError(f"model.num_heads must be >= 1 for transformer, got {settings.num_heads!r}")
+  width = settings.width
+  if not (width >= 1 and float(width).is_integer() and int(width) % settings.num_heads == 0):
     raise ValueError(f"model.width ({width}) must be a positive multiple of model.num_heads "
-                     f"({num_heads})")
-  depth = int(get("depth", 2))
-  if depth < 1:
-    raise ValueError(f"model.depth must be >= 1, got {depth}")
-  if dtype is None:
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(str(get("dtype", "float32")))
-    if dtype is None:
-      raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {get('dtype')!r}")
+                     f"({settings.num_heads}) for transformer")
+  if settings.depth < 1:
+    raise ValueError(f"model.depth (blocks) must be >= 1 for transformer, got {settings.depth!r}")
+  if settings.max_len < 1:
+    raise ValueError(f"model.max_len must be >= 1 for transformer, got {settings.max_len!r}")
+  if settings.mlp_ratio < 1:
+    raise ValueError(f"model.mlp_ratio must be >= 1 for transformer, got {settings.mlp_ratio!r}")
+  if not 0.0 <= settings.dropout_rate < 1.0:
+    raise ValueError(f"model.dropout_rate must be in [0, 1), got {settings.dropout_rate!r}")
+
+
+def build(settings: ModelSettings, num_classes: int, dtype: Any) -> TransformerLM:
+  """TransformerLM over a vocabulary of ``num_classes`` tokens (the data set's ``num_classes``)."""
+  check(settings)
+  if num_classes < 2:
+    raise ValueError(f"num_classes (vocabulary size) must be >= 2, got {num_classes}")
   return TransformerLM(
-      vocab_size=int(num_classes), width=width, depth=depth, num_heads=num_heads,
-      max_len=int(get("max_len", 128)), mlp_ratio=int(get("mlp_ratio", 4)),
-      dropout_rate=float(get("dropout_rate", 0.0)), dtype=dtype)
+      vocab_size=num_classes, width=int(settings.width), depth=settings.depth,
+      num_heads=settings.num_heads, max_len=settings.max_len, mlp_ratio=settings.mlp_ratio,
+      dropout_rate=settings.dropout_rate, dtype=dtype)

@@ -1,6 +1,6 @@
 """Nearest-neighbour benchmark behind experiments/bench_memory.py.
 
-For each (n, d): clustered points (:mod:`resmem_jax.memory.synthetic`) and independent queries;
+For each (n, d): clustered points (:mod:`resmem_jax.bench.synthetic`) and independent queries;
 reports build seconds, queries per second (one batched call over all queries, the fastest of
 ``repeats`` calls, after a warm-up call on a few queries so JIT compilation is excluded) and
 recall@k against the ``exact`` backend, for ``exact``, ``scann`` (and, with ``tune_recall``,
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from resmem_jax.bench.synthetic import clustered_points
+from resmem_jax.core.residuals import residuals as make_residuals
 from resmem_jax.memory import build_memory
-from resmem_jax.memory.synthetic import clustered_points
 from resmem_jax.memory.tuning import best_of, recall_at_k
 
 
@@ -40,10 +41,10 @@ def run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with
       lambda: build_memory(keys, residuals, backend="scann", **scann_options), 1)
   memory.search(queries[:8], k)
   (_, found), search_s = best_of(lambda: memory.search(queries, k), repeats)
-  _row("scann " + memory._scann.options["mode"], size, dim, build_s, search_s, num_queries,
+  _row("scann " + memory.backend_options["mode"], size, dim, build_s, search_s, num_queries,
        recall_at_k(found, reference))
-  print(f"  scann options: {memory._scann.options}", flush=True)
-  if tune_recall and memory._scann.options["mode"] != "brute_force":
+  print(f"  scann options: {memory.backend_options}", flush=True)
+  if tune_recall and memory.backend_options["mode"] != "brute_force":
     tuned = memory.tune_search(held_out, k, tune_recall)
     memory.search(queries[:8], k)
     (_, found), search_s = best_of(lambda: memory.search(queries, k), repeats)
@@ -79,7 +80,6 @@ def _faiss_add(index, keys):
 
 def run_storage_benchmark(class_counts, top_m, dim=64, size=2000, seed=0):
   """Bytes per example (keys, residuals) for each format, on softmax residuals of random logits."""
-  from resmem_jax.residuals import residuals as make_residuals  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   keys = rng.normal(size=(size, dim)).astype(np.float32)
   print(f"\n{'classes':>7} {'format':<10} {'key B d=' + str(dim):>10} {'residual B':>11} {'max |err|':>10}")

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resmem_jax.core import predictor
 from resmem_jax.jsonio import write_json_atomic
 
 DOMAINS = ("cube", "sphere")
@@ -284,9 +285,9 @@ def neighbour_estimates(memory, queries: np.ndarray, ks: Sequence[int],
 def _weighted_mean(distances: np.ndarray, values: np.ndarray, sigma: float | None) -> np.ndarray:
   if sigma is None:
     return values.mean(axis=1)
-  from resmem_jax.resmem import neighbour_weights, residual_estimate  # pylint: disable=g-import-not-at-top
-  weights = neighbour_weights(jnp.asarray(distances, jnp.float32), float(sigma))
-  return np.asarray(residual_estimate(weights, jnp.asarray(values, jnp.float32)), np.float64)
+  weights = predictor.neighbour_weights(jnp.asarray(distances, jnp.float32), float(sigma))
+  return np.asarray(predictor.residual_estimate(weights, jnp.asarray(values, jnp.float32)),
+                    np.float64)
 
 
 # ----------------------------------------------------------------------------------------------

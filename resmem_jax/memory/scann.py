@@ -1,0 +1,280 @@
+"""Approximate nearest-neighbour search with ScaNN, plus an exact side buffer for added keys.
+
+Euclidean search is reduced to maximum inner product search (MIPS): after centring the keys
+(L2 distance is translation invariant, and centring keeps the extra coordinate small),
+``|q - k|^2 = |q|^2 - 2 (q.k - |k|^2 / 2)``, so with ``k' = [k, -|k|^2 / 2]`` and ``q' = [q, 1]``
+the nearest key is the one with the largest ``q'.k'``. ScaNN's anisotropic quantization is built
+for inner products; on clustered 1M x 64 data it gave much higher recall this way than ScaNN's
+``squared_l2`` mode (see experiments/bench_memory.py, ``--scann_distance``). The memory re-ranks
+the returned ids by directly computed Euclidean distance, so distances are exact.
+
+Parameters follow ScaNN's published guidance, from the number of keys ``n``:
+  n < 100k: brute force; otherwise: tree partitioning (about sqrt(n) leaves) + AH + exact
+  reorder. ScaNN's own guidance switches to AH at about 20k; on real ReLU embeddings of MNIST MLPs
+  (55k keys) AH + reorder 300 reached only recall@10 0.73 / 0.98 / 0.98 at d = 8 / 64 / 256 while
+  brute force was exact *and* faster (80k / 20k / 2.8k queries/s vs 45k / 13k / 2.0k), so brute
+  force is kept up to 100k. ``mode="ah"`` remains available as an option.
+Recall is governed by ``leaves_to_search`` and ``reorder`` (re-scored candidates, stated for
+k = 10; deeper k re-scores ``3 (k - 10)`` more); every parameter can be overridden through
+``build_memory(..., backend="scann", **options)``. Real embeddings can need other settings than
+the clustered benchmark data: both act at query time, so :func:`resmem_jax.memory.tuning.tune_search`
+sweeps them on real queries (:meth:`ScannIndex.query_settings_grid`).
+
+Memory editing: keys added after the build go to a side buffer (an :class:`ExactIndex`) searched
+exactly beside ScaNN, so they are neighbours at once and never missed; the ScaNN index is rebuilt
+over everything only when the buffer outgrows ``max(1024, indexed / 10)`` keys (a rebuild of 1M
+keys costs about a minute, searching a small buffer exactly costs little). Options given at build
+time or set as query settings carry over to the rebuild; the rest are derived again from the new n.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from resmem_jax.memory import index as index_lib
+from resmem_jax.memory.exact import ExactIndex
+
+OPTION_NAMES = ("mode", "distance", "num_leaves", "leaves_to_search", "reorder",
+                "dims_per_block", "quantization_threshold", "training_sample_size",
+                "num_threads")
+MODES = ("brute_force", "ah", "tree_ah")
+DISTANCES = ("mips_l2", "squared_l2")
+# integer options -> their smallest valid value
+INTEGER_OPTIONS = {"num_leaves": 1, "leaves_to_search": 1, "reorder": 0, "dims_per_block": 1,
+                   "training_sample_size": 1, "num_threads": 0}
+
+BRUTE_FORCE_BELOW = 100_000
+
+# Query settings swept by tune_search (each cheapest first).
+LEAVES_GRID = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96)
+REORDER_GRID = (25, 50, 100, 150, 200, 300, 400, 600, 800)
+
+
+def default_options(n: int, mode: str | None = None) -> dict:
+  """ScaNN parameters for ``n`` keys (see the module docstring); ``mode`` forces a mode."""
+  if mode == "brute_force" or (mode is None and n < BRUTE_FORCE_BELOW):
+    return {"mode": "brute_force", "distance": "mips_l2", "reorder": 0}
+  # dims_per_block=1 reached recall@10 >= 0.99 on clustered 100k points at about twice the
+  # speed of dims_per_block=2 with the (much deeper) reorder that one needs.
+  options = {"distance": "mips_l2", "dims_per_block": 1, "quantization_threshold": 0.2,
+             "training_sample_size": min(n, 250_000), "num_threads": 0}
+  # Measured on clustered points (experiments/bench_memory.py, BUILD_NOTES.md): past a few
+  # leaves recall stops improving and is set by the reorder depth (1M x 64, 25 of 1000
+  # leaves: reorder 150 / 300 / 500 -> recall@10 0.975 / 0.995 / 0.999; 100k x 128, 8 of 316
+  # leaves: reorder 100 / 150 / 200 / 300 -> 0.986 / 0.996 / 0.998 / 1.000), while each extra
+  # leaf or re-scored candidate costs speed. Hence few leaves and a reorder depth growing with
+  # log n: 150 at 100k, 500 at 1M.
+  num_leaves = int(round(math.sqrt(n)))
+  reorder = int(round(150 + 350 * max(0.0, math.log10(n / 100_000))))
+  if mode == "ah":
+    options.update(mode="ah", reorder=reorder)
+  else:
+    options.update(mode="tree_ah", num_leaves=num_leaves,
+                   leaves_to_search=max(8, num_leaves // 40), reorder=reorder)
+  return options
+
+
+def _resolve(n: int, requested: dict) -> dict:
+  """The defaults for ``n`` keys overridden by the ``requested`` (checked) options."""
+  options = default_options(n, requested.get("mode"))
+  options.update(requested)
+  return options
+
+
+def _import_scann():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  return scann_ops_pybind
+
+
+def _transform_keys(keys: np.ndarray, center: np.ndarray, distance: str) -> np.ndarray:
+  centred = (keys - center).astype(np.float32)
+  if distance == "squared_l2":
+    return centred
+  half_norm = -0.5 * np.einsum("nd,nd->n", centred, centred)
+  return np.concatenate([centred, half_norm[:, None]], axis=1).astype(np.float32)
+
+
+def _transform_queries(queries: np.ndarray, center: np.ndarray, distance: str) -> np.ndarray:
+  centred = (queries - center).astype(np.float32)
+  if distance == "squared_l2":
+    return centred
+  return np.concatenate([centred, np.ones((len(queries), 1), np.float32)], axis=1)
+
+
+def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
+  scann = _import_scann()
+  size = keys.shape[0]
+  db = _transform_keys(keys, center, opts["distance"])
+  measure = "dot_product" if opts["distance"] == "mips_l2" else "squared_l2"
+  # num_neighbors is only the default; every search passes its own count.
+  builder = scann.builder(db, 10, measure)
+  if opts.get("num_threads"):
+    builder = builder.set_n_training_threads(int(opts["num_threads"]))
+  if opts["mode"] == "brute_force":
+    return builder.score_brute_force().build()
+  if opts["mode"] == "tree_ah":
+    num_leaves = min(int(opts["num_leaves"]), max(1, size // 50))
+    builder = builder.tree(num_leaves=num_leaves,
+                           num_leaves_to_search=min(int(opts["leaves_to_search"]), num_leaves),
+                           training_sample_size=min(size, int(opts["training_sample_size"])))
+  threshold = float(opts["quantization_threshold"]) if measure == "dot_product" else float("nan")
+  builder = builder.score_ah(int(opts["dims_per_block"]), anisotropic_quantization_threshold=threshold,
+                             training_sample_size=min(size, int(opts["training_sample_size"])))
+  if opts["reorder"]:
+    builder = builder.reorder(int(opts["reorder"]))
+  return builder.build()
+
+
+class ScannIndex(index_lib.SearchIndex):
+  """A ScaNN searcher over the first ``indexed`` keys, and an exact buffer over the rest.
+
+  ``requested`` holds the options given at build time plus query settings set since (kept by a
+  rebuild); ``options`` is them resolved against the defaults for ``indexed`` keys.
+  """
+
+  OPTION_NAMES = OPTION_NAMES
+
+  def __init__(self, searcher, indexed: int, center: np.ndarray, requested: dict, options: dict,
+               buffer: ExactIndex | None = None):
+    self.searcher = searcher
+    self.indexed = int(indexed)
+    self.center = center
+    self.requested = requested
+    self.options = options
+    self.buffer = buffer
+    self.size = self.indexed + (0 if buffer is None else buffer.size)
+
+  @classmethod
+  def check_options(cls, options: dict) -> dict:
+    index_lib.check_option_names("scann backend options", options, OPTION_NAMES)
+    checked = {}
+    for name, value in options.items():
+      if name == "mode":
+        index_lib.check_choice("scann option mode", value, MODES)
+      elif name == "distance":
+        index_lib.check_choice("scann option distance", value, DISTANCES)
+      elif name == "quantization_threshold":
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+            or not math.isfinite(value):
+          raise ValueError(f"scann option quantization_threshold must be a finite number, "
+                           f"got {value!r}")
+        value = float(value)
+      else:
+        value = index_lib.integer_option("scann", name, value, INTEGER_OPTIONS[name])
+      checked[name] = value
+    return checked
+
+  @classmethod
+  def has_query_settings(cls, num_keys: int, options: dict) -> bool:
+    return _resolve(num_keys, cls.check_options(options))["mode"] != "brute_force"
+
+  @classmethod
+  def build(cls, keys: np.ndarray, options: dict) -> ScannIndex:
+    requested = cls.check_options(options)
+    resolved = _resolve(keys.shape[0], requested)
+    center = keys.mean(axis=0).astype(np.float32)
+    return cls(_build_searcher(keys, center, resolved), keys.shape[0], center, requested, resolved)
+
+  def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
+    """ScaNN's ids for the indexed keys, then the buffer's (exact, with spare candidates)."""
+    ids = self._scann_candidates(queries, min(k, self.indexed))
+    if self.buffer is not None:
+      extra = self.buffer.candidates(queries, k)
+      ids = np.concatenate([ids, np.where(extra >= 0, extra + self.indexed, -1)], axis=1)
+    return ids
+
+  def _scann_candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
+    if queries.shape[0] == 0:  # ScaNN rejects an empty batch with a misleading shape error
+      return np.zeros((0, k), np.int32)
+    opts = self.options
+    # ``reorder`` is the depth for k = 10; a deeper k needs more re-scored candidates (100k x 128,
+    # reorder 150: recall@32 0.974, recall@128 0.781; 128 needs about 400 for 0.99).
+    pre = max(int(opts.get("reorder") or 0) + 3 * max(0, k - 10), k)
+    kwargs = {"final_num_neighbors": k}
+    if opts["mode"] != "brute_force" and opts.get("reorder"):
+      kwargs["pre_reorder_num_neighbors"] = pre
+    if opts["mode"] == "tree_ah":
+      kwargs["leaves_to_search"] = int(opts["leaves_to_search"])
+    transformed = _transform_queries(queries, self.center, opts["distance"])
+    if len(queries) >= 256:
+      ids, _ = self.searcher.search_batched_parallel(transformed, **kwargs)
+    else:
+      ids, _ = self.searcher.search_batched(transformed, **kwargs)
+    ids = np.asarray(ids, np.int64)
+    return np.where((ids >= 0) & (ids < self.indexed), ids, -1).astype(np.int32)
+
+  def extend(self, keys: np.ndarray) -> ScannIndex:
+    added = keys.shape[0] - self.indexed
+    if added > max(1024, self.indexed // 10):
+      return ScannIndex.build(keys, self.requested)
+    # The searcher is shared, never mutated: this index and the new one both stay valid.
+    if self.buffer is not None:
+      buffer = self.buffer.extend(keys[self.indexed:])
+    else:
+      buffer = ExactIndex.build(keys[self.indexed:], {}) if added else None
+    return ScannIndex(self.searcher, self.indexed, self.center, dict(self.requested),
+                      dict(self.options), buffer)
+
+  def save(self, directory: str) -> dict:
+    self.searcher.serialize(directory, relative_path=True)
+    # The buffer is not saved: it is rebuilt from the memory's keys after the first `indexed`.
+    return {"indexed": self.indexed, "center": self.center.tolist(),
+            "requested": dict(self.requested), "options": dict(self.options)}
+
+  @classmethod
+  def load(cls, directory: str, keys: np.ndarray, info: dict) -> ScannIndex:
+    n = keys.shape[0]
+    indexed = int(info["indexed"])
+    if not 0 < indexed <= n:
+      raise ValueError(f"scann indexed count {indexed} is not in [1, {n}]")
+    center = np.asarray(info["center"], np.float32)
+    if center.shape != (keys.shape[1],):
+      raise ValueError(f"scann center has shape {center.shape}, the keys have dimension "
+                       f"{keys.shape[1]}")
+    requested = cls.check_options(info["requested"])
+    options = _resolve(indexed, cls.check_options(info["options"]))
+    searcher = _import_scann().load_searcher(directory)
+    if searcher.size() != indexed:
+      raise ValueError(f"scann index in {directory} holds {searcher.size()} points but the "
+                       f"manifest says {indexed}")
+    buffer = ExactIndex.build(keys[indexed:], {}) if indexed < n else None
+    return cls(searcher, indexed, center, requested, options, buffer)
+
+  # -- query-time settings --------------------------------------------------------------------
+  def _check_tunable(self) -> None:
+    if self.options["mode"] == "brute_force":
+      raise ValueError("this scann memory searches by brute force (exact); build it with "
+                       "mode='tree_ah' or mode='ah' to have settings to tune")
+
+  def query_settings_grid(self, leaves_grid=LEAVES_GRID, reorder_grid=REORDER_GRID) -> list[list[dict]]:
+    """One sweep of increasing ``reorder`` per ``leaves_to_search`` (tree_ah), or one sweep (ah)."""
+    self._check_tunable()
+    reorders = sorted({int(r) for r in reorder_grid})
+    if self.options["mode"] != "tree_ah":
+      return [[{"reorder": r} for r in reorders]]
+    num_leaves = int(self.options["num_leaves"])
+    leaves = sorted({min(int(v), num_leaves) for v in leaves_grid})
+    return [[{"leaves_to_search": leaf, "reorder": r} for r in reorders] for leaf in leaves]
+
+  def query_settings(self) -> dict:
+    """``{"leaves_to_search": int | None (no tree), "reorder": int}``."""
+    tree = self.options["mode"] == "tree_ah"
+    return {"leaves_to_search": int(self.options["leaves_to_search"]) if tree else None,
+            "reorder": int(self.options.get("reorder") or 0)}
+
+  def set_query_settings(self, **settings) -> None:
+    self._check_tunable()
+    index_lib.check_option_names("scann query settings", settings, ("leaves_to_search", "reorder"))
+    tree = self.options["mode"] == "tree_ah"
+    if "leaves_to_search" in settings:
+      if settings["leaves_to_search"] is None and not tree:
+        del settings["leaves_to_search"]  # "no tree", as query_settings reports it for ah
+      elif not tree:
+        raise ValueError(f"scann option leaves_to_search needs mode tree_ah, this index is "
+                         f"{self.options['mode']}")
+    checked = self.check_options(settings)
+    self.options.update(checked)
+    self.requested.update(checked)  # a rebuild after Memory.add keeps them

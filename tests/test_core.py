@@ -1,0 +1,257 @@
+"""resmem_jax.core, the pure math, against a few lines of NumPy each."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resmem_jax
+from resmem_jax.core import metrics, predictor, residuals, selection
+
+
+def _softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _floor_log_loss(pred, labels):
+  probs = np.maximum(pred, metrics.LOG_LOSS_FLOOR)
+  probs = probs / probs.sum(-1, keepdims=True)
+  return -np.log(probs[np.arange(len(labels)), labels])
+
+
+# ----------------------------------------------------------------------------- residuals
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_classification_residuals_match_numpy(temperature):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 7)).astype(np.float32)
+  labels = rng.integers(0, 7, size=64)
+  got = resmem_jax.residuals(labels, logits, temperature)
+  want = np.eye(7)[labels] - _softmax(logits / temperature)
+  assert got.dtype == np.float32 and got.shape == (64, 7)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  np.testing.assert_allclose(got.sum(axis=1), 0.0, atol=1e-5)  # onehot and p both sum to one
+
+
+def test_residuals_finite_for_any_positive_temperature():
+  logits = np.array([[80.0, -80.0, 3.0], [1.0, 1.0, 1.0]], np.float32)
+  for temperature in (1e-30, 1e-6, 1e6):
+    got = resmem_jax.residuals(np.array([0, 2]), logits, temperature)
+    assert np.all(np.isfinite(got))
+  cold = resmem_jax.residuals(np.array([1, 2]), logits, 1e-30)
+  np.testing.assert_allclose(cold[0], [-1.0, 1.0, 0.0])  # T -> 0: p is one-hot on the argmax
+
+
+def test_regression_residuals():
+  got = resmem_jax.regression_residuals(np.array([1.0, 2.0, -3.0]), np.array([0.5, 2.5, -1.0]))
+  np.testing.assert_allclose(got, [[0.5], [-0.5], [-2.0]])
+  assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), "hot"])
+def test_bad_temperature(temperature):
+  with pytest.raises(ValueError, match="temperature"):
+    resmem_jax.residuals(np.zeros(2, int), np.zeros((2, 3), np.float32), temperature)
+
+
+def test_bad_residual_inputs():
+  logits = np.zeros((3, 4), np.float32)
+  for labels in (np.zeros(2, int), np.array([0, 1, 4]), np.array([0.0, 1.0, 2.0])):
+    with pytest.raises(ValueError, match="labels"):
+      resmem_jax.residuals(labels, logits, 1.0)
+  with pytest.raises(ValueError, match="logits contains NaN"):
+    resmem_jax.residuals(np.zeros(3, int), np.full((3, 4), np.nan, np.float32), 1.0)
+  with pytest.raises(ValueError, match="logits must have 2"):
+    resmem_jax.residuals(np.zeros(3, int), np.zeros(3, np.float32), 1.0)
+  with pytest.raises(ValueError, match="shape"):
+    resmem_jax.regression_residuals(np.zeros(3), np.zeros(4))
+  with pytest.raises(ValueError, match="targets contains NaN"):
+    resmem_jax.regression_residuals(np.array([np.inf]), np.zeros(1))
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_sparse_top_m_keeps_label_and_most_negative(with_labels):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(50, 9)).astype(np.float32) * 3
+  labels = rng.integers(0, 9, size=50).astype(np.int32)
+  dense = resmem_jax.residuals(labels, logits, 2.0)
+  columns, values = map(np.asarray, residuals.sparse_top_m(dense, 3, labels if with_labels else None))
+  assert columns.shape == values.shape == (50, 4)
+  for i in range(50):
+    assert columns[i, 0] == labels[i]
+    others = [j for j in np.argsort(dense[i]) if j != labels[i]][:3]  # most negative
+    assert set(columns[i, 1:]) == set(others)
+    np.testing.assert_allclose(values[i], dense[i, columns[i]], atol=1e-6)
+  # m >= C - 1 keeps every entry: the sparse form is exact.
+  columns, values = residuals.sparse_top_m(dense, 20, labels)
+  np.testing.assert_allclose(np.asarray(predictor.scatter_rows(columns, values, 9)), dense, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- predictor
+
+
+def _np_weights(d, sigma):
+  return _softmax(-np.asarray(d, np.float64) / sigma)
+
+
+def test_weights_estimate_prediction_match_numpy():
+  rng = np.random.default_rng(1)
+  d = rng.uniform(0, 3, size=(10, 5)).astype(np.float32)
+  r = rng.normal(size=(10, 5, 4)).astype(np.float32)
+  base = rng.uniform(size=(10, 4)).astype(np.float32)
+  w = predictor.neighbour_weights(d, 0.7)
+  np.testing.assert_allclose(w, _np_weights(d, 0.7), atol=1e-6)
+  want = np.einsum("qk,qkc->qc", _np_weights(d, 0.7), r)
+  np.testing.assert_allclose(predictor.residual_estimate(w, r), want, atol=1e-5)
+  np.testing.assert_allclose(predictor.resmem_prediction(base, w, r), base + want, atol=1e-5)
+
+
+def test_sparse_rows_give_the_dense_estimate():
+  rng = np.random.default_rng(2)
+  q, k, c, m = 6, 4, 11, 3
+  columns = np.stack([rng.permutation(c)[:m] for _ in range(q * k)]).reshape(q, k, m)
+  values = rng.normal(size=(q, k, m)).astype(np.float32)
+  dense = np.zeros((q, k, c), np.float32)
+  np.put_along_axis(dense, columns, values, axis=-1)
+  w = predictor.neighbour_weights(rng.uniform(size=(q, k)), 0.5)
+  np.testing.assert_allclose(predictor.residual_estimate(w, values, columns, c),
+                             predictor.residual_estimate(w, dense), atol=1e-6)
+
+
+def test_tiny_sigma_is_nearest_neighbour_and_finite():
+  d = np.array([[0.3, 0.1, 0.2], [5.0, 5.0 + 1e-3, 7.0]], np.float32)
+  for sigma in (1e-6, 1e-30):
+    w = np.asarray(predictor.neighbour_weights(d, sigma))
+    assert np.all(np.isfinite(w))
+    np.testing.assert_array_equal(w, [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("inf"), float("nan"), "wide", np.ones(3)])
+def test_bad_sigma(sigma):
+  with pytest.raises(ValueError, match="sigma"):
+    predictor.check_sigma(sigma)
+
+
+def test_knn_distribution_and_mixture_match_numpy():
+  weights = np.array([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]], np.float32)
+  labels = np.array([[2, 0, 2], [1, 1, 3]], np.int32)
+  p_knn = np.asarray(predictor.knn_distribution(weights, labels, 4))
+  np.testing.assert_allclose(p_knn, [[0.3, 0, 0.7, 0], [0, 1, 0, 0]], atol=1e-7)
+  p = np.full((2, 4), 0.25, np.float32)
+  np.testing.assert_allclose(np.asarray(predictor.knnlm_mixture(p_knn, p, 0.2)),
+                             0.2 * p_knn + 0.8 * p, atol=1e-7)
+
+
+def test_base_prediction_is_tempered_softmax():
+  z = np.random.default_rng(3).normal(size=(5, 6)).astype(np.float32) * 4
+  for t in (0.5, 1.0, 4.0):
+    np.testing.assert_allclose(predictor.base_prediction(z, t), _softmax(z / t), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_match_numpy():
+  rng = np.random.default_rng(1)
+  pred = rng.normal(size=(50, 7)).astype(np.float32)
+  labels = rng.integers(0, 7, 50)
+  mask = rng.random(50) < 0.7
+  acc = np.mean((pred.argmax(-1) == labels)[mask])
+  assert float(metrics.accuracy(pred, labels, mask)) == pytest.approx(acc, abs=1e-6)
+  sq = np.sum((pred - np.eye(7)[labels]) ** 2, -1)[mask].mean()
+  assert float(metrics.squared_loss(pred, labels, mask)) == pytest.approx(sq, rel=1e-5)
+  ll = _floor_log_loss(pred, labels)[mask].mean()
+  assert float(metrics.log_loss(pred, labels, mask)) == pytest.approx(ll, rel=1e-5)
+  rows = metrics.per_row(pred, labels)
+  np.testing.assert_array_equal(np.asarray(rows["hit"]), pred.argmax(-1) == labels)
+
+
+def test_log_loss_rule_is_identity_on_distributions():
+  p = np.array([[0.2, 0.5, 0.3]], np.float32)
+  np.testing.assert_allclose(np.asarray(metrics.to_distribution(p)), p, rtol=1e-6)
+  assert float(metrics.log_loss(p, np.array([1]))) == pytest.approx(-np.log(0.5), rel=1e-6)
+
+
+def test_exact_memorization_reads_exactly_one():
+  labels = np.arange(1617) % 3
+  assert float(metrics.accuracy(np.eye(3, dtype=np.float32)[labels], labels)) == 1.0
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _sweep_problem(rng, n=60, q=13, c=6, kmax=5, temps=(0.5, 2.0)):
+  train_logits = rng.normal(size=(n, c)).astype(np.float32)
+  train_labels = rng.integers(0, c, n)
+  val_logits = rng.normal(size=(q, c)).astype(np.float32)
+  val_labels = rng.integers(0, c, q)
+  d = np.sort(rng.uniform(0.1, 2.0, size=(q, kmax)), axis=1).astype(np.float32)
+  ids = np.stack([rng.permutation(n)[:kmax] for _ in range(q)])
+  stores = {t: resmem_jax.residuals(train_labels, train_logits, t) for t in temps}
+  return train_labels, val_logits, val_labels, d, ids, stores
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sweep_matches_numpy_reference(sparse):
+  rng = np.random.default_rng(0)
+  train_labels, val_logits, val_labels, d, ids, stores = _sweep_problem(rng)
+  c = val_logits.shape[1]
+  if sparse:  # top_m = C - 1: the sparse form is exact, so the same reference applies
+    sparse_stores = {t: tuple(map(np.asarray, residuals.sparse_top_m(r, c - 1))) for t, r in stores.items()}
+    rows = lambda t, nb: (sparse_stores[t][1][nb], sparse_stores[t][0][nb])
+  else:
+    rows = lambda t, nb: (stores[t][nb], None)
+  sweep = selection.SelectionSweep(k_grid=(1, 3, 5), sigma_grid=(0.05, 0.5, 5.0),
+                                   temperature_grid=tuple(stores), num_classes=c,
+                                   lambda_grid=(0.25, 1.0), max_elements=64)  # several chunks
+  sweep.add(d[:7], ids[:7], val_logits[:7], val_labels[:7], rows, train_labels[ids[:7]])
+  sweep.add(d[7:], ids[7:], val_logits[7:], val_labels[7:], rows, train_labels[ids[7:]])
+  resmem_points, knn_points = sweep.points()
+  assert len(resmem_points) == 3 * 3 * 2 and len(knn_points) == 3 * 3 * 2 * 2
+  onehot = np.eye(c)
+  for point in resmem_points + knn_points:
+    w = _np_weights(d[:, :point.k], point.sigma)
+    p = _softmax(val_logits / point.temperature)
+    if point.knn_lambda is None:
+      pred = p + np.einsum("qk,qkc->qc", w, stores[point.temperature][ids[:, :point.k]])
+    else:
+      p_knn = np.einsum("qk,qkc->qc", w, onehot[train_labels[ids[:, :point.k]]])
+      pred = point.knn_lambda * p_knn + (1 - point.knn_lambda) * p
+    assert point.accuracy == pytest.approx(np.mean(pred.argmax(-1) == val_labels), abs=1e-6)
+    assert point.squared_loss == pytest.approx(
+        np.mean(np.sum((pred - onehot[val_labels]) ** 2, -1)), rel=1e-4)
+    assert point.log_loss == pytest.approx(np.mean(_floor_log_loss(pred, val_labels)), rel=1e-4)
+  base = sweep.base_scores()
+  assert base["accuracy"] == pytest.approx(np.mean(val_logits.argmax(-1) == val_labels))
+  assert base["log_loss"] == pytest.approx(np.mean(_floor_log_loss(_softmax(val_logits), val_labels)),
+                                           rel=1e-4)
+  assert sweep.count == 13
+
+
+def test_best_follows_each_criterion_and_breaks_ties_by_k():
+  points = [selection.GridPoint(4, 1.0, 1.0, accuracy=0.9, squared_loss=0.20, log_loss=0.5),
+            selection.GridPoint(2, 1.0, 1.0, accuracy=0.8, squared_loss=0.10, log_loss=0.6),
+            selection.GridPoint(1, 1.0, 1.0, accuracy=0.9, squared_loss=0.30, log_loss=0.4),
+            selection.GridPoint(8, 1.0, 1.0, accuracy=0.9, squared_loss=0.30, log_loss=0.4)]
+  assert selection.best(points, "squared_loss").k == 2
+  assert selection.best(points, "accuracy").k == 1  # 0.9 three times; lowest log loss; smaller k
+  assert selection.best(points, "log_loss").k == 1
+  with pytest.raises(ValueError, match="criterion"):
+    selection.best(points, "perplexity")
+
+
+def test_sweep_rejects_bad_input():
+  with pytest.raises(ValueError, match="k_grid"):
+    selection.SelectionSweep(k_grid=(), sigma_grid=(1.0,), temperature_grid=(1.0,), num_classes=3)
+  with pytest.raises(ValueError, match="knn_lambda_grid"):
+    selection.SelectionSweep(k_grid=(1,), sigma_grid=(1.0,), temperature_grid=(1.0,),
+                             num_classes=3, lambda_grid=(1.5,))
+  sweep = selection.SelectionSweep(k_grid=(4,), sigma_grid=(1.0,), temperature_grid=(1.0,),
+                                   num_classes=3)
+  rows = lambda t, nb: (np.zeros(nb.shape + (3,), np.float32), None)
+  with pytest.raises(ValueError, match="only 2 neighbours"):
+    sweep.add(np.ones((4, 2)), np.zeros((4, 2), int), np.zeros((4, 3)), np.zeros(4, int), rows)
+  with pytest.raises(ValueError, match="no rows"):
+    sweep.points()

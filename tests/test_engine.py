@@ -1,0 +1,232 @@
+"""The job engine end to end: embedded digits (no download) and TFDS image sets under mock data."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from resmem_jax import settings as settings_lib
+from resmem_jax.jobs import engine, report
+
+RESULT_KEYS = {"test_accuracy", "test_error", "test_squared_loss", "test_log_loss",
+               "validation_accuracy", "train_accuracy"}
+
+
+def _digits(**resmem):
+  from experiments.configs import digits
+  cfg = digits.get_config("tiny")
+  cfg.resmem.backend = resmem.pop("backend", "exact")
+  cfg.resmem.k_grid = (1, 4, 16)
+  cfg.resmem.sigma_grid = (0.1, 1.0, 10.0)
+  cfg.resmem.temperature_grid = (1.0, 2.0)
+  cfg.resmem.timing_repeats = 1
+  for key, value in resmem.items():
+    cfg.resmem[key] = value
+  return settings_lib.from_config(cfg)
+
+
+def _copy_without_memory(workdir, target):
+  if not target.exists():  # reuse the trained checkpoint, build a fresh memory
+    shutil.copytree(workdir, target, ignore=shutil.ignore_patterns("memory", "results.json"))
+  return target
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("digits_run")
+  return workdir, engine.run(_digits(), workdir, progress=False)
+
+
+def test_results_json_schema(digits_run):
+  workdir, results = digits_run
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  assert on_disk["dataset"] == "digits" and on_disk["row"] == "example"
+  assert on_disk["num_params"] > 0
+  assert on_disk["hparams"]["k"] in (1, 4, 16) and on_disk["hparams"]["temperature"] in (1.0, 2.0)
+  assert on_disk["hparams"]["chosen_on"] == "validation"
+  assert "knnlm" not in on_disk  # the kNN-LM head is off by default
+  for head in ("base", "resmem"):
+    assert set(on_disk[head]) >= RESULT_KEYS
+    assert on_disk[head]["test_error"] == pytest.approx(1 - on_disk[head]["test_accuracy"])
+  assert set(on_disk["memory"]) >= {"backend", "residual_format", "size", "dim", "reused"}
+  assert on_disk["memory"]["size"] == on_disk["num_rows"]["train"] == 1293
+  assert on_disk["num_rows"]["test"] == 360 and on_disk["num_rows"]["validation"] == 144
+  assert on_disk["timing"]["resmem_over_base"] > 0
+  assert on_disk["config"]["resmem"]["k_grid"] == [1, 4, 16]
+  # The base row is the trained model at T = 1: it matches the training loop's own evaluation.
+  assert on_disk["base"]["test_accuracy"] == pytest.approx(on_disk["training"]["test_accuracy"])
+  assert "test accuracy" in report.format_table(results)
+
+
+def test_resmem_memorizes_at_least_as_well_as_the_base(digits_run):
+  _, results = digits_run
+  assert results["resmem"]["train_accuracy"] >= results["base"]["train_accuracy"]
+
+
+def test_rerun_reuses_memory_and_gives_same_numbers(digits_run):
+  workdir, first = digits_run
+  mtimes = {p: p.stat().st_mtime_ns for p in (workdir / "memory").rglob("*") if p.is_file()}
+  assert mtimes
+  second = engine.run(_digits(), workdir, progress=False)
+  assert second["memory"]["reused"] is True
+  assert second["hparams"] == first["hparams"]
+  for head in ("base", "resmem"):
+    assert second[head]["test_accuracy"] == first[head]["test_accuracy"]
+  assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # memory files untouched
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_k1_memorizes_training_set_exactly(digits_run, backend):
+  """With k = 1 every training point finds itself: ResMem's training accuracy is exactly 100%."""
+  workdir, first = digits_run
+  sub = _copy_without_memory(workdir, workdir.parent / f"{workdir.name}_k1_{backend}")
+  results = engine.run(_digits(backend=backend, k=1, sigma=1.0, temperature=1.0), sub,
+                       progress=False)
+  assert results["hparams"]["chosen_on"] == "fixed"
+  assert results["num_rows"]["validation"] == 0  # nothing to choose: no validation pass
+  assert results["resmem"]["train_accuracy"] == 1.0
+  assert results["base"]["train_accuracy"] == pytest.approx(first["base"]["train_accuracy"])
+  assert results["base"]["train_accuracy"] < 1.0  # so the 100% is the memory's doing
+
+
+def test_sparse_residual_memory_through_the_engine(digits_run):
+  """The sparse top-m format end to end (the ImageNet / LM setting) on the trained digits model."""
+  workdir, _ = digits_run
+  sub = _copy_without_memory(workdir, workdir.parent / f"{workdir.name}_sparse")
+  results = engine.run(_digits(residual_format="sparse", top_m=3, k=1, sigma=1.0,
+                               temperature=1.0), sub, progress=False)
+  assert results["memory"]["residual_format"] == "sparse" and results["memory"]["top_m"] == 3
+  # top-m keeps the true label's entry exactly, so k = 1 still memorizes every training label
+  assert results["resmem"]["train_accuracy"] == 1.0
+
+
+def test_knnlm_head_on_an_image_job(digits_run):
+  """resmem.knnlm means the same in every job: the neighbours' labels mixed into p."""
+  workdir, first = digits_run
+  sub = _copy_without_memory(workdir, workdir.parent / f"{workdir.name}_knn")
+  results = engine.run(_digits(knnlm=True, knn_lambda_grid=(0.3, 1.0)), sub, progress=False)
+  assert results["hparams"]["knnlm"]["lambda"] in (0.3, 1.0)
+  assert set(results["knnlm"]) >= RESULT_KEYS
+  assert results["resmem"]["test_accuracy"] == first["resmem"]["test_accuracy"]  # same choice rule
+  assert "knnlm" in report.format_table(results)
+
+
+def test_scann_query_settings_tuned_on_validation(digits_run, tmp_path):
+  workdir, _ = digits_run
+  sub = _copy_without_memory(workdir, tmp_path / "tuned")
+  s = _digits(backend="scann", backend_options="mode=tree_ah,num_leaves=16", tune_recall=0.95)
+  results = engine.run(s, sub, progress=False)
+  tuning = results["memory"]["search_tuning"]
+  assert tuning["met_target"] and tuning["recall"] >= 0.95
+  manifest = json.loads((sub / "memory" / "index" / "manifest.json").read_text())
+  assert json.dumps(tuning["reorder"]) in json.dumps(manifest)
+  assert engine.run(s, sub, progress=False)["memory"]["search_tuning"] == tuning  # reused
+
+
+def test_tune_recall_on_a_brute_force_memory_fails_before_training(tmp_path):
+  with pytest.raises(settings_lib.SettingsError, match="brute force"):
+    engine.run(_digits(backend="scann", tune_recall=0.95), tmp_path / "w", progress=False)
+  assert not (tmp_path / "w").exists()
+
+
+def test_corrupt_saved_memory_gives_a_clear_error(digits_run):
+  workdir, _ = digits_run
+  sub = workdir.parent / f"{workdir.name}_corrupt"
+  shutil.copytree(workdir, sub)
+  keys = sub / "memory" / "index" / "keys.npy"
+  keys.write_bytes(keys.read_bytes()[:100])
+  with pytest.raises(ValueError, match="delete .*memory to rebuild"):
+    engine.run(_digits(), sub, progress=False)
+
+
+def _binary(*flags, workdir):
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.resmem", "--config=experiments/configs/digits.py:tiny",
+       f"--workdir={workdir}", *flags], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+      timeout=300)
+
+
+@pytest.mark.parametrize("flag,field", [
+    ("--config.resmem.backend=faiss", "resmem.backend"),
+    ("--config.resmem.select_by=acc", "resmem.select_by"),
+    ("--config.resmem.residual_format=sprse", "resmem.residual_format"),
+    ("--config.resmem.backend_options=mode=tre_ah", "resmem.backend_options"),
+    ("--config.data.name=svhn", "data.name"),
+])
+def test_binary_rejects_a_bad_field_before_any_work(tmp_path, flag, field):
+  proc = _binary(flag, workdir=tmp_path / "w")
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("config error: ") and field in last, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()  # no checkpoint folder, nothing written
+
+
+# ----------------------------------------------------------------------------- TFDS under mock data
+
+
+def _mock_settings(module_name, tmp_path, **data):
+  import importlib
+  cfg = importlib.import_module(f"experiments.configs.{module_name}").get_config("tiny")
+  cfg.data.data_dir = str(tmp_path / "tfds")
+  cfg.data.train_fraction = 1.0
+  for key, value in data.items():
+    cfg.data[key] = value
+  cfg.resmem.backend = "exact"
+  cfg.resmem.k_grid = (1, 4)
+  cfg.resmem.sigma_grid = (0.5, 2.0)
+  cfg.resmem.temperature_grid = (1.0,)
+  cfg.resmem.eval_batch_size = 16
+  cfg.resmem.timing_repeats = 1
+  return settings_lib.from_config(cfg)
+
+
+@pytest.mark.parametrize("name,shape,classes", [("svhn_cropped", (32, 32, 3), 10),
+                                                ("emnist/letters", (28, 28, 1), 37)])
+def test_any_tfds_image_classification_set_end_to_end(tmp_path, name, shape, classes):
+  """Data sets outside the built-in list, read from the TFDS builder's info."""
+  import tensorflow_datasets as tfds
+  s = _mock_settings("mnist", tmp_path, name=name, val_fraction=0.25)
+  with tfds.testing.mock_data(num_examples=48):
+    results = engine.run(s, tmp_path / "run", progress=False)
+  assert results["dataset"] == name
+  assert results["num_rows"] == {"train": 36, "validation": 12, "test": 48}
+  assert results["memory"]["size"] == 36
+  residuals = np.load(tmp_path / "run" / "memory" / "index" / "residuals.npy")
+  assert residuals.shape == (36, classes)  # one column per class of the TFDS ClassLabel
+  assert 0.0 <= results["resmem"]["test_accuracy"] <= 1.0
+  model_info = json.loads((tmp_path / "run" / "model_info.json").read_text())
+  assert tuple(model_info["input_shape"]) == shape
+
+
+def test_cifar100_paper_config_runs_end_to_end_on_mock_data(tmp_path):
+  """The CIFAR-100 config (CIFAR ResNet, augmentation) through train -> memory -> results."""
+  import tensorflow_datasets as tfds
+  s = _mock_settings("cifar100", tmp_path)
+  with tfds.testing.mock_data(num_examples=48):
+    results = engine.run(s, tmp_path / "run", progress=False)
+  assert results["dataset"] == "cifar100" and results["model"] == "cifar_resnet"
+  assert results["num_rows"]["test"] == 48
+  assert results["memory"]["size"] == results["num_rows"]["train"] > 0
+
+
+def test_imagenet_paper_config_runs_end_to_end_on_mock_data(tmp_path):
+  """The ImageNet config (ResNet, streamed input, sparse residuals) end to end under mock data."""
+  import tensorflow_datasets as tfds
+  from test_data_tfds import write_metadata
+  s = _mock_settings("imagenet", tmp_path, image_size=32, val_fraction=0.2)
+  write_metadata(tmp_path / "tfds", "imagenet2012", {"train": 40, "validation": 40})
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_FILES,
+                              data_dir=str(tmp_path / "tfds")):
+    results = engine.run(s, tmp_path / "run", progress=False)
+  assert results["dataset"] == "imagenet2012"
+  assert results["num_rows"]["validation"] > 0 and results["num_rows"]["test"] == 40
+  assert results["memory"]["size"] == results["num_rows"]["train"]
+  assert results["memory"]["residual_format"] == "sparse"
