@@ -153,11 +153,10 @@ def _binary(*flags, workdir):
       timeout=300)
 
 
+# Through the binary for two registries (memory backends, data sets); every other field's check is
+# tested in-process in test_settings.py.
 @pytest.mark.parametrize("flag,field", [
     ("--config.resmem.backend=faiss", "resmem.backend"),
-    ("--config.resmem.select_by=acc", "resmem.select_by"),
-    ("--config.resmem.residual_format=sprse", "resmem.residual_format"),
-    ("--config.resmem.backend_options=mode=tre_ah", "resmem.backend_options"),
     ("--config.data.name=svhn", "data.name"),
 ])
 def test_binary_rejects_a_bad_field_before_any_work(tmp_path, flag, field):

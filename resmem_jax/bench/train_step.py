@@ -49,28 +49,6 @@ def forward_matmul_flops(fn: Callable, *args) -> int:
   return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def _time_calls(fn, args, repeats: int) -> float:
-  """Seconds per call: the fastest of ``repeats`` timed calls after one warm-up call.
-
-  The minimum, not the mean, because on a shared machine other processes only ever add time.
-  """
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.min(times))
-
-
-def matmul_flops_per_second(n: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of an n x n x n float32 matmul: the practical peak of the machine."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  seconds = _time_calls(jax.jit(jnp.matmul), (a, b), repeats)
-  return 2.0 * n ** 3 / seconds
-
-
 def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "float32",
                          steps: int = 10, matmul_size: int = 2048,
                          conv_impl: str = "xla") -> dict:

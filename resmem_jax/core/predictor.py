@@ -30,19 +30,24 @@ def base_prediction(logits, temperature=1.0):
   return jax.nn.softmax(shifted / jnp.asarray(temperature, jnp.float32), axis=-1)
 
 
+def check_positive(value, name: str) -> float:
+  """``value`` as a float, or ValueError unless it is one positive finite number."""
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a single number, got an array of shape {np.shape(value)}")
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+  if not np.isfinite(number) or number <= 0:
+    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+  return number
+
+
 def check_sigma(sigma) -> float:
-  """``sigma`` as a float, or ValueError unless it is one positive finite number."""
+  """``sigma`` as a float (traced values pass through), or ValueError."""
   if isinstance(sigma, jax.core.Tracer):
     return sigma
-  if np.ndim(sigma) != 0:
-    raise ValueError(f"sigma must be a single number, got an array of shape {np.shape(sigma)}")
-  try:
-    value = float(sigma)
-  except (TypeError, ValueError):
-    raise ValueError(f"sigma must be a positive number, got {sigma!r}") from None
-  if not np.isfinite(value) or value <= 0:
-    raise ValueError(f"sigma must be positive and finite, got {sigma!r}")
-  return value
+  return check_positive(sigma, "sigma")
 
 
 def neighbour_weights(distances, sigma):

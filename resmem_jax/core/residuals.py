@@ -57,16 +57,6 @@ def _numeric(value, name: str, ndim: int | None = None) -> np.ndarray:
   return array
 
 
-def check_temperature(temperature) -> float:
-  try:
-    value = float(temperature)
-  except (TypeError, ValueError):
-    raise ValueError(f"temperature must be a positive number, got {temperature!r}") from None
-  if not np.isfinite(value) or value <= 0:
-    raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-  return value
-
-
 _classification_residuals_jit = jax.jit(classification_residuals)
 
 
@@ -78,7 +68,7 @@ def residuals(labels, logits, temperature=1.0) -> np.ndarray:
     logits: base-model logits ``[n, C]`` (floating point, finite).
     temperature: softmax temperature ``T > 0``.
   """
-  temperature = check_temperature(temperature)
+  temperature = predictor.check_positive(temperature, "temperature")
   logits = _numeric(logits, "logits", ndim=2)
   if not (np.issubdtype(logits.dtype, np.floating) or logits.dtype == jnp.bfloat16):
     raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
