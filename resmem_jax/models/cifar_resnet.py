@@ -8,38 +8,25 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from resmem_jax.models.resnet import (BasicBlock, Conv, batch_norm, check_conv_impl, check_width,
-                                      run_stages, scaled_channels)
+from resmem_jax.models.resnet import (BasicBlock, ResNet, check_conv_impl, check_width,
+                                      resnet_outputs, scaled_channels)
 from resmem_jax.settings import ModelSettings
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ResNet):
   """He et al. (2016) CIFAR ResNet: depth = 6n+2, three stages of n basic blocks at
   16, 32, 64 channels (times ``width``), 3x3 stem, global average pool, linear head."""
-  num_classes: int
-  depth: int = 20
-  width: float = 1.0
-  dtype: Any = jnp.float32
-  conv_impl: str = "xla"  # "im2col": convs as matmuls (faster training on CPU)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if (self.depth - 2) % 6 or self.depth < 8:
       raise ValueError(f"depth must be 6n+2 >= 8, got {self.depth}")
-    blocks = (self.depth - 2) // 6
-    channels = [scaled_channels(c, self.width) for c in (16, 32, 64)]
-    x = jnp.asarray(x, self.dtype)
-    x = Conv(channels[0], 3, padding=1, dtype=self.dtype, impl=self.conv_impl,
-             name="stem_conv")(x)
-    x = batch_norm(train, self.dtype)(name="stem_norm")(x)
-    x = nn.relu(x)
-    x = run_stages(x, (blocks,) * 3, channels, BasicBlock, self.dtype, train,
-                   self.conv_impl)
-    embedding = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
-    return logits.astype(jnp.float32), embedding.astype(jnp.float32)
+    return resnet_outputs(
+        x, num_classes=self.num_classes,
+        channels=[scaled_channels(c, self.width) for c in (16, 32, 64)],
+        stage_sizes=((self.depth - 2) // 6,) * 3, block_cls=BasicBlock, stem_kernel=3,
+        stem_strides=1, max_pool=False, dtype=self.dtype, train=train, conv_impl=self.conv_impl)
 
 
 def check(settings: ModelSettings) -> None:

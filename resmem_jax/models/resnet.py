@@ -86,49 +86,52 @@ def batch_norm(train: bool, dtype: Any):
                            epsilon=1e-5, dtype=dtype)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs with a residual connection (projection shortcut when the shape changes)."""
+class _Block(nn.Module):
+  """What every residual block shares: its fields, its conv / norm layers and its shortcut."""
   features: int
   strides: int
   dtype: Any
   train: bool
   conv_impl: str = "xla"
 
+  def layers(self):
+    """(conv, norm) constructors in this block's dtype and convolution implementation."""
+    return (functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl),
+            batch_norm(self.train, self.dtype))
+
+  def shortcut(self, x, out_features: int, conv, norm):
+    """Identity, or a 1x1 projection where the block changes the shape."""
+    if self.strides != 1 or x.shape[-1] != out_features:
+      x = conv(out_features, 1, strides=self.strides, name="shortcut_conv")(x)
+      x = norm(name="shortcut_norm")(x)
+    return x
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs with a residual connection (projection shortcut when the shape changes)."""
+
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl)
-    norm = batch_norm(self.train, self.dtype)
+    conv, norm = self.layers()
     y = conv(self.features, 3, strides=self.strides, padding=1)(x)
     y = nn.relu(norm()(y))
     y = conv(self.features, 3, padding=1)(y)
     y = norm()(y)
-    if self.strides != 1 or x.shape[-1] != self.features:
-      x = conv(self.features, 1, strides=self.strides, name="shortcut_conv")(x)
-      x = norm(name="shortcut_norm")(x)
-    return nn.relu(x + y)
+    return nn.relu(self.shortcut(x, self.features, conv, norm) + y)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
   """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a residual connection."""
-  features: int
-  strides: int
-  dtype: Any
-  train: bool
-  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl)
-    norm = batch_norm(self.train, self.dtype)
+    conv, norm = self.layers()
     out_features = 4 * self.features
     y = nn.relu(norm()(conv(self.features, 1)(x)))
     y = conv(self.features, 3, strides=self.strides, padding=1)(y)
     y = nn.relu(norm()(y))
     y = norm()(conv(out_features, 1)(y))
-    if self.strides != 1 or x.shape[-1] != out_features:
-      x = conv(out_features, 1, strides=self.strides, name="shortcut_conv")(x)
-      x = norm(name="shortcut_norm")(x)
-    return nn.relu(x + y)
+    return nn.relu(self.shortcut(x, out_features, conv, norm) + y)
 
 
 def run_stages(x, stage_sizes: Sequence[int], stage_channels: Sequence[int], block_cls,
@@ -141,31 +144,48 @@ def run_stages(x, stage_sizes: Sequence[int], stage_channels: Sequence[int], blo
   return x
 
 
-class ImageNetResNet(nn.Module):
-  """ResNet-18/34 (basic blocks) and 50/101 (bottleneck blocks) for 224x224 ImageNet."""
+def resnet_outputs(x, *, num_classes: int, channels: Sequence[int], stage_sizes: Sequence[int],
+                   block_cls, stem_kernel: int, stem_strides: int, max_pool: bool, dtype, train,
+                   conv_impl) -> tuple:
+  """Stem conv + norm, the stages, global average pool (the embedding), linear head.
+
+  Both ResNet families; called from their compact ``__call__`` (the layers are its children).
+  """
+  x = jnp.asarray(x, dtype)
+  x = Conv(channels[0], stem_kernel, strides=stem_strides, padding=stem_kernel // 2, dtype=dtype,
+           impl=conv_impl, name="stem_conv")(x)
+  x = nn.relu(batch_norm(train, dtype)(name="stem_norm")(x))
+  if max_pool:
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  x = run_stages(x, stage_sizes, channels, block_cls, dtype, train, conv_impl)
+  embedding = jnp.mean(x, axis=(1, 2))
+  logits = nn.Dense(num_classes, dtype=dtype, name="head")(embedding)
+  return logits.astype(jnp.float32), embedding.astype(jnp.float32)
+
+
+class ResNet(nn.Module):
+  """Fields of both ResNet families (``depth`` is family-specific, ``width`` multiplies channels)."""
   num_classes: int
-  depth: int = 50
+  depth: int
   width: float = 1.0
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"  # "im2col": convs as matmuls (faster training on CPU)
+  conv_impl: str = "xla"  # "im2col": convs as matmuls
+
+
+class ImageNetResNet(ResNet):
+  """ResNet-18/34 (basic blocks) and 50/101 (bottleneck blocks) for 224x224 ImageNet."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.depth not in IMAGENET_DEPTHS:
       raise ValueError(f"depth must be one of {sorted(IMAGENET_DEPTHS)}, got {self.depth}")
     stage_sizes, bottleneck = IMAGENET_DEPTHS[self.depth]
-    channels = [scaled_channels(c, self.width) for c in (64, 128, 256, 512)]
-    x = jnp.asarray(x, self.dtype)
-    x = Conv(channels[0], 7, strides=2, padding=3, dtype=self.dtype, impl=self.conv_impl,
-             name="stem_conv")(x)
-    x = batch_norm(train, self.dtype)(name="stem_norm")(x)
-    x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    block_cls = BottleneckBlock if bottleneck else BasicBlock
-    x = run_stages(x, stage_sizes, channels, block_cls, self.dtype, train, self.conv_impl)
-    embedding = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
-    return logits.astype(jnp.float32), embedding.astype(jnp.float32)
+    return resnet_outputs(
+        x, num_classes=self.num_classes,
+        channels=[scaled_channels(c, self.width) for c in (64, 128, 256, 512)],
+        stage_sizes=stage_sizes, block_cls=BottleneckBlock if bottleneck else BasicBlock,
+        stem_kernel=7, stem_strides=2, max_pool=True, dtype=self.dtype, train=train,
+        conv_impl=self.conv_impl)
 
 
 def check_conv_impl(settings: ModelSettings) -> None:
