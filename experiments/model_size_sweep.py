@@ -24,11 +24,11 @@ def main(argv):
   from resmem_jax import settings  # pylint: disable=g-import-not-at-top
   from resmem_jax.jobs import report, sweeps  # pylint: disable=g-import-not-at-top
   values = [float(v) if "." in v else int(v) for v in _VALUES.value]
-  with common_flags.config_errors():
+  with common_flags.user_errors():
     out = sweeps.model_size_sweep(settings.from_config(_CONFIG.value), _WORKDIR.value,
                                   _FIELD.value, values)
   print(report.format_sweep(out, _FIELD.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common_flags.run(main)

@@ -16,4 +16,4 @@ from absl import app
 from experiments import resmem
 
 if __name__ == "__main__":
-  app.run(resmem.main)
+  common_flags.run(resmem.main)

@@ -22,11 +22,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from resmem_jax import settings  # pylint: disable=g-import-not-at-top
   from resmem_jax.jobs import report, sweeps  # pylint: disable=g-import-not-at-top
-  with common_flags.config_errors():
+  with common_flags.user_errors():
     out = sweeps.sample_size_sweep(settings.from_config(_CONFIG.value), _WORKDIR.value,
                                    [float(f) for f in _FRACTIONS.value])
   print(report.format_sweep(out, "data.train_fraction"))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common_flags.run(main)

@@ -202,13 +202,23 @@ def _convert(path: str, value, hint):
   raise TypeError(f"unsupported settings type {hint} for {path}")
 
 
+def unknown_field_message(path: str) -> str:
+  """``unknown config field <path> (did you mean ...?); <section> fields are: ...``."""
+  section, _, name = path.rpartition(".")
+  if section in SECTIONS:
+    fields = sorted(f.name for f in dataclasses.fields(SECTIONS[section]))
+    return (f"unknown config field {path}{_suggest(name, fields)}; {section} fields are: "
+            f"{', '.join(fields)}")
+  known = ["seed"] + sorted(SECTIONS)
+  return (f"unknown config field {path}{_suggest(path.split('.')[0], known)}; top-level fields "
+          f"are: {', '.join(known)}")
+
+
 def _section(cls, path: str, values: dict):
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - fields)
   if unknown:
-    name = unknown[0]
-    raise SettingsError(f"unknown config field {path}.{name}{_suggest(name, fields)}; "
-                        f"{path} fields are: {', '.join(sorted(fields))}")
+    raise SettingsError(unknown_field_message(f"{path}.{unknown[0]}"))
   hints = _hints(cls)
   return cls(**{name: _convert(f"{path}.{name}", value, hints[name])
                 for name, value in values.items()})
@@ -217,12 +227,9 @@ def _section(cls, path: str, values: dict):
 def from_config(config) -> Settings:
   """Typed, checked :class:`Settings` from a ConfigDict / dict; raises SettingsError."""
   values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  known = {"seed"} | set(SECTIONS)
-  unknown = sorted(set(values) - known)
+  unknown = sorted(set(values) - ({"seed"} | set(SECTIONS)))
   if unknown:
-    name = unknown[0]
-    raise SettingsError(f"unknown config field {name}{_suggest(name, known)}; top-level fields "
-                        f"are: {', '.join(sorted(known))}")
+    raise SettingsError(unknown_field_message(unknown[0]))
   sections = {}
   for section, cls in SECTIONS.items():
     given = values.get(section) or {}

@@ -134,16 +134,6 @@ def test_tune_recall_on_a_brute_force_memory_fails_before_training(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-def test_corrupt_saved_memory_gives_a_clear_error(digits_run):
-  workdir, _ = digits_run
-  sub = workdir.parent / f"{workdir.name}_corrupt"
-  shutil.copytree(workdir, sub)
-  keys = sub / "memory" / "index" / "keys.npy"
-  keys.write_bytes(keys.read_bytes()[:100])
-  with pytest.raises(ValueError, match="delete .*memory to rebuild"):
-    engine.run(_digits(), sub, progress=False)
-
-
 def _binary(*flags, workdir):
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   env.pop("XLA_FLAGS", None)

@@ -228,6 +228,14 @@ def test_bad_inputs():
     memory.residual_rows(np.array([[-1]]))
   with pytest.raises(ValueError, match="unknown scann backend options"):
     build(keys, res, backend="scann", block_size=3)
+  # Metadata is saved as JSON: NumPy scalars and tuples convert, other objects are refused
+  # rather than saved as their str.
+  assert build(keys, res, metadata={"step": np.int64(3), "T": np.float32(0.5), "ks": (1, 2)}
+               ).metadata == {"step": 3, "T": 0.5, "ks": [1, 2]}
+  with pytest.raises(ValueError, match="metadata must be JSON-serialisable: object <object"):
+    build(keys, res, metadata={"x": object()})
+  with pytest.raises(ValueError, match="metadata must be a dict, got list"):
+    build(keys, res, metadata=[1])
 
 
 def test_multi_device_exact_equals_single_device():

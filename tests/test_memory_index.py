@@ -85,6 +85,13 @@ def test_an_index_returning_too_few_candidates_is_caught(numpy_backend, monkeypa
   monkeypatch.setattr(NumpyIndex, "candidates", lambda self, q, k: np.zeros((len(q), k - 1), np.int32))
   with pytest.raises(ValueError, match="at least min\\(k, size\\) ids"):
     memory.search(keys[:2], 3)
+  # Wide enough but short of distinct real ids: repeated, -1 or out of range.
+  for bad in ([0, 0, 0, 0], [0, 1, -1, -1], [0, 1, 20, 21]):
+    monkeypatch.setattr(NumpyIndex, "candidates",
+                        lambda self, q, k, bad=bad: np.tile(np.int32(bad), (len(q), 1)))
+    with pytest.raises(ValueError, match=r"NumpyIndex.candidates returned fewer than k=3 distinct "
+                                         r"ids in \[0, 20\) for some queries"):
+      memory.search(keys[:2], 3)
 
 
 @pytest.mark.parametrize("backend,options", [

@@ -1,4 +1,6 @@
-"""Save/load round trips and detection of damaged memories."""
+"""Save/load round trips and detection of damaged memories: files, and a manifest that checks
+itself."""
+import hashlib
 import json
 import os
 
@@ -92,39 +94,137 @@ def test_corrupt_scann_index_files(tmp_path):
     load_memory(path)
 
 
-def test_mismatched_manifest(tmp_path):
+def _signed(manifest):
+  """``manifest`` with a valid manifest_sha256 (the documented canonical JSON), as an editor
+  who knows the format would write it: what the deeper checks have to catch."""
+  body = {name: value for name, value in manifest.items() if name != "manifest_sha256"}
+  canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+  return dict(body, manifest_sha256=hashlib.sha256(canonical.encode()).hexdigest())
+
+
+@pytest.fixture(name="scann_saved")
+def fixture_scann_saved(tmp_path):
   path = tmp_path / "mem"
   _memory("scann").save(path)
-  original = json.loads((path / "manifest.json").read_text())
+  return path, json.loads((path / "manifest.json").read_text())
 
-  def write(**changes):
-    manifest = json.loads(json.dumps(original))
-    manifest.update(changes)
-    (path / "manifest.json").write_text(json.dumps(manifest))
 
-  write(n=999)
-  with pytest.raises(ValueError, match="manifest says"):
-    load_memory(path)
-  write(format_version=1)
-  with pytest.raises(ValueError, match="format_version 1"):
-    load_memory(path)
-  write(backend="annoy")
-  with pytest.raises(ValueError, match="names backend 'annoy'"):
-    load_memory(path)
-  write(index=dict(original["index"], indexed=0))
-  with pytest.raises(ValueError, match="indexed count 0"):
-    load_memory(path)
-  write(index={"indexed": 400})
-  with pytest.raises(ValueError, match="index info lacks"):
-    load_memory(path)
-  write(labels=False, num_outputs=4)
-  with pytest.raises(ValueError, match="residuals array has shape"):
-    load_memory(path)
-  (path / "manifest.json").write_text("{not json")
-  with pytest.raises(ValueError, match="corrupt"):
-    load_memory(path)
-  write()
+def _write_manifest(path, manifest):
+  (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _changed(original, drop=(), **changes):
+  manifest = json.loads(json.dumps(original))
+  manifest.update(changes)
+  for name in drop:
+    del manifest[name]
+  return manifest
+
+
+def test_the_manifest_checks_itself(scann_saved):
+  path, original = scann_saved
+  assert original["manifest_sha256"] == _signed(original)["manifest_sha256"]
+  center = original["index"]["center"]
+  tampered = {
+      "files emptied": _changed(original, files={}),
+      "scann centre edited": _changed(original, index=dict(original["index"],
+                                                           center=[c + 0.5 for c in center])),
+      "backend swapped": _changed(original, backend="exact"),
+      "field deleted": _changed(original, drop=["top_m"]),
+      "checksum deleted": _changed(original, drop=["manifest_sha256"]),
+      "n edited": _changed(original, n=999),
+      "metadata edited": _changed(original, metadata={"step": 1}),
+  }
+  for what, manifest in tampered.items():
+    _write_manifest(path, manifest)
+    with pytest.raises(ValueError, match=r"manifest.json does not match its own checksum "
+                                         r"\(manifest_sha256\): it was edited or damaged; "
+                                         r"rebuild the memory") as err:
+      load_memory(path)
+    assert str(err.value).startswith(str(path / "manifest.json")), what
+  for data, message in [(b"{not json", "is not valid JSON"), (b"[1, 2]", "is not a JSON object"),
+                        (b"", "is not valid JSON"), (b"\x80\x81", "is not valid JSON")]:
+    (path / "manifest.json").write_bytes(data)
+    with pytest.raises(ValueError, match=f"manifest.json {message}.*; rebuild the memory"):
+      load_memory(path)
+  _write_manifest(path, original)
   assert load_memory(path).size == 400  # intact again
+
+
+def test_a_re_signed_manifest_is_still_checked_field_by_field(scann_saved):
+  path, original = scann_saved
+  cases = [
+      (_changed(original, files={}), r"lists no files \(files is empty\)"),
+      (_changed(original, drop=["top_m"]), r"lacks the fields \['top_m'\]"),
+      (_changed(original, extra=1), r"has unknown fields \['extra'\]"),
+      (_changed(original, n="400"), r"field n has the wrong type \('400'\)"),
+      (_changed(original, labels=1), r"field labels has the wrong type \(1\)"),
+      (_changed(original, format_version=2), r"has format_version 2, this code reads 3"),
+      (_changed(original, backend="annoy"), r"names backend 'annoy'"),
+      (_changed(original, key_dtype="float64"), r"key_dtype must be 'float32'"),
+      (_changed(original, top_m=None, residual_format="sparse"), r"field top_m is None"),
+      (_changed(original, residual_dtypes={"values": "float32"}), r"residual_dtypes"),
+      (_changed(original, files=dict(original["files"],
+                                     **{"../x.npy": original["files"]["keys.npy"]})),
+       r"files names '../x.npy'"),
+      (_changed(original, files={k: v for k, v in original["files"].items() if k != "labels.npy"}),
+       r"files lists the data files"),
+      (_changed(original, files=dict(original["files"], **{"keys.npy": {"bytes": 1}})),
+       r"files entry 'keys.npy' must be"),
+      # Past the manifest's own checks: the files and the backend's load disagree.
+      (_changed(original, n=999), r"keys.npy has shape \(400, 6\).*the manifest says \(999, 6\)"),
+      (_changed(original, backend="exact"),
+       r"cannot load the exact index.*unknown exact index info"),
+      (_changed(original, index=dict(original["index"], indexed=0)), "indexed count 0"),
+      (_changed(original, index={"indexed": 400}), "index info lacks"),
+      (_changed(original, index=dict(original["index"], center=[0.0])), "scann center has shape"),
+      (_changed(original, labels=False, num_outputs=4,
+                files={k: v for k, v in original["files"].items() if k != "labels.npy"}),
+       "labels.npy is not listed in the manifest"),
+  ]
+  for manifest, message in cases:
+    _write_manifest(path, _signed(manifest))
+    with pytest.raises(ValueError, match=message) as err:
+      load_memory(path)
+    assert "rebuild the memory" in str(err.value), message
+  _write_manifest(path, _signed(_changed(original, residual_dtypes={"residuals": "float16"})))
+  with pytest.raises(ValueError,
+                     match=r"residuals.npy has shape .* the manifest says any shape float16"):
+    load_memory(path)
+  _write_manifest(path, original)
+  assert load_memory(path).size == 400
+
+
+def test_files_must_be_exactly_those_listed(scann_saved):
+  path, original = scann_saved
+  (path / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match=r"mem/notes.txt is not listed in the manifest .*\(an extra "
+                                       r"file\); rebuild the memory"):
+    load_memory(path)
+  (path / "notes.txt").unlink()
+  (path / "index" / "extra.pb").write_bytes(b"x")
+  with pytest.raises(ValueError, match=r"index/extra.pb is not listed"):
+    load_memory(path)
+  (path / "index" / "extra.pb").unlink()
+  (path / "index" / "scann_config.pb").unlink()
+  with pytest.raises(ValueError, match=r"index/scann_config.pb listed in the manifest is missing"):
+    load_memory(path)
+  assert original["files"]
+
+
+def test_scann_load_never_writes_into_the_memory(tmp_path):
+  # A re-signed manifest naming scann over an exact memory (no ScaNN files): ScaNN would write a
+  # scann_assets.pbtxt of its own into the folder; the index refuses first.
+  path = tmp_path / "mem"
+  _memory("exact").save(path)
+  exact_manifest = json.loads((path / "manifest.json").read_text())
+  scann_info = {"indexed": 400, "center": [0.0] * 6, "scale_exponent": 0,
+                "requested": {}, "options": {"mode": "brute_force", "distance": "mips_l2",
+                                             "reorder": 0}}
+  _write_manifest(path, _signed(_changed(exact_manifest, backend="scann", index=scann_info)))
+  with pytest.raises(ValueError, match="scann_assets.pbtxt is missing"):
+    load_memory(path)
+  assert os.listdir(path / "index") == []
 
 
 def test_missing(tmp_path):

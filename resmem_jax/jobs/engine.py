@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
@@ -52,6 +53,7 @@ class BaseModel:
   apply_fn: Callable  # (variables, inputs) -> (logits, embedding)
   variables: Any
   step: int
+  digest: str  # sha256 of the variables' content: what the memory is keyed by
   num_params: int
   num_classes: int
 
@@ -97,8 +99,13 @@ def chunk_rows(num_classes: int, low: int = 256, high: int = 65536) -> int:
 
 
 def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
-        progress: bool = True) -> dict:
-  """Trains (if needed), memorizes, selects, evaluates; writes and returns ``results.json``."""
+        progress: bool = True, start_over: bool = False) -> dict:
+  """Trains (if needed), memorizes, selects, evaluates; writes and returns ``results.json``.
+
+  Everything is checked before any work: the settings, the data set's shape and the workdir's
+  record (a model trained with other settings is refused; ``start_over`` moves that run to
+  WORKDIR/superseded/ first).
+  """
   from resmem_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from resmem_jax import training  # pylint: disable=g-import-not-at-top
 
@@ -109,10 +116,9 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   _check_before_training(settings, dataset)
 
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  training_metrics = training.train_and_evaluate(dataset, settings.model, settings.train,
-                                                 settings.seed, workdir, progress=progress)
-  model = _base_model(workdir, settings, info.num_classes)
+  trained = training.train_model(settings, dataset, workdir, start_over=start_over,
+                                 progress=progress)
+  model = _base_model(trained, info.num_classes)
   passes = Passes(dataset, model, settings.resmem.eval_batch_size, progress)
 
   memory, choice, tuning, reused = _memory(settings, passes, workdir)
@@ -120,7 +126,7 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   train_eval = (evaluate(passes, memory, choice, settings.resmem, "train", timed=False)
                 if settings.resmem.evaluate_train else None)
   results = assemble_results(settings, info, model, memory, choice, tuning, reused,
-                             evaluation, train_eval, training_metrics)
+                             evaluation, train_eval, trained.metrics)
   if jax.process_index() == 0:
     jsonio.write_json_atomic(workdir / "results.json", results)
   logging.info("wrote %s", workdir / "results.json")
@@ -146,14 +152,13 @@ def _check_before_training(settings, dataset) -> None:
           "partitioned index, or unset resmem.tune_recall")
 
 
-def _base_model(workdir: pathlib.Path, settings, num_classes: int) -> BaseModel:
+def _base_model(trained, num_classes: int) -> BaseModel:
   from resmem_jax import models  # pylint: disable=g-import-not-at-top
-  from resmem_jax import training  # pylint: disable=g-import-not-at-top
-  module, variables, step = training.restore_model(workdir, settings.model, settings.train.dtype)
-  mesh = mesh_lib.data_mesh()
+  module = trained.module
   return BaseModel(apply_fn=lambda v, x: module.apply(v, x, train=False),
-                   variables=mesh_lib.replicate(variables, mesh), step=int(step),
-                   num_params=models.count_params(jax.device_get(variables)),
+                   variables=mesh_lib.replicate(trained.variables, mesh_lib.data_mesh()),
+                   step=int(trained.step), digest=trained.digest,
+                   num_params=models.count_params(trained.variables),
                    num_classes=int(num_classes))
 
 
@@ -164,14 +169,16 @@ def _temperatures(r: settings_lib.ResMemSettings) -> tuple[float, ...]:
   return (r.temperature,) if r.temperature is not None else tuple(r.temperature_grid)
 
 
-def memory_signature(settings: settings_lib.Settings, step: int) -> dict:
-  """What the saved memory and its choice were made from; a rerun reuses them only when equal."""
+def memory_signature(settings: settings_lib.Settings, model_digest: str) -> dict:
+  """What the saved memory and its choice were made from: the model's content (not its step), the
+  rows it holds and every memory / selection setting. A rerun reuses them only when equal."""
   d, r = settings.data, settings.resmem
   return {
       "data": {"name": d.name, "val_fraction": d.val_fraction, "train_fraction": d.train_fraction,
                "split_seed": d.split_seed, "image_size": d.image_size, "seq_len": d.seq_len,
-               "max_split_tokens": d.max_split_tokens},
-      "seed": settings.seed, "checkpoint_step": int(step),
+               "max_split_tokens": d.max_split_tokens, "vocab_size": d.vocab_size,
+               "vocab_documents": d.vocab_documents},
+      "model_digest": model_digest,
       "resmem": settings_lib.json_ready({name: getattr(r, name) for name in (
           "backend", "backend_options", "residual_format", "top_m", "k", "sigma", "temperature",
           "k_grid", "sigma_grid", "sigma_relative", "temperature_grid", "select_by", "knnlm",
@@ -180,32 +187,44 @@ def memory_signature(settings: settings_lib.Settings, step: int) -> dict:
 
 
 def _memory(settings, passes: Passes, workdir: pathlib.Path):
-  """(memory, choice, search tuning, reused): the saved memory when it matches, else built."""
-  from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
-  mem_dir = workdir / MEMORY_DIR
-  signature = memory_signature(settings, passes.model.step)
-  state_path = mem_dir / STATE_FILE
-  if state_path.exists() and (mem_dir / "index").exists():
-    try:
-      state = json.loads(state_path.read_text())
-    except (OSError, ValueError) as err:
-      logging.warning("ignoring unreadable %s (%s); rebuilding the memory", state_path, err)
-      state = {}
-    if state.get("signature") == signature:
-      try:
-        memory = memory_lib.load_memory(mem_dir / "index")
-      except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"the saved memory in {mem_dir} cannot be used ({err}); delete "
-                         f"{mem_dir} to rebuild it from the checkpoint") from err
-      logging.info("reusing the memory in %s", mem_dir)
-      return memory, Choice(**state["choice"]), state.get("tuning"), True
+  """(memory, choice, search tuning, reused): the saved memory when it matches, else built.
 
+  A saved memory or state file that cannot be read is a cache: it is set aside (never deleted)
+  with a warning and the memory is built again.
+  """
+  mem_dir = workdir / MEMORY_DIR
+  signature = memory_signature(settings, passes.model.digest)
+  saved = _saved_memory(mem_dir, signature)
+  if saved is not None:
+    return (*saved, True)
   memory, choice, tuning = build_and_select(settings.resmem, passes, settings.data.name)
   if jax.process_index() == 0:
     memory.save(mem_dir / "index")
-    jsonio.write_json_atomic(state_path, {"signature": signature,
-                                          "choice": dataclasses.asdict(choice), "tuning": tuning})
+    jsonio.write_json_atomic(mem_dir / STATE_FILE, {
+        "signature": signature, "choice": dataclasses.asdict(choice), "tuning": tuning})
   return memory, choice, tuning, False
+
+
+def _saved_memory(mem_dir: pathlib.Path, signature: dict):
+  """(memory, choice, tuning) saved for ``signature``, or None (missing, other, unreadable)."""
+  from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  state_path, index_path = mem_dir / STATE_FILE, mem_dir / "index"
+  if not state_path.exists() or not index_path.exists():
+    return None
+  try:
+    state = json.loads(state_path.read_text())
+    if state["signature"] != signature:
+      return None
+    choice = Choice(**state["choice"])
+    memory = memory_lib.load_memory(index_path)
+    return memory, choice, state.get("tuning")
+  except (OSError, ValueError, KeyError, TypeError) as err:
+    if jax.process_index() == 0:
+      aside = mem_dir.with_name(f"{mem_dir.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+      mem_dir.rename(aside)
+      logging.warning("the saved memory in %s cannot be used (%s); moved it to %s and building "
+                      "the memory again", mem_dir, err, aside)
+    return None
 
 
 def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_name: str):
@@ -221,7 +240,8 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
   num_classes = passes.model.num_classes
   stores = {t: store_lib.store_from_arrays(arrays, r.residual_format, num_classes, r.top_m)
             for t, arrays in train.residuals.items()}
-  metadata = {"dataset": dataset_name, "checkpoint_step": passes.model.step}
+  metadata = {"dataset": dataset_name, "checkpoint_step": passes.model.step,
+              "model_digest": passes.model.digest}
   options = memory_lib.parse_backend_options(r.backend_options)
   memory = memory_lib.memory_from_store(train.embeddings, stores[temperatures[0]], r.backend,
                                         labels=train.labels, metadata=metadata, **options)
@@ -426,7 +446,6 @@ def evaluate(passes: Passes, memory, choice: Choice, r: settings_lib.ResMemSetti
 
 
 def _time_prediction(passes, memory, choice, split, forward, rows_per_chunk, repeats) -> dict:
-  import time  # pylint: disable=g-import-not-at-top
   res = choice.resmem
   forward_s, query_s = [], []
   for _ in range(max(1, repeats)):
@@ -475,7 +494,7 @@ def assemble_results(settings, info, model: BaseModel, memory, choice: Choice, t
   row = "token" if info.input_dtype == "int32" else "example"
   results = {
       "dataset": info.name, "model": settings.model.name, "num_params": model.num_params,
-      "checkpoint_step": model.step, "row": row,
+      "checkpoint_step": model.step, "model_digest": model.digest, "row": row,
       "num_rows": {"train": int(memory.size), "validation": int(choice.validation_rows),
                    "test": int(evaluation["rows"])},
       **blocks,

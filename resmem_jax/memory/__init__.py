@@ -17,7 +17,9 @@ memorizes, for the kNN-LM head). It finds neighbours and returns their rows; the
               recall reference
   scann.py    ``scann``: ScaNN, with an exact side buffer for keys added after the build
   store.py    residual formats ``dense``, ``bfloat16``, ``sparse`` (with their error bounds)
+  scaling.py  power-of-two scaling of keys and queries (no float32 overflow), the input limit
   io.py       the saved layout, manifest and checksums
+  atomic_dir.py  replacing a folder so that a kill leaves the old or the new one
   tuning.py   query-time settings tuned to a recall target on real queries
 
 Every backend's candidates are re-ranked once by directly computed distance, so returned
@@ -44,6 +46,16 @@ __all__ = ["Memory", "build_memory", "memory_from_store", "load_memory", "parse_
            "check_options", "has_query_settings", "BACKENDS", "FORMATS"]
 
 
+def _json_value(value):
+  """ConfigDicts and NumPy / JAX scalars as JSON values; anything else is refused (not turned
+  into its ``str``, which would not load back as what was saved)."""
+  if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+    return value.to_dict()
+  if hasattr(value, "item") and np.ndim(value) == 0:
+    return value.item()
+  raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
+
+
 def _json_metadata(metadata) -> dict:
   if metadata is None:
     return {}
@@ -52,7 +64,7 @@ def _json_metadata(metadata) -> dict:
   if not isinstance(metadata, dict):
     raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
   try:
-    return json.loads(json.dumps(metadata, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o)))
+    return json.loads(json.dumps(metadata, default=_json_value))
   except (TypeError, ValueError) as err:
     raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
 
@@ -126,10 +138,11 @@ class Memory:
   def search(self, queries, k: int):
     """k nearest keys by Euclidean distance.
 
-    Returns ``(distances [q, k] float32, NOT squared, ascending; ids [q, k] int32)``. ``exact``
-    is exact; ``scann`` is approximate in which ids it returns but its distances are exactly
-    those of the returned ids. Ties go to the lower id. Where an approximate index found fewer
-    than k candidates the missing ids are -1 at distance inf.
+    Returns ``(distances [q, k] float32, NOT squared, ascending; ids [q, k] int32)``: k distinct
+    real ids per query, always. ``exact`` is exact; ``scann`` is approximate in which ids it
+    returns but its distances are exactly those of the returned ids. Ties go to the lower id
+    (``scann`` may return another of equally distant keys). Keys and queries may have any
+    magnitude up to 2**100 (see :mod:`resmem_jax.memory.scaling`).
     """
     queries = checks.queries(queries, self.dim)
     k = checks.neighbour_count(k, self.size)
@@ -140,7 +153,13 @@ class Memory:
       raise ValueError(f"{type(self._index).__name__}.candidates returned shape "
                        f"{candidates.shape} for {queries.shape[0]} queries and k={k}; an index "
                        f"must return at least min(k, size) ids per query")
-    return rerank_exact(queries, self._keys, candidates, k)
+    distances, ids = rerank_exact(queries, self._keys, candidates, k)
+    ordered = np.sort(ids, axis=1)
+    if ordered[:, 0].min() < 0 or np.any(ordered[:, 1:] == ordered[:, :-1]):
+      raise ValueError(f"{type(self._index).__name__}.candidates returned fewer than k={k} "
+                       f"distinct ids in [0, {self.size}) for some queries; an index must return "
+                       "at least min(k, size) distinct ids per query")
+    return distances, ids
 
   def residual_rows(self, ids):
     """The store's rows of memory ``ids``: ``(values float32 [..., C], None)`` for dense and
@@ -165,7 +184,7 @@ class Memory:
 
     ``labels`` are required exactly when the memory stores labels.
     """
-    keys = checks.float_matrix(keys, "keys")
+    keys = checks.vectors(keys, "keys")
     residuals = checks.float_matrix(residuals, "residuals")
     if keys.shape[1] != self.dim:
       raise ValueError(f"keys have dimension {keys.shape[1]} but the memory keys have {self.dim}")
@@ -221,7 +240,9 @@ class Memory:
 
   # -- persistence ----------------------------------------------------------------------------
   def save(self, path) -> None:
-    """Writes the memory to directory ``path`` atomically (see :mod:`resmem_jax.memory.io`)."""
+    """Writes the memory to folder ``path``: a kill at any instant leaves the old or the new
+    memory there (see :mod:`resmem_jax.memory.io`). ``path`` must be missing, an empty folder or
+    a memory saved before; anything else is refused (ValueError) and left untouched."""
     io.save(path, self._keys, self._labels, self._store, self._backend, self._index, self.metadata)
 
 
@@ -257,7 +278,7 @@ def build_memory(keys, residuals, backend: str = "exact", residual_format: str =
   """
   index_cls = index_lib.index_class(backend)
   index_lib.check_choice("residual_format", residual_format, FORMATS)
-  keys = checks.float_matrix(keys, "keys")
+  keys = checks.vectors(keys, "keys")
   residuals = checks.float_matrix(residuals, "residuals")
   if keys.shape[0] != residuals.shape[0]:
     raise ValueError(f"keys has {keys.shape[0]} rows but residuals has {residuals.shape[0]}")
@@ -278,7 +299,7 @@ def memory_from_store(keys, store, backend: str = "exact", labels=None, metadata
   computed on the device, see :func:`~resmem_jax.memory.store.store_from_arrays`). Arguments as
   :func:`build_memory`."""
   index_cls = index_lib.index_class(backend)
-  keys = checks.float_matrix(keys, "keys")
+  keys = checks.vectors(keys, "keys")
   _check_store(store, keys.shape[0])
   options = index_cls.check_options(backend_options)
   labels = _checked_labels(labels, keys.shape[0], store.num_outputs)
@@ -287,7 +308,8 @@ def memory_from_store(keys, store, backend: str = "exact", labels=None, metadata
 
 
 def load_memory(path) -> Memory:
-  """Loads a memory written by :meth:`Memory.save`, verifying sizes and checksums."""
+  """Loads a memory written by :meth:`Memory.save`, verifying its manifest, sizes and checksums
+  (FileNotFoundError when ``path`` holds no memory, ValueError when it is damaged)."""
   keys, labels, store, backend, index, metadata = io.load(path)
   return Memory(keys, store, backend, index, labels, metadata)
 

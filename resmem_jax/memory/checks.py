@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from resmem_jax.memory import scaling
+
 
 def float_matrix(value, name: str, allow_empty: bool = False, copy: bool = True) -> np.ndarray:
   """``value`` as a finite float32 ``[n, dim]`` array, or ValueError naming ``name``."""
@@ -21,9 +23,23 @@ def float_matrix(value, name: str, allow_empty: bool = False, copy: bool = True)
   return array
 
 
+def vectors(value, name: str, allow_empty: bool = False, copy: bool = True) -> np.ndarray:
+  """Keys or queries: :func:`float_matrix` with every entry at most
+  :data:`~resmem_jax.memory.scaling.MAX_MAGNITUDE` in magnitude (larger ones could have distances
+  beyond float32's range)."""
+  array = float_matrix(value, name, allow_empty, copy)
+  if array.size and max(float(array.max()), -float(array.min())) > scaling.MAX_MAGNITUDE:
+    row, column = np.unravel_index(np.argmax(np.abs(array)), array.shape)
+    largest = float(abs(array[row, column]))
+    raise ValueError(f"{name} has an entry of magnitude {largest:.3g} (row {row}, column "
+                     f"{column}), above the limit 2**100 = {scaling.MAX_MAGNITUDE:.3g} beyond "
+                     "which float32 distances can overflow; scale the embeddings down")
+  return array
+
+
 def queries(value, dim: int) -> np.ndarray:
   """Float32 queries ``[q, dim]`` (q may be 0)."""
-  array = float_matrix(value, "queries", allow_empty=True, copy=False)
+  array = vectors(value, "queries", allow_empty=True, copy=False)
   if array.shape[1] != dim:
     raise ValueError(f"queries have dimension {array.shape[1]} but the memory keys have {dim}")
   return array

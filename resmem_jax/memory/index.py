@@ -96,8 +96,9 @@ class SearchIndex(abc.ABC):
 
   @abc.abstractmethod
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
-    """Distinct ids int32 ``[q, >= min(k, size)]`` of (approximately) the k nearest keys, -1 for
-    none. Unranked: the memory re-ranks them by exact distance."""
+    """Ids int32 ``[q, >= min(k, size)]`` of (approximately) the k nearest keys: per row at
+    least min(k, size) distinct ids in ``[0, size)``, -1 for none beyond those. Unranked: the
+    memory re-ranks them by exact distance (and refuses a row short of k distinct ids)."""
 
   @abc.abstractmethod
   def extend(self, keys: np.ndarray) -> SearchIndex:
@@ -111,7 +112,8 @@ class SearchIndex(abc.ABC):
   @classmethod
   @abc.abstractmethod
   def load(cls, directory: str, keys: np.ndarray, info: dict) -> SearchIndex:
-    """The index :meth:`save` wrote, over the memory's ``keys``; ValueError if they disagree."""
+    """The index :meth:`save` wrote, over the memory's ``keys``; ValueError if they or ``info``
+    disagree (``info`` comes from a checksummed manifest, but check its fields anyway)."""
 
   # Query-time settings (indexes without any keep these defaults).
   def query_settings_grid(self, **grids) -> list[list[dict]]:

@@ -1,12 +1,14 @@
 """Approximate nearest-neighbour search with ScaNN, plus an exact side buffer for added keys.
 
 Euclidean search is reduced to maximum inner product search (MIPS): after centring the keys
-(L2 distance is translation invariant, and centring keeps the extra coordinate small),
-``|q - k|^2 = |q|^2 - 2 (q.k - |k|^2 / 2)``, so with ``k' = [k, -|k|^2 / 2]`` and ``q' = [q, 1]``
-the nearest key is the one with the largest ``q'.k'``. ScaNN's anisotropic quantization is built
-for inner products; on clustered 1M x 64 data it gave much higher recall this way than ScaNN's
-``squared_l2`` mode (see experiments/bench_memory.py, ``--scann_distance``). The memory re-ranks
-the returned ids by directly computed Euclidean distance, so distances are exact.
+(L2 distance is translation invariant, and centring keeps the extra coordinate small) and, if
+extreme, scaling them by a power of two (:mod:`resmem_jax.memory.scaling`: no overflow at any
+magnitude), ``|q - k|^2 = |q|^2 - 2 (q.k - |k|^2 / 2)``, so with ``k' = [k, -|k|^2 / 2]`` and
+``q' = [q, 1]`` (times ``2**-m`` for a query far larger than every key) the nearest key is the one
+with the largest ``q'.k'``. ScaNN's anisotropic quantization is built for inner products; on
+clustered 1M x 64 data it gave much higher recall this way than ScaNN's ``squared_l2`` mode (see
+experiments/bench_memory.py, ``--scann_distance``). The memory re-ranks the returned ids by
+directly computed Euclidean distance, so distances are exact.
 
 Parameters follow ScaNN's published guidance, from the number of keys ``n``:
   n < 100k: brute force; otherwise: tree partitioning (about sqrt(n) leaves) + AH + exact
@@ -19,6 +21,11 @@ k = 10; deeper k re-scores ``3 (k - 10)`` more); every parameter can be overridd
 ``build_memory(..., backend="scann", **options)``. Real embeddings can need other settings than
 the clustered benchmark data: both act at query time, so :func:`resmem_jax.memory.tuning.tune_search`
 sweeps them on real queries (:meth:`ScannIndex.query_settings_grid`).
+
+Short results: where the searched leaves hold fewer than k points, ScaNN pads its answer (id 0
+with a NaN score, repeated). Such rows, and any with duplicate or out-of-range ids, are answered
+by exact search over the indexed keys instead (an :class:`ExactIndex` built on first need), so a
+search always returns k distinct real neighbours; searching more leaves avoids that cost.
 
 Memory editing: keys added after the build go to a side buffer (an :class:`ExactIndex`) searched
 exactly beside ScaNN, so they are neighbours at once and never missed; the ScaNN index is rebuilt
@@ -34,6 +41,7 @@ import os
 import numpy as np
 
 from resmem_jax.memory import index as index_lib
+from resmem_jax.memory import scaling
 from resmem_jax.memory.exact import ExactIndex
 
 OPTION_NAMES = ("mode", "distance", "num_leaves", "leaves_to_search", "reorder",
@@ -89,32 +97,49 @@ def _import_scann():
   return scann_ops_pybind
 
 
-def _transform_keys(keys: np.ndarray, center: np.ndarray, distance: str) -> np.ndarray:
-  centred = (keys - center).astype(np.float32)
+# squared_l2 compares a query and a key on the keys' scale: a query whose entries are beyond
+# 2**SQUARED_L2_MAX_EXPONENT there could overflow ScaNN's float32 distances and is searched exactly.
+SQUARED_L2_MAX_EXPONENT = 40
+
+
+def _transform_keys(keys: np.ndarray, center: np.ndarray, distance: str):
+  """``(ScaNN's database, the keys' scale exponent)``."""
+  centred = keys - center
+  exponent = scaling.key_exponent(centred)
+  centred = scaling.scaled(centred, exponent)
   if distance == "squared_l2":
-    return centred
+    return centred, exponent
   half_norm = -0.5 * np.einsum("nd,nd->n", centred, centred)
-  return np.concatenate([centred, half_norm[:, None]], axis=1).astype(np.float32)
+  return np.concatenate([centred, half_norm[:, None]], axis=1).astype(np.float32), exponent
 
 
-def _transform_queries(queries: np.ndarray, center: np.ndarray, distance: str) -> np.ndarray:
+def _transform_queries(queries: np.ndarray, center: np.ndarray, exponent: int, distance: str):
+  """``(transformed queries, rows too large for ScaNN)``."""
   centred = (queries - center).astype(np.float32)
   if distance == "squared_l2":
-    return centred
-  return np.concatenate([centred, np.ones((len(queries), 1), np.float32)], axis=1)
+    scaled = scaling.scaled(centred, exponent)
+    rows = np.zeros(len(queries), np.int32)
+    if scaled.size:
+      rows = scaling.exponent(np.maximum(scaled.max(axis=1), -scaled.min(axis=1)))
+    too_large = rows > SQUARED_L2_MAX_EXPONENT
+    return np.where(too_large[:, None], np.float32(0), scaled), too_large
+  scaled, weights = scaling.scaled_queries(centred, exponent)
+  return (np.concatenate([scaled, weights[:, None]], axis=1),
+          np.zeros(len(queries), bool))
 
 
 def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
+  """``(ScaNN searcher, the keys' scale exponent)``."""
   scann = _import_scann()
   size = keys.shape[0]
-  db = _transform_keys(keys, center, opts["distance"])
+  db, exponent = _transform_keys(keys, center, opts["distance"])
   measure = "dot_product" if opts["distance"] == "mips_l2" else "squared_l2"
   # num_neighbors is only the default; every search passes its own count.
   builder = scann.builder(db, 10, measure)
   if opts.get("num_threads"):
     builder = builder.set_n_training_threads(int(opts["num_threads"]))
   if opts["mode"] == "brute_force":
-    return builder.score_brute_force().build()
+    return builder.score_brute_force().build(), exponent
   if opts["mode"] == "tree_ah":
     num_leaves = min(int(opts["num_leaves"]), max(1, size // 50))
     builder = builder.tree(num_leaves=num_leaves,
@@ -125,26 +150,33 @@ def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
                              training_sample_size=min(size, int(opts["training_sample_size"])))
   if opts["reorder"]:
     builder = builder.reorder(int(opts["reorder"]))
-  return builder.build()
+  return builder.build(), exponent
 
 
 class ScannIndex(index_lib.SearchIndex):
   """A ScaNN searcher over the first ``indexed`` keys, and an exact buffer over the rest.
 
   ``requested`` holds the options given at build time plus query settings set since (kept by a
-  rebuild); ``options`` is them resolved against the defaults for ``indexed`` keys.
+  rebuild); ``options`` is them resolved against the defaults for ``indexed`` keys. ``keys`` are
+  the indexed keys (a view of the memory's), for the exact answers to rows ScaNN leaves short.
   """
 
   OPTION_NAMES = OPTION_NAMES
+  INFO_NAMES = ("indexed", "center", "scale_exponent", "requested", "options")
 
-  def __init__(self, searcher, indexed: int, center: np.ndarray, requested: dict, options: dict,
-               buffer: ExactIndex | None = None):
+  def __init__(self, searcher, keys: np.ndarray, center: np.ndarray, exponent: int,
+               requested: dict, options: dict, buffer: ExactIndex | None = None,
+               exact: ExactIndex | None = None):
     self.searcher = searcher
-    self.indexed = int(indexed)
+    self.keys = keys
+    self.indexed = keys.shape[0]
     self.center = center
+    self.exponent = int(exponent)
     self.requested = requested
     self.options = options
     self.buffer = buffer
+    # Exact search over the indexed keys, built the first time ScaNN leaves a row short.
+    self._exact = exact
     self.size = self.indexed + (0 if buffer is None else buffer.size)
 
   @classmethod
@@ -175,8 +207,9 @@ class ScannIndex(index_lib.SearchIndex):
   def build(cls, keys: np.ndarray, options: dict) -> ScannIndex:
     requested = cls.check_options(options)
     resolved = _resolve(keys.shape[0], requested)
-    center = keys.mean(axis=0).astype(np.float32)
-    return cls(_build_searcher(keys, center, resolved), keys.shape[0], center, requested, resolved)
+    center = scaling.center(keys)
+    searcher, exponent = _build_searcher(keys, center, resolved)
+    return cls(searcher, keys, center, exponent, requested, resolved)
 
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
     """ScaNN's ids for the indexed keys, then the buffer's (exact, with spare candidates)."""
@@ -187,6 +220,7 @@ class ScannIndex(index_lib.SearchIndex):
     return ids
 
   def _scann_candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
+    """``[q, >= k]`` distinct ids in ``[0, indexed)`` (-1 beyond the first k)."""
     if queries.shape[0] == 0:  # ScaNN rejects an empty batch with a misleading shape error
       return np.zeros((0, k), np.int32)
     opts = self.options
@@ -198,13 +232,29 @@ class ScannIndex(index_lib.SearchIndex):
       kwargs["pre_reorder_num_neighbors"] = pre
     if opts["mode"] == "tree_ah":
       kwargs["leaves_to_search"] = int(opts["leaves_to_search"])
-    transformed = _transform_queries(queries, self.center, opts["distance"])
+    transformed, exact_rows = _transform_queries(queries, self.center, self.exponent,
+                                                 opts["distance"])
     if len(queries) >= 256:
-      ids, _ = self.searcher.search_batched_parallel(transformed, **kwargs)
+      ids, scores = self.searcher.search_batched_parallel(transformed, **kwargs)
     else:
-      ids, _ = self.searcher.search_batched(transformed, **kwargs)
+      ids, scores = self.searcher.search_batched(transformed, **kwargs)
     ids = np.asarray(ids, np.int64)
-    return np.where((ids >= 0) & (ids < self.indexed), ids, -1).astype(np.int32)
+    # ScaNN pads a short answer with id 0 at a NaN score.
+    real = np.isfinite(np.asarray(scores)) & (ids >= 0) & (ids < self.indexed)
+    ids = np.where(real, ids, -1)
+    ordered = np.sort(ids, axis=1)
+    repeated = np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0), axis=1)
+    exact_rows |= repeated | (real.sum(axis=1) < k)
+    if not exact_rows.any():
+      return ids.astype(np.int32)
+    if self._exact is None:
+      self._exact = ExactIndex.build(self.keys, {})
+    exact = self._exact.candidates(queries[exact_rows], k)
+    out = np.full((len(queries), max(ids.shape[1], exact.shape[1])), -1, np.int32)
+    out[:, :ids.shape[1]] = ids
+    out[exact_rows] = -1
+    out[exact_rows, :exact.shape[1]] = exact
+    return out
 
   def extend(self, keys: np.ndarray) -> ScannIndex:
     added = keys.shape[0] - self.indexed
@@ -215,33 +265,51 @@ class ScannIndex(index_lib.SearchIndex):
       buffer = self.buffer.extend(keys[self.indexed:])
     else:
       buffer = ExactIndex.build(keys[self.indexed:], {}) if added else None
-    return ScannIndex(self.searcher, self.indexed, self.center, dict(self.requested),
-                      dict(self.options), buffer)
+    return ScannIndex(self.searcher, keys[:self.indexed], self.center, self.exponent,
+                      dict(self.requested), dict(self.options), buffer, self._exact)
 
   def save(self, directory: str) -> dict:
     self.searcher.serialize(directory, relative_path=True)
     # The buffer is not saved: it is rebuilt from the memory's keys after the first `indexed`.
     return {"indexed": self.indexed, "center": self.center.tolist(),
-            "requested": dict(self.requested), "options": dict(self.options)}
+            "scale_exponent": self.exponent, "requested": dict(self.requested),
+            "options": dict(self.options)}
 
   @classmethod
   def load(cls, directory: str, keys: np.ndarray, info: dict) -> ScannIndex:
     n = keys.shape[0]
-    indexed = int(info["indexed"])
+    index_lib.check_option_names("scann index info", info, cls.INFO_NAMES)
+    missing = [name for name in cls.INFO_NAMES if name not in info]
+    if missing:
+      raise ValueError(f"scann index info lacks {missing}")
+    indexed, exponent = info["indexed"], info["scale_exponent"]
+    for name, value in (("indexed", indexed), ("scale_exponent", exponent)):
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"scann index info {name} must be an integer, got {value!r}")
     if not 0 < indexed <= n:
       raise ValueError(f"scann indexed count {indexed} is not in [1, {n}]")
     center = np.asarray(info["center"], np.float32)
     if center.shape != (keys.shape[1],):
       raise ValueError(f"scann center has shape {center.shape}, the keys have dimension "
                        f"{keys.shape[1]}")
+    if not np.all(np.isfinite(center)):
+      raise ValueError("scann center holds NaN or inf")
+    if not (isinstance(info["requested"], dict) and isinstance(info["options"], dict)):
+      raise ValueError("scann index info requested and options must be dicts")
     requested = cls.check_options(info["requested"])
     options = _resolve(indexed, cls.check_options(info["options"]))
-    searcher = _import_scann().load_searcher(directory)
+    # load_searcher writes a scann_assets.pbtxt of its own into a folder lacking one.
+    if not os.path.isfile(os.path.join(directory, "scann_assets.pbtxt")):
+      raise ValueError(f"{directory} holds no ScaNN index (scann_assets.pbtxt is missing)")
+    try:
+      searcher = _import_scann().load_searcher(directory)
+    except RuntimeError as err:
+      raise ValueError(f"ScaNN cannot load the index in {directory}: {err}") from None
     if searcher.size() != indexed:
       raise ValueError(f"scann index in {directory} holds {searcher.size()} points but the "
                        f"manifest says {indexed}")
     buffer = ExactIndex.build(keys[indexed:], {}) if indexed < n else None
-    return cls(searcher, indexed, center, requested, options, buffer)
+    return cls(searcher, keys[:indexed], center, exponent, requested, options, buffer)
 
   # -- query-time settings --------------------------------------------------------------------
   def _check_tunable(self) -> None:

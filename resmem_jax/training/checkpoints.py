@@ -25,6 +25,18 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_INFO = "model_info.json"
 
 
+class CheckpointError(ValueError):
+  """A checkpoint on disk cannot be read (the message names the folder and the way forward)."""
+
+
+def _unreadable(folder: pathlib.Path, err: Exception) -> CheckpointError:
+  reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+  return CheckpointError(
+      f"cannot read the checkpoint {folder} ({type(err).__name__}: {reason}); move that folder out "
+      f"of {folder.parent} to resume from the checkpoint before it, or pass --start_over to move "
+      "the run to WORKDIR/superseded/ and train again")
+
+
 def write_model_info(workdir: pathlib.Path, info, num_params: int) -> None:
   """WORKDIR/model_info.json from the data set's ``info`` (call on process 0 only)."""
   jsonio.write_json_atomic(workdir / MODEL_INFO, {
@@ -59,9 +71,12 @@ def restore(manager, step: int, template: TrainState) -> TrainState:
   """The state saved at ``step``, with the shapes, dtypes and shardings of ``template``."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _items(template))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(abstract["variables"]),
-      opt=ocp.args.StandardRestore(abstract["opt"])))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(abstract["variables"]),
+        opt=ocp.args.StandardRestore(abstract["opt"])))
+  except Exception as err:  # pylint: disable=broad-except  # Orbax / TensorStore raise many types
+    raise _unreadable(pathlib.Path(manager.directory) / str(step), err) from err
   variables, opt = restored["variables"], restored["opt"]
   return template.replace(step=opt["step"], params=variables["params"],
                           batch_stats=variables.get("batch_stats", template.batch_stats),
@@ -92,10 +107,17 @@ def restore_model(workdir: str | os.PathLike, model: ModelSettings, dtype: str =
       raise FileNotFoundError(f"{info_path} is missing (training writes it beside the "
                               "checkpoints and it holds the model's num_classes); rerun "
                               "experiments/train.py with the same --workdir and config to write it")
-    num_classes = json.loads(info_path.read_text())["num_classes"]
+    try:
+      num_classes = int(json.loads(info_path.read_text())["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+      raise CheckpointError(f"{info_path} cannot be read ({err!r}); rerun the same command (training "
+                            "rewrites it) or restore it") from None
     module = models.build_model(model, num_classes, dtype=dtype)
-    restored = manager.restore(step,
-                               args=ocp.args.Composite(variables=ocp.args.StandardRestore()))
+    try:
+      restored = manager.restore(step,
+                                 args=ocp.args.Composite(variables=ocp.args.StandardRestore()))
+    except Exception as err:  # pylint: disable=broad-except  # Orbax / TensorStore raise many types
+      raise _unreadable(ckpt_dir / str(step), err) from err
   finally:
     manager.close()
   variables = jax.tree_util.tree_map(jnp.asarray, dict(restored["variables"]))

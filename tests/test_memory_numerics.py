@@ -1,0 +1,156 @@
+"""Search numerics on every backend: huge and tiny magnitudes, shared offsets, the input limit,
+ScaNN's padding of short results at large k, duplicate keys (ties) and k = size."""
+import numpy as np
+import pytest
+
+from resmem_jax.memory import build_memory, memory_from_store
+from resmem_jax.memory import store as store_lib
+
+BACKENDS = {
+    "exact": {"backend": "exact"},
+    "scann brute force": {"backend": "scann", "mode": "brute_force"},
+    "scann tree_ah": {"backend": "scann", "mode": "tree_ah", "num_leaves": 10,
+                      "leaves_to_search": 10, "reorder": 300},
+}
+
+
+def _memory(keys, setting):
+  return build_memory(keys, np.zeros((len(keys), 2), np.float32), **BACKENDS[setting])
+
+
+def _true_distances(keys, queries):
+  return np.sqrt(((queries[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2)
+                 .sum(-1))
+
+
+def _check_search(memory, keys, queries, k, exact_ids=True):
+  """k distinct real ids per query, at their true distances, ascending; the k smallest distances
+  (and, with ``exact_ids``, the reference's ids)."""
+  distances, ids = memory.search(queries, k)
+  assert distances.shape == ids.shape == (len(queries), k)
+  assert distances.dtype == np.float32 and ids.dtype == np.int32
+  assert np.all((ids >= 0) & (ids < len(keys)))
+  assert all(len(set(row)) == k for row in ids.tolist())
+  assert np.all(np.isfinite(distances)) and np.all(np.diff(distances, axis=1) >= 0)
+  true = _true_distances(keys, queries)
+  np.testing.assert_allclose(distances, np.take_along_axis(true, ids, axis=1), rtol=1e-6)
+  if exact_ids:
+    order = np.argsort(true, axis=1, kind="stable")[:, :k]
+    np.testing.assert_allclose(distances, np.take_along_axis(true, order, axis=1), rtol=1e-6)
+  return distances, ids
+
+
+def _points(n, d, scale, seed, offset=0.0):
+  return (offset + scale * np.random.default_rng(seed).normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("setting", list(BACKENDS))
+@pytest.mark.parametrize("scale", [1e20, 1e29, 1e-25])
+def test_huge_and_tiny_keys_and_queries(setting, scale):
+  keys, queries = _points(1500, 8, scale, 0), _points(40, 8, scale, 1)
+  _, ids = _check_search(_memory(keys, setting), keys, queries, 10,
+                         exact_ids=setting != "scann tree_ah")
+  order = np.argsort(_true_distances(keys, queries), axis=1, kind="stable")[:, :10]
+  if setting == "scann tree_ah":  # approximate in which ids it finds, on any scale
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, order)]) >= 0.95
+  else:
+    np.testing.assert_array_equal(ids, order)
+
+
+@pytest.mark.parametrize("setting", list(BACKENDS))
+@pytest.mark.parametrize("key_scale,query_scale", [(1.0, 1e20), (1e-30, 1e25), (1e20, 1e-20)])
+def test_queries_on_another_scale_than_the_keys(setting, key_scale, query_scale):
+  # A query 1e20 times farther out than every key has all keys at (nearly) one distance: any
+  # of the nearly tied keys is a right answer, so only the distances are compared.
+  keys, queries = _points(1500, 8, key_scale, 2), _points(30, 8, query_scale, 3)
+  _check_search(_memory(keys, setting), keys, queries, 5)
+
+
+@pytest.mark.parametrize("setting", list(BACKENDS))
+def test_keys_sharing_a_large_offset(setting):
+  # 1000 + 0.01 * noise: the norm expansion without centring ranked these at random.
+  keys, queries = _points(1500, 16, 0.01, 4, offset=1000.0), _points(40, 16, 0.01, 5, offset=1000.0)
+  _, ids = _check_search(_memory(keys, setting), keys, queries, 10,
+                         exact_ids=setting != "scann tree_ah")
+  if setting != "scann tree_ah":
+    np.testing.assert_array_equal(
+        ids, np.argsort(_true_distances(keys, queries), axis=1, kind="stable")[:, :10])
+
+
+def test_entries_beyond_two_to_the_100_are_refused():
+  keys = _points(50, 4, 1.0, 6)
+  keys[3, 1] = -2.0 ** 101
+  message = (r"^keys has an entry of magnitude 2.54e\+30 \(row 3, column 1\), above the limit "
+             r"2\*\*100 = 1.27e\+30 beyond which float32 distances can overflow; scale the "
+             r"embeddings down$")
+  with pytest.raises(ValueError, match=message):
+    build_memory(keys, np.zeros((50, 2), np.float32))
+  store = store_lib.make_store(np.zeros((50, 2), np.float32), "dense")
+  with pytest.raises(ValueError, match=message):
+    memory_from_store(keys, store)
+  keys[3, 1] = 2.0 ** 100  # the limit itself is fine
+  memory = build_memory(keys, np.zeros((50, 2), np.float32))
+  with pytest.raises(ValueError, match=r"^keys has an entry of magnitude 3.4e\+38"):
+    memory.add(np.full((1, 4), 3.4e38, np.float32), np.zeros((1, 2), np.float32))
+  with pytest.raises(ValueError, match=r"^queries has an entry of magnitude 2.54e\+30 \(row 0, "
+                                       r"column 2\)"):
+    memory.search(np.array([[0, 0, 2.0 ** 101, 0]], np.float32), 3)
+  _check_search(memory, keys, _points(5, 4, 2.0 ** 99, 7), 3)
+
+
+def test_scann_padding_of_short_results_is_never_returned():
+  # 2000 keys in 40 leaves of about 50, one leaf searched: ScaNN pads a request for more
+  # neighbours than the leaf holds with id 0 at a NaN score.
+  keys, queries = _points(2000, 8, 1.0, 8), _points(60, 8, 1.0, 9)
+  memory = build_memory(keys, np.zeros((2000, 2), np.float32), backend="scann", mode="tree_ah",
+                        num_leaves=40, leaves_to_search=1, reorder=0)
+  index = memory.index
+  transformed = np.concatenate([queries - index.center, np.ones((60, 1), np.float32)], axis=1)
+  raw_ids, raw_scores = index.searcher.search_batched(transformed, final_num_neighbors=500,
+                                                      leaves_to_search=1)
+  raw_ids, raw_scores = np.asarray(raw_ids), np.asarray(raw_scores)
+  assert np.all(np.isnan(raw_scores).any(axis=1)) and np.all(raw_ids[np.isnan(raw_scores)] == 0)
+  exact = build_memory(keys, np.zeros((2000, 2), np.float32))
+  for k in (500, 2000):  # every row short: answered exactly
+    for a, b in zip(_check_search(memory, keys, queries, k), exact.search(queries, k)):
+      np.testing.assert_array_equal(a, b)
+  # Some rows short, some not: still k distinct real ids at their true distances.
+  raw_ids, raw_scores = index.searcher.search_batched(transformed, final_num_neighbors=45,
+                                                      leaves_to_search=1)
+  padded = np.isnan(np.asarray(raw_scores)).any(axis=1)
+  assert 0 < padded.sum() < 60
+  _, ids = _check_search(memory, keys, queries, 45, exact_ids=False)
+  np.testing.assert_array_equal(ids[padded], exact.search(queries[padded], 45)[1])
+  # The same through the side buffer of added keys.
+  memory.add(queries[:5] + 0.01, np.zeros((5, 2), np.float32))
+  all_keys = np.concatenate([keys, queries[:5] + 0.01])
+  _, ids = _check_search(memory, all_keys, queries, 500, exact_ids=True)
+  assert set(range(2000, 2005)) <= set(ids[:5].ravel().tolist())
+
+
+@pytest.mark.parametrize("setting", list(BACKENDS))
+def test_k_equal_to_the_memory_size(setting):
+  keys, queries = _points(700, 6, 1.0, 10), _points(12, 6, 1.0, 11)
+  _, ids = _check_search(_memory(keys, setting), keys, queries, 700)
+  assert all(sorted(row) == list(range(700)) for row in ids.tolist())
+
+
+@pytest.mark.parametrize("setting", list(BACKENDS))
+def test_duplicate_keys(setting):
+  keys = _points(1200, 6, 1.0, 12)
+  copies = np.arange(7, 1200, 30)  # 40 copies of one key among the others
+  keys[copies] = keys[7]
+  memory = _memory(keys, setting)
+  queries = np.stack([keys[7], keys[7] + 1e-3, keys[100]])
+  distances, ids = _check_search(memory, keys, queries, 5)
+  np.testing.assert_array_equal(distances[0], 0.0)
+  assert set(ids[0]) <= set(copies) and set(ids[1]) <= set(copies)
+  if setting == "exact":  # ties go to the lower id
+    np.testing.assert_array_equal(ids[0], copies[:5])
+    np.testing.assert_array_equal(ids[1], copies[:5])
+  assert ids[2, 0] == 100 and distances[2, 0] == 0.0
+  # All 40 copies first (at one distance), then the nearest other keys.
+  distances, ids = _check_search(memory, keys, queries[:2], 45)
+  assert all(set(row[:40]) == set(copies) for row in ids.tolist())
+  assert np.all(distances[:, :40] == distances[:, :1])
+  assert np.all(distances[:, 40] > distances[:, 39])
