@@ -15,6 +15,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (.py[:var
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one sub-directory per size).")
 _FIELD = flags.DEFINE_string("field", "model.width", "Config field that sets the size, e.g. model.depth.")
 _VALUES = flags.DEFINE_list("values", ["8", "16", "64", "256"], "Values of --field, smallest first.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per value: config.seed, config.seed + 1, ...")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +27,7 @@ def main(argv):
   values = [float(v) if "." in v else int(v) for v in _VALUES.value]
   with common_flags.user_errors():
     out = sweeps.model_size_sweep(settings.from_config(_CONFIG.value), _WORKDIR.value,
-                                  _FIELD.value, values)
+                                  _FIELD.value, values, seeds=_SEEDS.value)
   print(report.format_sweep(out, _FIELD.value))
 
 

@@ -14,6 +14,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (.py[:var
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one sub-directory per fraction).")
 _FRACTIONS = flags.DEFINE_list("fractions", ["0.1", "0.25", "0.5", "1.0"], "Training-set fractions.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per value: config.seed, config.seed + 1, ...")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,7 +25,7 @@ def main(argv):
   from resmem_jax.jobs import report, sweeps  # pylint: disable=g-import-not-at-top
   with common_flags.user_errors():
     out = sweeps.sample_size_sweep(settings.from_config(_CONFIG.value), _WORKDIR.value,
-                                   [float(f) for f in _FRACTIONS.value])
+                                   [float(f) for f in _FRACTIONS.value], seeds=_SEEDS.value)
   print(report.format_sweep(out, "data.train_fraction"))
 
 

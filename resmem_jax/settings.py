@@ -109,6 +109,12 @@ class ResMemSettings:
   sigma_relative: bool = True
   temperature_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
   select_by: str = "squared_loss"  # squared_loss | accuracy | log_loss (on validation)
+  # ResMem's probability output (1 - mix) * normalize(max(p + r, 0)) + mix * p_base: the mix is
+  # chosen on validation log loss (1: the base model itself); base_mix fixes it.
+  base_mix: Optional[float] = None
+  base_mix_grid: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+  # Keep the base model (no memory) when no grid point beats it on validation by select_by.
+  decline_if_no_gain: bool = True
   knnlm: bool = False  # also report kNN-LM (the neighbours' labels mixed into p) beside ResMem
   knn_lambda: Optional[float] = None  # kNN-LM mixture weight; None: chosen on validation
   knn_lambda_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
@@ -351,6 +357,10 @@ def validate_values(settings: Settings) -> None:
   _grid("resmem.sigma_grid", r.sigma_grid)
   _grid("resmem.temperature_grid", r.temperature_grid)
   _grid("resmem.knn_lambda_grid", r.knn_lambda_grid, high=1.0)
+  _require(len(r.base_mix_grid) > 0 and all(0 <= v <= 1 for v in r.base_mix_grid),
+           f"resmem.base_mix_grid values must lie in [0, 1], got {r.base_mix_grid}")
+  _require(r.base_mix is None or 0 <= r.base_mix <= 1,
+           f"resmem.base_mix must be in [0, 1] or None, got {r.base_mix}")
   _require(r.knn_lambda is None or 0 < r.knn_lambda <= 1,
            f"resmem.knn_lambda must be in (0, 1] or None, got {r.knn_lambda}")
   _positive("resmem.eval_batch_size", r.eval_batch_size, integer=True)
@@ -384,12 +394,13 @@ def check(settings: Settings) -> None:
                         f"{r.backend!r} (set resmem.backend=scann or unset resmem.tune_recall)")
   if settings.data.val_fraction == 0 and needs_validation(r):
     raise SettingsError("choosing k, sigma and temperature needs a validation split: set "
-                        "data.val_fraction > 0, or fix resmem.k, resmem.sigma and resmem.temperature"
-                        " (and resmem.knn_lambda when resmem.knnlm is on)")
+                        "data.val_fraction > 0, or fix resmem.k, resmem.sigma, resmem.temperature"
+                        ", resmem.base_mix (and resmem.knn_lambda when resmem.knnlm is on)")
 
 
 def needs_validation(r: ResMemSettings) -> bool:
   """Whether anything is left to choose on the validation split."""
-  resmem_fixed = r.k is not None and r.sigma is not None and r.temperature is not None
+  resmem_fixed = (r.k is not None and r.sigma is not None and r.temperature is not None
+                  and r.base_mix is not None)
   knn_fixed = not r.knnlm or r.knn_lambda is not None
   return not (resmem_fixed and knn_fixed) or r.tune_recall is not None

@@ -205,7 +205,8 @@ def test_sweep_matches_numpy_reference(sparse):
     rows = lambda t, nb: (stores[t][nb], None)
   sweep = selection.SelectionSweep(k_grid=(1, 3, 5), sigma_grid=(0.05, 0.5, 5.0),
                                    temperature_grid=tuple(stores), num_classes=c,
-                                   lambda_grid=(0.25, 1.0), max_elements=64)  # several chunks
+                                   mix_grid=(0.0, 0.3, 1.0), lambda_grid=(0.25, 1.0),
+                                   max_elements=64)  # several chunks
   sweep.add(d[:7], ids[:7], val_logits[:7], val_labels[:7], rows, train_labels[ids[:7]])
   sweep.add(d[7:], ids[7:], val_logits[7:], val_labels[7:], rows, train_labels[ids[7:]])
   resmem_points, knn_points = sweep.points()
@@ -222,7 +223,15 @@ def test_sweep_matches_numpy_reference(sparse):
     assert point.accuracy == pytest.approx(np.mean(pred.argmax(-1) == val_labels), abs=1e-6)
     assert point.squared_loss == pytest.approx(
         np.mean(np.sum((pred - onehot[val_labels]) ** 2, -1)), rel=1e-4)
-    assert point.log_loss == pytest.approx(np.mean(_floor_log_loss(pred, val_labels)), rel=1e-4)
+    if point.knn_lambda is None:  # the probability output, at its best mix with the base
+      positive = np.maximum(pred, 0)
+      losses = {mix: np.mean(_floor_log_loss(
+          (1 - mix) * positive / positive.sum(-1, keepdims=True) + mix * _softmax(val_logits),
+          val_labels)) for mix in (0.0, 0.3, 1.0)}
+      assert point.base_mix == min(losses, key=losses.get)
+      assert point.log_loss == pytest.approx(min(losses.values()), rel=1e-4)
+    else:
+      assert point.log_loss == pytest.approx(np.mean(_floor_log_loss(pred, val_labels)), rel=1e-4)
   base = sweep.base_scores()
   assert base["accuracy"] == pytest.approx(np.mean(val_logits.argmax(-1) == val_labels))
   assert base["log_loss"] == pytest.approx(np.mean(_floor_log_loss(_softmax(val_logits), val_labels)),
@@ -255,3 +264,44 @@ def test_sweep_rejects_bad_input():
     sweep.add(np.ones((4, 2)), np.zeros((4, 2), int), np.zeros((4, 3)), np.zeros(4, int), rows)
   with pytest.raises(ValueError, match="no rows"):
     sweep.points()
+
+
+def test_probability_output_is_a_distribution_and_mix_1_is_the_base():
+  rng = np.random.default_rng(4)
+  pred = rng.normal(size=(6, 5)).astype(np.float32)  # leaves the simplex
+  base = _softmax(rng.normal(size=(6, 5)))
+  probs = np.asarray(predictor.resmem_probabilities(pred, base, 0.2))
+  assert np.all(probs >= 0) and np.allclose(probs.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(predictor.resmem_probabilities(pred, base, 1.0), base, atol=1e-6)
+  positive = np.maximum(pred, 0)
+  np.testing.assert_allclose(predictor.resmem_probabilities(pred, base, 0.0),
+                             positive / positive.sum(-1, keepdims=True), atol=1e-6)
+
+
+def test_improves_is_strict():
+  point = selection.GridPoint(4, 1.0, 1.0, accuracy=0.9, squared_loss=0.2, log_loss=0.5)
+  base = {"accuracy": 0.9, "squared_loss": 0.25, "log_loss": 0.5}
+  assert not selection.improves(point, base, "accuracy")  # a tie keeps the base
+  assert selection.improves(point, base, "squared_loss")
+  assert not selection.improves(point, base, "log_loss")
+
+
+def test_paired_comparison_matches_its_definition():
+  rng = np.random.default_rng(5)
+  base = rng.random(2000) < 0.8
+  new = base.copy()
+  flip = rng.choice(2000, 120, replace=False)
+  new[flip[:90]] = True
+  new[flip[90:]] = False
+  out = metrics.paired_comparison(new, base, resamples=4000)
+  gained, lost = int(np.sum(new & ~base)), int(np.sum(~new & base))
+  assert (out["gained"], out["lost"]) == (gained, lost)
+  assert out["test_accuracy_gain"] == pytest.approx(new.mean() - base.mean())
+  low, high = out["ci95"]
+  assert low < out["test_accuracy_gain"] < high and high - low < 0.03
+  from scipy import stats
+  assert out["p_value"] == pytest.approx(stats.binomtest(gained, gained + lost).pvalue)
+  same = metrics.paired_comparison(base, base)
+  assert same["test_accuracy_gain"] == 0 and same["p_value"] == 1.0 and same["ci95"] == [0, 0]
+  with pytest.raises(ValueError, match="1-D"):
+    metrics.paired_comparison(base, base[:10])

@@ -85,8 +85,8 @@ def test_k1_memorizes_training_set_exactly(digits_run, backend):
   """With k = 1 every training point finds itself: ResMem's training accuracy is exactly 100%."""
   workdir, first = digits_run
   sub = _copy_without_memory(workdir, workdir.parent / f"{workdir.name}_k1_{backend}")
-  results = engine.run(_digits(backend=backend, k=1, sigma=1.0, temperature=1.0), sub,
-                       progress=False)
+  results = engine.run(_digits(backend=backend, k=1, sigma=1.0, temperature=1.0, base_mix=0.5),
+                       sub, progress=False)
   assert results["hparams"]["chosen_on"] == "fixed"
   assert results["num_rows"]["validation"] == 0  # nothing to choose: no validation pass
   assert results["resmem"]["train_accuracy"] == 1.0
@@ -99,7 +99,7 @@ def test_sparse_residual_memory_through_the_engine(digits_run):
   workdir, _ = digits_run
   sub = _copy_without_memory(workdir, workdir.parent / f"{workdir.name}_sparse")
   results = engine.run(_digits(residual_format="sparse", top_m=3, k=1, sigma=1.0,
-                               temperature=1.0), sub, progress=False)
+                               temperature=1.0, base_mix=0.5), sub, progress=False)
   assert results["memory"]["residual_format"] == "sparse" and results["memory"]["top_m"] == 3
   # top-m keeps the true label's entry exactly, so k = 1 still memorizes every training label
   assert results["resmem"]["train_accuracy"] == 1.0
@@ -219,3 +219,54 @@ def test_imagenet_paper_config_runs_end_to_end_on_mock_data(tmp_path):
   assert results["num_rows"]["validation"] > 0 and results["num_rows"]["test"] == 40
   assert results["memory"]["size"] == results["num_rows"]["train"]
   assert results["memory"]["residual_format"] == "sparse"
+
+
+def test_comparison_is_in_every_result_and_consistent(digits_run):
+  _, results = digits_run
+  c = results["comparison"]
+  assert c["test_accuracy_gain"] == pytest.approx(
+      results["resmem"]["test_accuracy"] - results["base"]["test_accuracy"])
+  assert c["rows"] == results["num_rows"]["test"]
+  assert c["test_accuracy_gain"] == pytest.approx((c["gained"] - c["lost"]) / c["rows"])
+  assert c["ci95"][0] <= c["test_accuracy_gain"] <= c["ci95"][1]
+  assert 0 < c["p_value"] <= 1 and "McNemar" in c["method"]
+  assert "McNemar p =" in report.format_table(results)
+
+
+def test_probability_output_is_never_worse_than_the_base_on_validation(digits_run):
+  _, results = digits_run
+  assert results["hparams"]["base_mix"] in settings_lib.ResMemSettings().base_mix_grid
+  assert results["resmem"]["validation_log_loss"] <= results["base"]["validation_log_loss"]
+  assert np.isfinite(results["resmem"]["test_log_loss"])
+
+
+def test_declines_to_memorize_when_nothing_beats_the_base(digits_run):
+  """With only mix = 1 (the base model) offered, no point can beat the base on log loss."""
+  workdir, first = digits_run
+  sub = _copy_without_memory(workdir, workdir.parent / f"{workdir.name}_decline")
+  results = engine.run(_digits(select_by="log_loss", base_mix_grid=(1.0,)), sub, progress=False)
+  assert results["hparams"]["memorize"] is False
+  for key in ("test_accuracy", "test_log_loss", "train_accuracy"):
+    assert results["resmem"][key] == results["base"][key]
+  assert results["comparison"]["test_accuracy_gain"] == 0 and results["comparison"]["p_value"] == 1
+  assert results["timing"]["resmem_query_and_combine_seconds"] == 0
+  assert "declined to memorize" in report.format_table(results)
+
+
+def test_model_size_sweep_keeps_every_seed_and_plots_the_spread(tmp_path):
+  from resmem_jax.jobs import sweeps
+  s = _digits()
+  out = sweeps.model_size_sweep(s, tmp_path, "model.width", [8, 16], seeds=2, progress=False)
+  assert [row["model.width"] for row in out["variants"]] == [8, 16]
+  for row in out["variants"]:
+    seeds = row["seeds"]
+    assert [r["seed"] for r in seeds] == [0, 1]
+    gains = [r["gain_test_accuracy"] for r in seeds]
+    assert row["gain_test_accuracy"]["mean"] == pytest.approx(np.mean(gains))
+    assert row["gain_test_accuracy"]["std"] == pytest.approx(np.std(gains, ddof=1))
+    assert (tmp_path / f"width_{row['model.width']}" / "seed_1" / "results.json").exists()
+  # Different seeds train different models.
+  assert out["variants"][0]["seeds"][0]["base"] != out["variants"][0]["seeds"][1]["base"]
+  png = (tmp_path / "model_size_sweep.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+  assert "+- std" in report.format_sweep(out, "model.width")

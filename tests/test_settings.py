@@ -100,6 +100,9 @@ def test_choosing_needs_a_validation_split():
   with pytest.raises(settings.SettingsError, match="validation split"):
     settings.check(settings.from_config(cfg))
   cfg.resmem.k, cfg.resmem.sigma, cfg.resmem.temperature = 1, 1.0, 1.0
+  with pytest.raises(settings.SettingsError, match="base_mix"):  # the mix is still to choose
+    settings.check(settings.from_config(cfg))
+  cfg.resmem.base_mix = 0.5
   settings.check(settings.from_config(cfg))  # all fixed: nothing to choose
   cfg.resmem.tune_recall = 0.9
   cfg.resmem.backend = "exact"

@@ -1,4 +1,5 @@
-"""Risk measures, one definition each, used by every job (images, tokens, the sweep).
+"""Risk measures, one definition each, used by every job (images, tokens, the sweep), and the
+paired comparison of two predictors on the same test rows.
 
 Each takes a prediction *vector* per row (probabilities for the base model; ResMem's ``p + r``
 otherwise) and integer labels. ``per_row`` gives the per-row values that the jobs sum over
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOG_LOSS_FLOOR = 1e-6
 LOG_LOSS_RULE = (f"-log of the label's entry of to_distribution(pred): clip at {LOG_LOSS_FLOOR:g}, "
@@ -60,3 +62,38 @@ def squared_loss(pred, labels, mask=None):
 def log_loss(pred, labels, mask=None):
   """Mean negative log probability of the label under ``to_distribution(pred)``."""
   return _masked_mean(per_row(pred, labels)["log_loss"], mask)
+
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def paired_comparison(hits, base_hits, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = 0) -> dict:
+  """The accuracy gain of one predictor over another on the same rows, with its uncertainty.
+
+  ``hits`` / ``base_hits`` are per-row 0/1 correctness. The gain is the difference of the two
+  accuracies; ``ci95`` is a paired percentile bootstrap over rows (rows resampled with
+  replacement, both predictors kept together); ``p_value`` is the exact two-sided McNemar test:
+  under "no difference" the rows where exactly one predictor is right fall either way with
+  probability 1/2 (a binomial test on those discordant rows).
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  hits = np.asarray(hits, bool)
+  base_hits = np.asarray(base_hits, bool)
+  if hits.shape != base_hits.shape or hits.ndim != 1 or hits.size == 0:
+    raise ValueError(f"need two equal non-empty 1-D hit arrays, got {hits.shape} and "
+                     f"{base_hits.shape}")
+  n = hits.size
+  gained = int(np.sum(hits & ~base_hits))
+  lost = int(np.sum(~hits & base_hits))
+  # A row's paired difference is +1, -1 or 0, so a resample is a draw of those three counts.
+  counts = np.random.default_rng(seed).multinomial(
+      n, [gained / n, lost / n, (n - gained - lost) / n], size=resamples)
+  gains = (counts[:, 0] - counts[:, 1]) / n
+  low, high = np.percentile(gains, [2.5, 97.5])
+  discordant = gained + lost
+  p_value = float(stats.binomtest(gained, discordant, 0.5).pvalue) if discordant else 1.0
+  return {"test_accuracy_gain": (gained - lost) / n, "ci95": [float(low), float(high)],
+          "p_value": p_value, "rows": n, "gained": gained, "lost": lost,
+          "method": (f"paired bootstrap over test rows ({resamples} resamples, percentile CI); "
+                     "exact two-sided McNemar test on the rows where exactly one is right")}

@@ -9,6 +9,11 @@ holding residuals ``r_i``:
   ResMem            p + r(x)
   kNN-LM            lam * p_knn + (1 - lam) * p,  p_knn(v) = sum_i w_i [label_i == v]
 
+ResMem's class is argmax(p + r(x)), as in the paper. The vector p + r(x) can leave the simplex, so
+its probability output is (1 - mix) * normalize(max(p + r(x), 0)) + mix * p_1, with p_1 the base
+model's own prediction (T = 1) and ``mix`` chosen on validation log loss: mix = 1 is exactly the
+base model, so ResMem's validation log loss is never worse than the base's.
+
 Subtracting each row's smallest distance leaves the softmax unchanged but keeps it finite for any
 positive finite sigma (the nearest neighbour always gets exp(0)). Residual rows come dense
 (``values [..., k, C]``) or sparse (``values``/``columns [..., k, m]``: the other entries are 0).
@@ -96,3 +101,16 @@ def knn_distribution(weights, neighbour_labels, num_classes: int):
 def knnlm_mixture(p_knn, base, lam):
   """kNN-LM's prediction ``lam * p_knn + (1 - lam) * p``."""
   return lam * p_knn + (1.0 - lam) * jnp.asarray(base, jnp.float32)
+
+
+def resmem_probabilities(prediction, base_1, mix):
+  """ResMem's probability output ``(1 - mix) * normalize(max(p + r, 0)) + mix * p_1``.
+
+  ``prediction`` is ``p + r`` ``[q, C]``, ``base_1`` the base model's ``softmax(z)`` (T = 1).
+  A row whose positive part is empty (not reachable from residuals that sum to 0) is uniform.
+  """
+  positive = jnp.maximum(jnp.asarray(prediction, jnp.float32), 0.0)
+  total = jnp.sum(positive, axis=-1, keepdims=True)
+  uniform = jnp.full_like(positive, 1.0 / positive.shape[-1])
+  normalized = jnp.where(total > 0, positive / jnp.where(total > 0, total, 1.0), uniform)
+  return (1.0 - mix) * normalized + mix * jnp.asarray(base_1, jnp.float32)

@@ -7,9 +7,15 @@ the neighbours' residual rows at each T; neighbour identities do not depend on T
 chunks (a vocabulary-sized prediction per row does not fit for all rows at once) and the sweep
 accumulates sums, so the result does not depend on how the rows were chunked.
 
+ResMem's accuracy and squared loss are those of the vector p + r; its log loss is that of its
+probability output (``predictor.resmem_probabilities``), at the base-model mix of ``mix_grid`` that
+gives each grid point its lowest validation log loss.
+
 Criteria (``best(points, by)``): ``squared_loss`` (lowest; a proper scoring rule that varies
 smoothly with the grid, less noisy than 0-1 accuracy), ``accuracy`` (highest; ties: lower log
 loss) or ``log_loss`` (lowest). Remaining ties go to the smaller k (cheaper queries).
+:func:`improves` says whether a chosen point beats the base model itself on the criterion; where
+it does not, the engine declines to memorize and ResMem is the base model.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class GridPoint:
   squared_loss: float
   log_loss: float
   knn_lambda: float | None = None  # set on kNN-LM points
+  base_mix: float | None = None  # ResMem points: the probability output's mix with the base
 
 
 def _row_sums(pred, labels, mask):
@@ -47,10 +54,12 @@ def _row_sums(pred, labels, mask):
 
 @functools.partial(jax.jit, static_argnames=("k_grid", "num_classes"))
 def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_labels,
-                 temperature, sigmas, lambdas, *, k_grid, num_classes):
-  """Sums of (hits, squared loss, log loss): ResMem ``[len(k_grid), S, 3]`` and, when
-  ``lambdas`` is given, kNN-LM ``[len(k_grid), S, L, 3]``."""
+                 temperature, sigmas, mixes, lambdas, *, k_grid, num_classes):
+  """Sums over the chunk's rows. ResMem ``[len(k_grid), S, 2 + M]``: hits and squared loss of
+  p + r, then the log loss of the probability output at each base mix; kNN-LM (when ``lambdas``
+  is given) ``[len(k_grid), S, L, 3]``: hits, squared loss, log loss."""
   base = predictor.base_prediction(logits, temperature)
+  base_1 = predictor.base_prediction(logits, 1.0)
   resmem_out, knn_out = [], []
   for k in k_grid:
     d, v = distances[:, :k], values[:, :k]
@@ -58,7 +67,12 @@ def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_lab
 
     def per_sigma(sigma, d=d, v=v, c=c, k=k):
       w = predictor.neighbour_weights(d, sigma)
-      resmem = _row_sums(predictor.resmem_prediction(base, w, v, c), labels, mask)
+      pred = predictor.resmem_prediction(base, w, v, c)
+      rows = metrics.per_row(pred, labels)
+      log_losses = jax.vmap(lambda mix: jnp.sum(metrics.per_row(
+          predictor.resmem_probabilities(pred, base_1, mix), labels)["log_loss"] * mask))(mixes)
+      resmem = jnp.concatenate([jnp.stack([jnp.sum(rows["hit"] * mask),
+                                           jnp.sum(rows["squared_loss"] * mask)]), log_losses])
       if lambdas is None:
         return resmem, jnp.zeros((0, 3))
       p_knn = predictor.knn_distribution(w, neighbour_labels[:, :k], num_classes)
@@ -103,15 +117,17 @@ class SelectionSweep:
 
   def __init__(self, *, k_grid: Sequence[int], sigma_grid: Sequence[float],
                temperature_grid: Sequence[float], num_classes: int,
-               lambda_grid: Sequence[float] | None = None, max_elements: int = 1 << 24):
+               mix_grid: Sequence[float] = (1.0,), lambda_grid: Sequence[float] | None = None,
+               max_elements: int = 1 << 24):
     self.k_grid = tuple(sorted({int(k) for k in _check_grid("k_grid", k_grid)}))
     self.sigma_grid = _check_grid("sigma_grid", sigma_grid)
     self.temperature_grid = _check_grid("temperature_grid", temperature_grid)
     self.lambda_grid = None if lambda_grid is None else _check_grid("knn_lambda_grid", lambda_grid, 1.0)
+    self.mix_grid = _check_mixes(mix_grid)
     self.num_classes = int(num_classes)
     self.max_elements = int(max_elements)
     shape = (len(self.temperature_grid), len(self.k_grid), len(self.sigma_grid))
-    self._resmem = np.zeros(shape + (3,))
+    self._resmem = np.zeros(shape + (2 + len(self.mix_grid),))
     self._knn = np.zeros(shape + (len(self.lambda_grid or ()), 3))
     self._base = np.zeros(3)
     self.count = 0
@@ -121,7 +137,7 @@ class SelectionSweep:
     return self.k_grid[-1]
 
   def _chunk_rows(self, q: int, width: int) -> int:
-    heads = len(self.sigma_grid) * (len(self.lambda_grid or ()) + 2)
+    heads = len(self.sigma_grid) * (len(self.lambda_grid or ()) + len(self.mix_grid) + 2)
     per_row = self.k_max * width + heads * self.num_classes
     rows = max(8, self.max_elements // max(1, per_row))
     return int(min(rows, -(-q // 8) * 8))
@@ -150,6 +166,7 @@ class SelectionSweep:
       return
     ids, distances = ids[:, :self.k_max], distances[:, :self.k_max]
     sigmas = jnp.asarray(self.sigma_grid, jnp.float32)
+    mixes = jnp.asarray(self.mix_grid, jnp.float32)
     lambdas = None if self.lambda_grid is None else jnp.asarray(self.lambda_grid, jnp.float32)
     # Chunk size from one row's width (dense C or sparse m); every chunk is padded to it, so
     # each shape compiles once.
@@ -166,7 +183,7 @@ class SelectionSweep:
             pad(distances[rows]), pad(np.asarray(values, np.float32)),
             None if columns is None else pad(np.asarray(columns, np.int32)),
             pad(logits[rows]), pad(labels[rows]), mask, nb_labels, jnp.float32(temperature),
-            sigmas, lambdas, k_grid=self.k_grid, num_classes=self.num_classes)
+            sigmas, mixes, lambdas, k_grid=self.k_grid, num_classes=self.num_classes)
         self._resmem[t_index] += np.asarray(resmem, np.float64)
         if lambdas is not None:
           self._knn[t_index] += np.asarray(knn, np.float64)
@@ -182,7 +199,10 @@ class SelectionSweep:
     for ti, t in enumerate(self.temperature_grid):
       for ki, k in enumerate(self.k_grid):
         for si, s in enumerate(self.sigma_grid):
-          resmem.append(GridPoint(k, s, t, *(self._resmem[ti, ki, si] / self.count)))
+          hits, squared, *log_losses = self._resmem[ti, ki, si] / self.count
+          mix = int(np.argmin(log_losses))  # ties: the first, i.e. the least base
+          resmem.append(GridPoint(k, s, t, float(hits), float(squared), float(log_losses[mix]),
+                                  base_mix=self.mix_grid[mix]))
           for li, lam in enumerate(self.lambda_grid or ()):
             knn.append(GridPoint(k, s, t, *(self._knn[ti, ki, si, li] / self.count),
                                  knn_lambda=lam))
@@ -194,6 +214,13 @@ class SelectionSweep:
       raise ValueError("the validation sweep saw no rows")
     hit, squared, log_loss = self._base / self.count
     return {"accuracy": float(hit), "squared_loss": float(squared), "log_loss": float(log_loss)}
+
+
+def _check_mixes(values) -> tuple:
+  values = tuple(float(v) for v in values)
+  if not values or any(not np.isfinite(v) or not 0 <= v <= 1 for v in values):
+    raise ValueError(f"base_mix_grid must hold values in [0, 1], got {values}")
+  return values
 
 
 def _pad(x: np.ndarray, rows: int) -> np.ndarray:
@@ -214,3 +241,14 @@ def best(points: Sequence[GridPoint], by: str = "squared_loss") -> GridPoint:
   if by not in keys:
     raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
   return min(points, key=keys[by])
+
+
+def improves(point: GridPoint, base: dict, by: str) -> bool:
+  """Whether ``point`` beats the base model's validation ``base`` scores on criterion ``by``
+  (strictly: a tie keeps the base model, which needs no memory)."""
+  r = lambda x: round(float(x), 9)
+  if by == "accuracy":
+    return r(point.accuracy) > r(base["accuracy"])
+  if by in ("squared_loss", "log_loss"):
+    return r(getattr(point, by)) < r(base[by])
+  raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")

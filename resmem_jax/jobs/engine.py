@@ -181,8 +181,9 @@ def memory_signature(settings: settings_lib.Settings, model_digest: str) -> dict
       "model_digest": model_digest,
       "resmem": settings_lib.json_ready({name: getattr(r, name) for name in (
           "backend", "backend_options", "residual_format", "top_m", "k", "sigma", "temperature",
-          "k_grid", "sigma_grid", "sigma_relative", "temperature_grid", "select_by", "knnlm",
-          "knn_lambda", "knn_lambda_grid", "max_validation_rows", "tune_recall")}),
+          "k_grid", "sigma_grid", "sigma_relative", "temperature_grid", "select_by", "base_mix",
+          "base_mix_grid", "decline_if_no_gain", "knnlm", "knn_lambda", "knn_lambda_grid",
+          "max_validation_rows", "tune_recall")}),
   }
 
 
@@ -267,7 +268,8 @@ def fixed_choice(r: settings_lib.ResMemSettings) -> Choice:
   knn = None
   if r.knnlm:
     knn = {"k": r.k, "sigma": r.sigma, "temperature": r.temperature, "lambda": r.knn_lambda}
-  return Choice(resmem={"k": r.k, "sigma": r.sigma, "temperature": r.temperature}, knnlm=knn,
+  return Choice(resmem={"k": r.k, "sigma": r.sigma, "temperature": r.temperature,
+                        "base_mix": r.base_mix, "memorize": True}, knnlm=knn,
                 chosen_on="fixed", sigma_scale=None, validation_base=None, validation_rows=0,
                 grid=[])
 
@@ -324,7 +326,9 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
         sigma_grid, scale = tuple(r.sigma_grid), None
       sweep = selection.SelectionSweep(
           k_grid=k_grid, sigma_grid=sigma_grid, temperature_grid=_temperatures(r),
-          num_classes=num_classes, lambda_grid=lambda_grid)
+          num_classes=num_classes,
+          mix_grid=(r.base_mix,) if r.base_mix is not None else r.base_mix_grid,
+          lambda_grid=lambda_grid)
     else:
       distances, ids = memory.search(chunk.embeddings, k_max)
     sweep.add(distances, ids, chunk.logits, chunk.labels,
@@ -334,9 +338,20 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
     raise ValueError("the validation split produced no rows")
   resmem_points, knn_points = sweep.points()
   best = selection.best(resmem_points, r.select_by)
+  fixed = r.k is not None and r.sigma is not None and r.temperature is not None
+  # Never worse than the base, as a method: where no grid point beats the base model on
+  # validation, ResMem declines to memorize and is the base model.
+  memorize = (fixed or not r.decline_if_no_gain
+              or selection.improves(best, sweep.base_scores(), r.select_by))
   chosen = {"k": best.k, "sigma": best.sigma, "temperature": best.temperature,
+            "base_mix": best.base_mix, "memorize": bool(memorize),
             "validation_accuracy": best.accuracy, "validation_squared_loss": best.squared_loss,
             "validation_log_loss": best.log_loss}
+  if not memorize:
+    base = sweep.base_scores()
+    chosen.update(validation_accuracy=base["accuracy"],
+                  validation_squared_loss=base["squared_loss"],
+                  validation_log_loss=base["log_loss"])
   knn = None
   if lambda_grid is not None:
     best_knn = selection.best(knn_points, r.select_by)
@@ -344,7 +359,6 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
            "lambda": best_knn.knn_lambda, "validation_accuracy": best_knn.accuracy,
            "validation_squared_loss": best_knn.squared_loss,
            "validation_log_loss": best_knn.log_loss}
-  fixed = r.k is not None and r.sigma is not None and r.temperature is not None
   logging.info("chosen on %d validation rows: ResMem %s; kNN-LM %s", sweep.count, chosen, knn)
   return Choice(resmem=chosen, knnlm=knn, chosen_on="fixed" if fixed else "validation",
                 sigma_scale=scale, validation_base=sweep.base_scores(),
@@ -396,14 +410,23 @@ class _Totals:
 
 
 def _predict_chunk(memory, choice: Choice, chunk: inference.Rows):
-  """ResMem's (and kNN-LM's) predictions for one chunk of rows: one neighbour query serves both."""
+  """ResMem's prediction vector and probability output (and kNN-LM's) for one chunk of rows;
+  one neighbour query serves both heads. A ResMem that declined to memorize is the base model."""
   res = choice.resmem
-  k_query = max(int(res["k"]), int(choice.knnlm["k"]) if choice.knnlm else 0)
-  distances, ids = memory.search(chunk.embeddings, k_query)
-  k = int(res["k"])
-  base_t = _base_prediction(chunk.logits, np.float32(res["temperature"]))
-  resmem_pred = resmem_lib.combine(base_t, distances[:, :k], memory.residual_rows(ids[:, :k]),
-                                   res["sigma"])
+  base_1 = _base_prediction(chunk.logits, np.float32(1.0))
+  memorize = res.get("memorize", True)
+  k_query = max(int(res["k"]) if memorize else 0,
+                int(choice.knnlm["k"]) if choice.knnlm else 0)
+  distances = ids = None
+  if k_query:
+    distances, ids = memory.search(chunk.embeddings, k_query)
+  resmem_pred = resmem_prob = base_1
+  if memorize:
+    k = int(res["k"])
+    base_t = _base_prediction(chunk.logits, np.float32(res["temperature"]))
+    resmem_pred = resmem_lib.combine(base_t, distances[:, :k], memory.residual_rows(ids[:, :k]),
+                                     res["sigma"])
+    resmem_prob = _probabilities(resmem_pred, base_1, np.float32(res["base_mix"]))
   knn_pred = None
   if choice.knnlm:
     knn = choice.knnlm
@@ -411,7 +434,10 @@ def _predict_chunk(memory, choice: Choice, chunk: inference.Rows):
     knn_pred = _knnlm(_base_prediction(chunk.logits, np.float32(knn["temperature"])),
                       distances[:, :kk], np.float32(knn["sigma"]), memory.labels[ids[:, :kk]],
                       np.float32(knn["lambda"]))
-  return resmem_pred, knn_pred
+  return base_1, resmem_pred, resmem_prob, knn_pred
+
+
+_probabilities = jax.jit(predictor.resmem_probabilities)
 
 
 def evaluate(passes: Passes, memory, choice: Choice, r: settings_lib.ResMemSettings, split: str,
@@ -428,9 +454,11 @@ def evaluate(passes: Passes, memory, choice: Choice, r: settings_lib.ResMemSetti
   totals = {head: _Totals() for head in HEADS if head != "knnlm" or choice.knnlm}
   count = 0
   for chunk in inference.rechunk(passes.rows(split, forward), rows_per_chunk):
-    totals["base"].add(_row_metrics(_base_prediction(chunk.logits, np.float32(1.0)), chunk.labels))
-    resmem_pred, knn_pred = _predict_chunk(memory, choice, chunk)
-    totals["resmem"].add(_row_metrics(resmem_pred, chunk.labels))
+    base_1, resmem_pred, resmem_prob, knn_pred = _predict_chunk(memory, choice, chunk)
+    totals["base"].add(_row_metrics(base_1, chunk.labels))
+    # ResMem's class and squared loss are those of p + r, its log loss that of its probabilities.
+    totals["resmem"].add(dict(_row_metrics(resmem_pred, chunk.labels),
+                              log_loss=_row_metrics(resmem_prob, chunk.labels)["log_loss"]))
     if knn_pred is not None:
       totals["knnlm"].add(_row_metrics(knn_pred, chunk.labels))
     count += chunk.size
@@ -452,6 +480,8 @@ def _time_prediction(passes, memory, choice, split, forward, rows_per_chunk, rep
     spent_forward = spent_query = 0.0
     for chunk in inference.rechunk(passes.rows(split, forward), rows_per_chunk):
       spent_forward += chunk.seconds
+      if not res.get("memorize", True):
+        continue  # ResMem is the base model: nothing beyond the forward pass
       start = time.perf_counter()
       distances, ids = memory.search(chunk.embeddings, int(res["k"]))
       base_t = _base_prediction(chunk.logits, np.float32(res["temperature"]))
@@ -486,8 +516,10 @@ def assemble_results(settings, info, model: BaseModel, memory, choice: Choice, t
     if train_eval is not None:
       block["train_accuracy"] = train_eval[head]["train_accuracy"]
     blocks[head] = block
-  hparams = {"k": int(choice.resmem["k"]), "sigma": float(choice.resmem["sigma"]),
-             "temperature": float(choice.resmem["temperature"]), "chosen_on": choice.chosen_on,
+  res = choice.resmem
+  hparams = {"k": int(res["k"]), "sigma": float(res["sigma"]),
+             "temperature": float(res["temperature"]), "base_mix": res.get("base_mix"),
+             "memorize": bool(res.get("memorize", True)), "chosen_on": choice.chosen_on,
              "select_by": settings.resmem.select_by, "sigma_scale": choice.sigma_scale}
   if choice.knnlm:
     hparams["knnlm"] = {name: choice.knnlm[name] for name in ("k", "sigma", "temperature", "lambda")}
@@ -504,9 +536,15 @@ def assemble_results(settings, info, model: BaseModel, memory, choice: Choice, t
                  "size": int(memory.size), "dim": int(memory.dim), "reused": bool(reused),
                  "backend_options": settings_lib.json_ready(memory.backend_options),
                  "search_tuning": tuning},
+      "comparison": metrics.paired_comparison(evaluation["hits"]["resmem"],
+                                              evaluation["hits"]["base"]),
+      **({"comparison_knnlm": metrics.paired_comparison(evaluation["hits"]["knnlm"],
+                                                        evaluation["hits"]["base"])}
+         if "knnlm" in evaluation["hits"] else {}),
       "timing": evaluation["timing"],
       "training": {k: v for k, v in training_metrics.items() if isinstance(v, (int, float))},
-      "log_loss_rule": metrics.LOG_LOSS_RULE,
+      "log_loss_rule": (f"{metrics.LOG_LOSS_RULE}; ResMem's is that of its probability output "
+                        "(1 - base_mix) * normalize(max(p + r, 0)) + base_mix * p_base"),
       "config": settings_lib.to_dict(settings),
   }
   return results

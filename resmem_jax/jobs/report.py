@@ -29,8 +29,17 @@ def format_table(results: dict) -> str:
       value = results[head].get(key)
       cells.append(f"{'-':>11s} " if value is None else f"{value * scale:11.3f}{unit}")
     lines.append(f"{label:22s}" + "".join(cells))
-  lines.append(f"ResMem: k={hp['k']} sigma={hp['sigma']:.4g} T={hp['temperature']:g} "
-               f"({hp['chosen_on']}, by validation {hp['select_by']})")
+  if hp.get("memorize", True):
+    mix = hp.get("base_mix")
+    lines.append(f"ResMem: k={hp['k']} sigma={hp['sigma']:.4g} T={hp['temperature']:g}"
+                 + (f" base_mix={mix:g}" if mix is not None else "")
+                 + f" ({hp['chosen_on']}, by validation {hp['select_by']})")
+  else:
+    lines.append(f"ResMem declined to memorize: no (k, sigma, T) beat the base model on validation "
+                 f"{hp['select_by']}, so ResMem is the base model")
+  for key, name in (("comparison", "ResMem"), ("comparison_knnlm", "kNN-LM")):
+    if key in results:
+      lines.append(format_comparison(results[key], name))
   if "knnlm" in hp:
     knn = hp["knnlm"]
     lines.append(f"kNN-LM: k={knn['k']} sigma={knn['sigma']:.4g} T={knn['temperature']:g} "
@@ -43,13 +52,27 @@ def format_table(results: dict) -> str:
 
 
 def format_sweep(out: dict, field: str) -> str:
-  """One line per sweep variant: size, parameters, base and ResMem test accuracy, gain."""
-  lines = [f"{field:>20s}{'params':>12s}{'base':>9s}{'resmem':>9s}{'gain':>8s}{'resmem train':>14s}"]
+  """One line per swept value: parameters, base and ResMem test accuracy and the gain (means over
+  seeds), the gain's spread over seeds and how many seeds' gains were significant."""
+  seeds = out.get("seeds", 1)
+  lines = [f"{field:>20s}{'params':>12s}{'base':>9s}{'resmem':>9s}{'gain':>8s}{'+- std':>8s}"
+           f"{'p<0.05':>8s}{'resmem train':>14s}   (means over {seeds} seed{'s' * (seeds > 1)})"]
   for row in out["variants"]:
-    train = row["resmem"].get("train_accuracy")
+    train = row.get("resmem_train_accuracy")
     lines.append(f"{row[field]!s:>20s}{row['num_params']:>12,}"
-                 f"{100 * row['base']['test_accuracy']:>8.2f}%"
-                 f"{100 * row['resmem']['test_accuracy']:>8.2f}%"
-                 f"{100 * row['gain_test_accuracy']:>+7.2f}"
-                 + (f"{100 * train:>13.2f}%" if train is not None else f"{'-':>14s}"))
+                 f"{100 * row['base_test_accuracy']['mean']:>8.2f}%"
+                 f"{100 * row['resmem_test_accuracy']['mean']:>8.2f}%"
+                 f"{100 * row['gain_test_accuracy']['mean']:>+8.2f}"
+                 f"{100 * row['gain_test_accuracy']['std']:>8.2f}"
+                 f"{row['significant_seeds']:>5d}/{seeds:<2d}"
+                 + (f"{100 * train['mean']:>13.2f}%" if train is not None else f"{'-':>14s}"))
   return "\n".join(lines)
+
+
+def format_comparison(c: dict, name: str = "ResMem") -> str:
+  """``ResMem - base: +0.56 points (95% CI +0.28 to +0.83), McNemar p = 0.0003 (significant)``."""
+  low, high = c["ci95"]
+  verdict = "significant at 0.05" if c["p_value"] < 0.05 else "not significant at 0.05"
+  return (f"{name} - base test accuracy: {100 * c['test_accuracy_gain']:+.2f} points (95% CI "
+          f"{100 * low:+.2f} to {100 * high:+.2f}; {c['gained']} rows gained, {c['lost']} lost), "
+          f"McNemar p = {c['p_value']:.2g} ({verdict})")
