@@ -9,8 +9,8 @@ from resmem_jax import settings
 
 VARIANTS = {
     "digits": ["", "tiny"],
-    "mnist": ["", "serving", "mlp", "tiny"],
-    "fashion_mnist": ["", "serving", "mlp", "tiny"],
+    "mnist": ["", "serving", "resnet", "mlp", "tiny"],
+    "fashion_mnist": ["", "serving", "resnet", "mlp", "tiny"],
     "cifar10": ["", "tiny"],
     "cifar100": ["", "tiny"],
     "imagenet": ["", "tiny"],

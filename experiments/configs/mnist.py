@@ -2,8 +2,9 @@
 
 Offline: ``--config.data.manual_dir=../shared/datasets/mnist --config.data.data_dir=/tmp/tfds``.
 Variants: '' (CNN, 3 epochs), 'serving' (the CNN with a 32-d embedding and a tree-AH memory
-tuned for query cost: ResMem's prediction at about 1.25x the base forward pass on a 2-core CPU,
-BUILD_NOTES.md), 'mlp' (MLP 2x512), 'tiny' (a few steps for CPU tests).
+tuned for query cost: ResMem's prediction at about 1.25-1.45x the base forward pass on a 2-core
+CPU, BUILD_NOTES.md), 'resnet' (the paper's CIFAR ResNet family, 2 epochs), 'mlp' (MLP 2x512),
+'tiny' (a few steps for CPU tests).
 """
 from experiments.configs import common
 
@@ -36,6 +37,15 @@ def mnist_like(name: str, variant: str | None):
     cfg.model.embed_dim = 32
     cfg.resmem.backend_options = "mode=tree_ah,num_leaves=400"
     cfg.resmem.tune_recall = 0.97
+  elif variant == "resnet":
+    # The paper's model family (CIFAR ResNets: depth 6n+2, width multiplier) on MNIST, with a
+    # short schedule that fits a 2-core CPU: 2 epochs of SGD + momentum, cosine. Sweep it with
+    # --field=model.depth --values=8,14,20,32 or --field=model.width --values=0.25,0.5,1,2.
+    cfg.model.name = "cifar_resnet"
+    cfg.model.depth = 8
+    cfg.model.width = 1.0
+    cfg.train.num_epochs = 2
+    cfg.train.learning_rate = 0.1
   elif variant == "mlp":
     cfg.model.name = "mlp"
     cfg.model.width = 512
@@ -52,5 +62,6 @@ def mnist_like(name: str, variant: str | None):
     cfg.train.log_every_steps = 1
     cfg.train.checkpoint_every_steps = 5
   elif variant:
-    raise ValueError(f"unknown {name} config variant {variant!r} (use '', 'serving', 'mlp' or 'tiny')")
+    raise ValueError(f"unknown {name} config variant {variant!r} (use '', 'serving', 'resnet', "
+                     "'mlp' or 'tiny')")
   return cfg
