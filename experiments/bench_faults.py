@@ -3,7 +3,7 @@ prints a markdown table of what a user sees, then a summary (UNCLEAR and SILENT 
 
   python -m experiments.bench_faults [--kills=16] [--output=/tmp/faults.md]
 """
-from experiments import common_flags  # noqa: F401  (must come first: quiets TensorFlow)
+from resmem_jax.cli import flags as cli_flags  # first: quiets TensorFlow before it loads
 
 from absl import flags
 
@@ -25,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common_flags.run(main)
+  cli_flags.run(main)

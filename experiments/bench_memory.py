@@ -3,7 +3,8 @@
     python -m experiments.bench_memory                       # the full run (100k x 128, 1M x 64)
     python -m experiments.bench_memory --sizes=20000x64 --num_queries=1000   # quick
 """
-from absl import app
+from resmem_jax.cli import flags as cli_flags  # first: quiets TensorFlow before it loads
+
 from absl import flags
 
 from resmem_jax.bench import memory_search
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_flags.run(main)

@@ -9,9 +9,8 @@ for forward + backward) is printed beside it. With a compute dtype other than fl
 matmul is also timed in that dtype. Step and matmul timings are interleaved and the fastest of
 each kept, so load from other processes on a shared machine affects both alike.
 """
-from experiments import common_flags  # noqa: F401  (must come first)
+from resmem_jax.cli import flags as cli_flags  # first: quiets TensorFlow before it loads
 
-from absl import app
 from absl import flags
 
 from resmem_jax.bench import train_step
@@ -38,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_flags.run(main)

@@ -1,6 +1,6 @@
 """Typed settings: the config is read once, checked before anything slow starts, defaults here.
 
-A binary's ml_collections config (``experiments/configs/*.py``) starts from :func:`default_config`,
+A binary's ml_collections config (``resmem_jax/configs/*.py``) starts from :func:`default_config`,
 which is built from the dataclasses below, so every field and its default live in one place.
 :func:`from_config` turns a (possibly overridden) ConfigDict into frozen :class:`Settings`,
 rejecting unknown fields and invalid values with one line that names the field and what it
@@ -27,65 +27,88 @@ class SettingsError(ValueError):
   """A config field has an unknown name or an invalid value (the message names the field)."""
 
 
+class MissingDependency(ImportError):
+  """An optional package a setting needs is not installed (the message names the extra)."""
+
+
+def _f(default, help_text: str):
+  """A settings field with its meaning (shown by ``--print_config`` and :func:`describe`)."""
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
   """Where examples come from (``resmem_jax.data``)."""
-  name: str = "digits"  # built-in set, any TFDS image classification set, or a text set
-  data_dir: Optional[str] = None  # TFDS data_dir: where prepared data sets live (None: TFDS default)
-  manual_dir: Optional[str] = None  # archives TFDS prepares from offline (None: TFDS default)
-  val_fraction: float = 0.1  # validation carved from the training split (fixed permutation)
-  train_fraction: float = 1.0  # keep this fraction of the remaining training examples
-  split_seed: int = 0  # seed of the validation / train_fraction permutations
-  augment: bool = False  # random crops (and flips where label preserving) while training
-  image_size: Optional[int] = None  # resize images to this side (needed for variable-size sets)
-  seq_len: int = 128  # text: tokens per sequence
-  max_split_tokens: Optional[int] = None  # text: keep only the first N tokens of every split
-  vocab_size: int = 8192  # subword text: target vocabulary size
-  vocab_documents: int = 10000  # subword text: documents the vocabulary is built from
-  vocab_dir: Optional[str] = None  # subword text: where the vocabulary is saved (None: data_dir)
+  name: str = _f("digits", "data set: digits (embedded), any TFDS image classification set "
+                 "(mnist, cifar10, svhn_cropped, emnist/letters, ...), imagenet2012, "
+                 "tiny_shakespeare, lm1b, c4")
+  data_dir: Optional[str] = _f(None, "TFDS data_dir: where prepared data sets live "
+                               "(None: ~/tensorflow_datasets)")
+  manual_dir: Optional[str] = _f(None, "a folder holding the archives TFDS downloads, to prepare "
+                                 "offline (None: download)")
+  val_fraction: float = _f(0.1, "validation split carved from the training split (fixed "
+                           "permutation); k, sigma, T are chosen on it")
+  train_fraction: float = _f(1.0, "keep this fraction of the remaining training examples "
+                             "(nested: a smaller fraction is a subset)")
+  split_seed: int = _f(0, "seed of the validation / train_fraction permutations")
+  augment: bool = _f(False, "random crops while training (and flips where they keep the label)")
+  image_size: Optional[int] = _f(None, "resize images to image_size x image_size (needed for "
+                                 "sets of varying size; ImageNet: 224 when None)")
+  seq_len: int = _f(128, "text: tokens per sequence")
+  max_split_tokens: Optional[int] = _f(None, "text: keep only the first N tokens of every split")
+  vocab_size: int = _f(8192, "subword text: target vocabulary size")
+  vocab_documents: int = _f(10000, "subword text: training documents the vocabulary is built from")
+  vocab_dir: Optional[str] = _f(None, "subword text: where the vocabulary is saved "
+                                "(None: <data_dir>/resmem_vocab)")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
   """The base network (``resmem_jax.models``); each model reads the fields it needs."""
-  name: str = "mlp"  # mlp | cnn | cifar_resnet | resnet | transformer
-  width: float = 256.0  # units / channels (mlp, cnn, transformer) or a multiplier (resnets)
-  depth: int = 2  # hidden layers, conv blocks, 6n+2 (cifar_resnet), 18/34/50/101, blocks
-  embed_dim: int = 128  # cnn: size of the dense embedding layer
-  conv_impl: str = "xla"  # resnets: "xla" (native convolutions) or "im2col" (as matmuls)
-  num_heads: int = 4  # transformer
-  max_len: int = 128  # transformer: longest sequence
-  mlp_ratio: int = 4  # transformer: MLP width / model width
-  dropout_rate: float = 0.0  # transformer
+  name: str = _f("mlp", "mlp | cnn | cifar_resnet | resnet | transformer")
+  width: float = _f(256.0, "hidden units (mlp), first block's channels (cnn), model width "
+                    "(transformer), or a channel multiplier (resnets)")
+  depth: int = _f(2, "hidden layers (mlp), conv blocks (cnn), 6n+2 (cifar_resnet), "
+                  "18/34/50/101 (resnet), blocks (transformer)")
+  embed_dim: int = _f(128, "cnn: size of the dense embedding layer (the memory key)")
+  conv_impl: str = _f("xla", "resnets: xla (native convolutions) or im2col (as matmuls)")
+  num_heads: int = _f(4, "transformer: attention heads")
+  max_len: int = _f(128, "transformer: longest sequence")
+  mlp_ratio: int = _f(4, "transformer: MLP width / model width")
+  dropout_rate: float = _f(0.0, "transformer: dropout while training")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
   """Training the base network (``resmem_jax.training``)."""
-  num_epochs: float = 10.0  # fractional epochs allowed
-  num_steps: int = -1  # > 0 overrides num_epochs
-  batch_size: int = 128  # global batch, split over all devices
-  eval_batch_size: int = 512
-  optimizer: str = "sgd"  # sgd | adam | adamw
-  learning_rate: float = 0.1
-  momentum: float = 0.9  # sgd; 0: plain SGD
-  nesterov: bool = False
-  b1: float = 0.9  # adam / adamw
-  b2: float = 0.999
-  weight_decay: float = 5e-4  # on kernels only (not biases or norm scales)
-  schedule: str = "cosine"  # cosine | step | constant (after a linear warm-up)
-  warmup_epochs: float = 0.0
-  step_boundaries: tuple[float, ...] = (0.5, 0.75)  # step: fractions of training where lr drops
-  step_factor: float = 0.1
-  label_smoothing: float = 0.0
-  grad_clip_norm: float = 0.0  # 0: no clipping
-  dtype: str = "float32"  # compute dtype (parameters stay float32); bfloat16 on accelerators
-  log_every_steps: int = 50
-  eval_every_steps: int = 0  # 0: once per epoch
-  checkpoint_every_steps: int = 500
-  max_checkpoints_to_keep: int = 3
-  eval_test_at_end: bool = True
-  distributed: Optional[bool] = None  # None: detect a multi-host launch from the environment
+  num_epochs: float = _f(10.0, "training epochs (fractions allowed)")
+  num_steps: int = _f(-1, "training steps; > 0 overrides num_epochs")
+  batch_size: int = _f(128, "global batch, split over all devices")
+  eval_batch_size: int = _f(512, "batch of the validation / test passes while training")
+  optimizer: str = _f("sgd", "sgd | adam | adamw")
+  learning_rate: float = _f(0.1, "peak learning rate")
+  momentum: float = _f(0.9, "sgd momentum (0: plain SGD)")
+  nesterov: bool = _f(False, "sgd: Nesterov momentum")
+  b1: float = _f(0.9, "adam / adamw: first-moment decay")
+  b2: float = _f(0.999, "adam / adamw: second-moment decay")
+  weight_decay: float = _f(5e-4, "on kernels only (not biases or norm scales); coupled for sgd "
+                           "and adam, decoupled for adamw")
+  schedule: str = _f("cosine", "cosine | step | constant, after a linear warm-up")
+  warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
+  step_boundaries: tuple[float, ...] = _f((0.5, 0.75), "step schedule: fractions of training "
+                                          "where the learning rate drops")
+  step_factor: float = _f(0.1, "step schedule: factor of each drop")
+  label_smoothing: float = _f(0.0, "label smoothing of the training loss")
+  grad_clip_norm: float = _f(0.0, "clip gradients to this global norm (0: no clipping)")
+  dtype: str = _f("float32", "compute dtype (parameters stay float32): float32 | bfloat16 | "
+                  "float16")
+  log_every_steps: int = _f(50, "training metrics every N steps (metrics.jsonl, TensorBoard)")
+  eval_every_steps: int = _f(0, "validation every N steps (0: once per epoch)")
+  checkpoint_every_steps: int = _f(500, "checkpoint every N steps (and at the end)")
+  max_checkpoints_to_keep: int = _f(3, "checkpoints kept (older ones are removed)")
+  eval_test_at_end: bool = _f(True, "evaluate the test split when training ends")
+  distributed: Optional[bool] = _f(None, "call jax.distributed.initialize (None: when the "
+                                   "environment describes several hosts)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,32 +120,42 @@ class ResMemSettings:
   median distance from a validation row to its nearest memory key (embedding distances have no
   natural unit); a fixed ``sigma`` is absolute.
   """
-  backend: str = "scann"  # exact | scann (resmem_jax/memory)
-  backend_options: str = ""  # "key=value,..." for the backend, e.g. "mode=tree_ah,num_leaves=400"
-  residual_format: str = "dense"  # dense | bfloat16 | sparse (label + top_m probabilities)
-  top_m: int = 16  # sparse: entries kept besides the label
-  k: Optional[int] = None
-  sigma: Optional[float] = None
-  temperature: Optional[float] = None
-  k_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-  sigma_grid: tuple[float, ...] = SIGMA_GRID
-  sigma_relative: bool = True
-  temperature_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-  select_by: str = "squared_loss"  # squared_loss | accuracy | log_loss (on validation)
-  # ResMem's probability output (1 - mix) * normalize(max(p + r, 0)) + mix * p_base: the mix is
-  # chosen on validation log loss (1: the base model itself); base_mix fixes it.
-  base_mix: Optional[float] = None
-  base_mix_grid: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-  # Keep the base model (no memory) when no grid point beats it on validation by select_by.
-  decline_if_no_gain: bool = True
-  knnlm: bool = False  # also report kNN-LM (the neighbours' labels mixed into p) beside ResMem
-  knn_lambda: Optional[float] = None  # kNN-LM mixture weight; None: chosen on validation
-  knn_lambda_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
-  eval_batch_size: int = 1024  # examples (sequences) per inference batch
-  max_validation_rows: Optional[int] = None  # use at most this many validation rows to select
-  evaluate_train: bool = True  # also report training-split accuracy (memorization)
-  timing_repeats: int = 3  # prediction-cost figure: fastest of this many timed test passes
-  tune_recall: Optional[float] = None  # scann (partitioned): tune query settings to this recall@k
+  backend: str = _f("scann", "nearest-neighbour index: exact | scann")
+  backend_options: str = _f("", "'key=value,...' options of the backend, e.g. "
+                            "'mode=tree_ah,num_leaves=400' (resmem_jax/memory/scann.py)")
+  residual_format: str = _f("dense", "stored residuals: dense (float32) | bfloat16 | sparse "
+                            "(the label + top_m largest probabilities)")
+  top_m: int = _f(16, "sparse: entries kept besides the label")
+  k: Optional[int] = _f(None, "neighbours per query (None: chosen from k_grid on validation)")
+  sigma: Optional[float] = _f(None, "softmax temperature of the neighbour weights, absolute "
+                              "(None: chosen from sigma_grid)")
+  temperature: Optional[float] = _f(None, "T of the base prediction softmax(z / T) the "
+                                    "residuals are taken against (None: chosen from the grid)")
+  k_grid: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32, 64, 128), "candidate k")
+  sigma_grid: tuple[float, ...] = _f(SIGMA_GRID, "candidate sigma (relative: see sigma_relative)")
+  sigma_relative: bool = _f(True, "sigma_grid values are multiples of the median distance to the "
+                            "nearest memory key")
+  temperature_grid: tuple[float, ...] = _f((0.5, 1.0, 2.0, 4.0), "candidate T")
+  select_by: str = _f("squared_loss", "validation criterion: squared_loss | accuracy | log_loss")
+  base_mix: Optional[float] = _f(None, "ResMem's probabilities are (1 - mix) * normalize(max(p + "
+                                 "r, 0)) + mix * p_base (None: mix chosen on validation log loss)")
+  base_mix_grid: tuple[float, ...] = _f((0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+                                        "candidate mixes (1: the base model itself)")
+  memorize_if_p_below: Optional[float] = _f(0.05, "keep the memory only when the chosen point's "
+                                             "validation gain on select_by over the base model "
+                                             "has a one-sided p-value below this (1: any gain; "
+                                             "None: always memorize)")
+  knnlm: bool = _f(False, "also report kNN-LM (the neighbours' labels mixed into p)")
+  knn_lambda: Optional[float] = _f(None, "kNN-LM mixture weight (None: chosen on validation)")
+  knn_lambda_grid: tuple[float, ...] = _f((0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
+                                          "candidate kNN-LM weights")
+  eval_batch_size: int = _f(1024, "examples (sequences) per inference batch")
+  max_validation_rows: Optional[int] = _f(None, "use at most this many validation rows (examples "
+                                          "or tokens) to choose")
+  evaluate_train: bool = _f(True, "also report training-split accuracy (memorization)")
+  timing_repeats: int = _f(3, "prediction-cost figure: fastest of this many timed test passes")
+  tune_recall: Optional[float] = _f(None, "partitioned scann: tune its query settings on "
+                                    "validation to this recall@k against exact search")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +281,18 @@ def from_config(config) -> Settings:
   return settings
 
 
+def describe(settings: Settings) -> str:
+  """Every field as ``section.field = value  # meaning``, one per line."""
+  lines = [f"seed = {settings.seed!r}  # seed of parameter init, dropout and batch order"]
+  for section, cls in SECTIONS.items():
+    values = getattr(settings, section)
+    lines.append(f"# {section}: {cls.__doc__.splitlines()[0]}")
+    for field in dataclasses.fields(cls):
+      value = json_ready(getattr(values, field.name))
+      lines.append(f"{section}.{field.name} = {value!r}  # {field.metadata.get('help', '')}")
+  return "\n".join(lines)
+
+
 def to_dict(settings: Settings) -> dict:
   """Plain JSON-ready dict of every field (tuples become lists)."""
   return json_ready(dataclasses.asdict(settings))
@@ -359,6 +404,8 @@ def validate_values(settings: Settings) -> None:
   _grid("resmem.knn_lambda_grid", r.knn_lambda_grid, high=1.0)
   _require(len(r.base_mix_grid) > 0 and all(0 <= v <= 1 for v in r.base_mix_grid),
            f"resmem.base_mix_grid values must lie in [0, 1], got {r.base_mix_grid}")
+  _require(r.memorize_if_p_below is None or 0 < r.memorize_if_p_below <= 1,
+           f"resmem.memorize_if_p_below must be in (0, 1] or None, got {r.memorize_if_p_below}")
   _require(r.base_mix is None or 0 <= r.base_mix <= 1,
            f"resmem.base_mix must be in [0, 1] or None, got {r.base_mix}")
   _require(r.knn_lambda is None or 0 < r.knn_lambda <= 1,
@@ -384,7 +431,7 @@ def check(settings: Settings) -> None:
     models.check_settings(settings.model)
     memory.check_options(settings.resmem.backend, settings.resmem.backend_options,
                          settings.resmem.residual_format)
-  except SettingsError:
+  except (SettingsError, MissingDependency):
     raise
   except ValueError as err:
     raise SettingsError(str(err)) from None

@@ -12,17 +12,21 @@ import sys
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+# Real TFDS archives (one folder per data set: mnist/, tiny_shakespeare/ with the files TFDS
+# downloads); point RESMEM_DATASETS at your own copy. Tests that need them skip without them.
+SHARED_DATASETS = pathlib.Path(os.environ.get("RESMEM_DATASETS",
+                                              REPO_ROOT.parent / "shared" / "datasets"))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def shared_dataset_dir(name: str) -> pathlib.Path:
-  """The real archives for TFDS `name` in ../shared/datasets, or skip the test."""
+  """The real archives for TFDS `name` under RESMEM_DATASETS (default ../shared/datasets), or skip
+  the test."""
   path = SHARED_DATASETS / name
   if not path.is_dir():
-    pytest.skip(f"{path} not present (only in the project's own machines)")
+    pytest.skip(f"{path} not present (set RESMEM_DATASETS to a folder holding {name}/)")
   return path
 
 

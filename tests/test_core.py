@@ -1,4 +1,6 @@
 """resmem_jax.core, the pure math, against a few lines of NumPy each."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -230,6 +232,12 @@ def test_sweep_matches_numpy_reference(sparse):
           val_labels)) for mix in (0.0, 0.3, 1.0)}
       assert point.base_mix == min(losses, key=losses.get)
       assert point.log_loss == pytest.approx(min(losses.values()), rel=1e-4)
+      base = _softmax(val_logits)
+      hit_diff = (pred.argmax(-1) == val_labels).astype(float) - (base.argmax(-1) == val_labels)
+      sq_diff = (np.sum((pred - onehot[val_labels]) ** 2, -1)
+                 - np.sum((base - onehot[val_labels]) ** 2, -1))
+      assert point.diff_squares[0] == pytest.approx(np.mean(hit_diff ** 2), abs=1e-6)
+      assert point.diff_squares[1] == pytest.approx(np.mean(sq_diff ** 2), rel=1e-3, abs=1e-6)
     else:
       assert point.log_loss == pytest.approx(np.mean(_floor_log_loss(pred, val_labels)), rel=1e-4)
   base = sweep.base_scores()
@@ -278,12 +286,21 @@ def test_probability_output_is_a_distribution_and_mix_1_is_the_base():
                              positive / positive.sum(-1, keepdims=True), atol=1e-6)
 
 
-def test_improves_is_strict():
-  point = selection.GridPoint(4, 1.0, 1.0, accuracy=0.9, squared_loss=0.2, log_loss=0.5)
-  base = {"accuracy": 0.9, "squared_loss": 0.25, "log_loss": 0.5}
-  assert not selection.improves(point, base, "accuracy")  # a tie keeps the base
-  assert selection.improves(point, base, "squared_loss")
-  assert not selection.improves(point, base, "log_loss")
+def test_gain_p_value_is_a_one_sided_paired_z_test():
+  from scipy import stats
+  rng = np.random.default_rng(6)
+  base_loss = rng.random(400)
+  point_loss = base_loss - 0.01 + 0.05 * rng.normal(size=400)
+  d = point_loss - base_loss
+  point = selection.GridPoint(4, 1.0, 1.0, accuracy=0.9, squared_loss=point_loss.mean(),
+                              log_loss=0.5, diff_squares=(0.0, float(np.mean(d ** 2)), 0.0))
+  base = {"accuracy": 0.9, "squared_loss": base_loss.mean(), "log_loss": 0.5}
+  z = -d.mean() / (d.std() / np.sqrt(400))
+  assert selection.gain_p_value(point, base, "squared_loss", 400) == pytest.approx(stats.norm.sf(z))
+  assert selection.gain_p_value(point, base, "accuracy", 400) == 1.0  # a tie is no gain
+  assert selection.gain_p_value(point, base, "log_loss", 400) == 1.0
+  worse = dataclasses.replace(point, squared_loss=base["squared_loss"] + 0.01)
+  assert selection.gain_p_value(worse, base, "squared_loss", 400) == 1.0
 
 
 def test_paired_comparison_matches_its_definition():

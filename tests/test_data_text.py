@@ -65,7 +65,7 @@ def test_vocabulary_round_trips_and_is_kept(tmp_path):
 
 @pytest.mark.parametrize("config_module", ["lm1b", "c4"])
 def test_subword_datasets_on_mock_data(tmp_path, config_module):
-  config = importlib.import_module(f"experiments.configs.{config_module}").get_config("tiny")
+  config = importlib.import_module(f"resmem_jax.configs.{config_module}").get_config("tiny")
   config.data.data_dir = str(tmp_path / "tfds")
   dataset = data.get_dataset(settings_lib.from_config(config).data)
   with tfds.testing.mock_data(num_examples=12):

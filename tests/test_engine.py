@@ -17,7 +17,7 @@ RESULT_KEYS = {"test_accuracy", "test_error", "test_squared_loss", "test_log_los
 
 
 def _digits(**resmem):
-  from experiments.configs import digits
+  from resmem_jax.configs import digits
   cfg = digits.get_config("tiny")
   cfg.resmem.backend = resmem.pop("backend", "exact")
   cfg.resmem.k_grid = (1, 4, 16)
@@ -138,7 +138,7 @@ def _binary(*flags, workdir):
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   env.pop("XLA_FLAGS", None)
   return subprocess.run(
-      [sys.executable, "-m", "experiments.resmem", "--config=experiments/configs/digits.py:tiny",
+      [sys.executable, "-m", "experiments.resmem", "--config=digits:tiny",
        f"--workdir={workdir}", *flags], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
       timeout=300)
 
@@ -163,7 +163,7 @@ def test_binary_rejects_a_bad_field_before_any_work(tmp_path, flag, field):
 
 def _mock_settings(module_name, tmp_path, **data):
   import importlib
-  cfg = importlib.import_module(f"experiments.configs.{module_name}").get_config("tiny")
+  cfg = importlib.import_module(f"resmem_jax.configs.{module_name}").get_config("tiny")
   cfg.data.data_dir = str(tmp_path / "tfds")
   cfg.data.train_fraction = 1.0
   for key, value in data.items():

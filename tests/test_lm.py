@@ -52,7 +52,7 @@ def _check_lm_results(results, workdir):
 def test_subword_lm_end_to_end_on_mock_data(tmp_path):
   """lm1b's tiny config through the engine under TFDS mock data (runs without ../shared)."""
   import tensorflow_datasets as tfds
-  from experiments.configs import lm1b
+  from resmem_jax.configs import lm1b
   cfg = lm1b.get_config("tiny")
   cfg.data.data_dir = str(tmp_path / "tfds")
   s = settings_lib.from_config(cfg)
@@ -66,7 +66,7 @@ def test_subword_lm_end_to_end_on_mock_data(tmp_path):
 def _tiny_shakespeare_command(workdir, tfds_dir, *flags):
   manual = shared_dataset_dir("tiny_shakespeare")
   return [sys.executable, "-m", "experiments.resmem_lm",
-          "--config=experiments/configs/tiny_shakespeare.py:tiny", f"--workdir={workdir}",
+          "--config=tiny_shakespeare:tiny", f"--workdir={workdir}",
           f"--config.data.manual_dir={manual}", f"--config.data.data_dir={tfds_dir}",
           "--config.data.max_split_tokens=4000", "--config.train.num_steps=12", *flags]
 
@@ -96,7 +96,7 @@ def test_fixed_hyperparameters_are_recorded_exactly(tmp_path):
 
 def test_memory_row_i_is_training_token_i(tmp_path):
   """Every training target token is one memory entry, in order, memorizing its own next token."""
-  from experiments.configs import tiny_shakespeare
+  from resmem_jax.configs import tiny_shakespeare
   from resmem_jax import data, memory
   cfg = tiny_shakespeare.get_config("tiny")
   cfg.data.manual_dir = str(shared_dataset_dir("tiny_shakespeare"))

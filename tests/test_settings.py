@@ -21,7 +21,7 @@ VARIANTS = {
 
 
 def _config(module="digits", variant="tiny"):
-  return importlib.import_module(f"experiments.configs.{module}").get_config(variant or None)
+  return importlib.import_module(f"resmem_jax.configs.{module}").get_config(variant or None)
 
 
 def test_default_config_round_trips_to_the_dataclass_defaults():

@@ -151,7 +151,7 @@ def test_binary_writes_results_and_plot(tmp_path):
   run_python(
       "import sys\n"
       "from absl import app\n"
-      "from experiments import linear_regression as binary\n"
+      "from resmem_jax.cli import theory as binary\n"
       f"sys.argv = ['linear_regression', '--workdir={workdir}', '--dims=1,2', '--ns=64,128,256',\n"
       "            '--seeds=2', '--test_size=200', '--noise_std=0.2', '--sigma=0.5']\n"
       "app.run(binary.main)\n")

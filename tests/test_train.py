@@ -198,7 +198,7 @@ def test_one_and_eight_devices_give_the_same_trajectory(tmp_path):
 
 def _train_command(workdir):
   return [sys.executable, "-m", "experiments.train",
-          "--config=experiments/configs/digits.py:tiny", f"--workdir={workdir}",
+          "--config=digits:tiny", f"--workdir={workdir}",
           "--config.train.num_epochs=8", "--config.train.log_every_steps=1",
           "--config.train.checkpoint_every_steps=25"]
 
@@ -230,7 +230,7 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
 
   subprocess.run(_train_command(killed), env=_env(), cwd=REPO_ROOT, check=True,
                  capture_output=True, timeout=300)
-  from experiments.configs import digits
+  from resmem_jax.configs import digits
   from resmem_jax import settings as settings_lib
   settings = settings_lib.from_config(digits.get_config("tiny"))
   _, full_vars, full_step = training.restore_model(full, settings.model, settings.train.dtype)

@@ -15,7 +15,7 @@ from resmem_jax.training import checkpoints, provenance
 
 
 def _digits(**changes):
-  from experiments.configs import digits
+  from resmem_jax.configs import digits
   cfg = digits.get_config("tiny")
   cfg.resmem.backend = "exact"
   cfg.resmem.k_grid = (1, 4)
@@ -182,7 +182,7 @@ def test_binary_refuses_a_changed_model_in_one_line(copy):
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.resmem", "--config=experiments/configs/digits.py:tiny",
+      [sys.executable, "-m", "experiments.resmem", "--config=digits:tiny",
        f"--workdir={workdir}", "--config.train.learning_rate=0.01",
        "--config.resmem.backend=exact"],
       capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)

@@ -329,14 +329,15 @@ def classify_binary(proc: subprocess.CompletedProcess, workdir: pathlib.Path | N
   last = lines[-1] if lines else ""
   if proc.returncode == 0:
     return "SILENT", "exit status 0"
-  if "Traceback" in proc.stderr or not last.startswith(prefix):
+  prefixes = (prefix, "flag error: ") if prefix == "config error: " else (prefix,)
+  if "Traceback" in proc.stderr or not last.startswith(prefixes):
     return "UNCLEAR", (last or f"exit status {proc.returncode}")[:300]
   if workdir is not None and workdir.exists() and prefix == "config error: ":
     return "UNCLEAR", f"{last[:250]} (but {workdir} was created)"
   return ("refused" if prefix == "workdir error: " else "clear error"), last[:300]
 
 
-DIGITS = "--config=experiments/configs/digits.py:tiny"
+DIGITS = "--config=digits:tiny"
 BAD_FLAGS = [
     ("--config.resmem.backend=faiss",), ("--config.resmem.residual_format=sprse",),
     ("--config.resmem.select_by=acc",), ("--config.resmem.backend_options=mode=tre_ah",),
@@ -367,7 +368,7 @@ def binary_cases(tmp: pathlib.Path) -> list[tuple[str, Callable]]:
       workdir = tmp / f"bad{abs(hash(flags))}"
       return classify_binary(_binary([DIGITS, *flags], workdir), workdir)
     cases.append((" ".join(flags), case))
-  for config in ("experiments/configs/nosuch.py", "experiments/configs/digits.py:nosuch", "/tmp"):
+  for config in ("nosuch", "my_configs/nosuch.py", "resmem_jax/configs/digits.py:nosuch", "/tmp"):
     def case(config=config):
       workdir = tmp / f"badcfg{abs(hash(config))}"
       return classify_binary(_binary([f"--config={config}"], workdir), workdir)

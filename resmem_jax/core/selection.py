@@ -14,8 +14,8 @@ gives each grid point its lowest validation log loss.
 Criteria (``best(points, by)``): ``squared_loss`` (lowest; a proper scoring rule that varies
 smoothly with the grid, less noisy than 0-1 accuracy), ``accuracy`` (highest; ties: lower log
 loss) or ``log_loss`` (lowest). Remaining ties go to the smaller k (cheaper queries).
-:func:`improves` says whether a chosen point beats the base model itself on the criterion; where
-it does not, the engine declines to memorize and ResMem is the base model.
+:func:`gain_p_value` says how significantly a chosen point beats the base model itself on the
+criterion; where it does not, the engine declines to memorize and ResMem is the base model.
 """
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ class GridPoint:
   log_loss: float
   knn_lambda: float | None = None  # set on kNN-LM points
   base_mix: float | None = None  # ResMem points: the probability output's mix with the base
+  # ResMem points: mean squared per-row difference from the base model of (hit, squared loss,
+  # log loss), for the significance of a gain (:func:`gain_p_value`).
+  diff_squares: tuple[float, float, float] | None = None
 
 
 def _row_sums(pred, labels, mask):
@@ -55,11 +58,13 @@ def _row_sums(pred, labels, mask):
 @functools.partial(jax.jit, static_argnames=("k_grid", "num_classes"))
 def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_labels,
                  temperature, sigmas, mixes, lambdas, *, k_grid, num_classes):
-  """Sums over the chunk's rows. ResMem ``[len(k_grid), S, 2 + M]``: hits and squared loss of
-  p + r, then the log loss of the probability output at each base mix; kNN-LM (when ``lambdas``
-  is given) ``[len(k_grid), S, L, 3]``: hits, squared loss, log loss."""
+  """Sums over the chunk's rows. ResMem ``[len(k_grid), S, 2 * (2 + M)]``: hits and squared loss
+  of p + r, the log loss of the probability output at each base mix, then the same values' squared
+  differences from the base model's; kNN-LM (when ``lambdas`` is given) ``[len(k_grid), S, L, 3]``:
+  hits, squared loss, log loss."""
   base = predictor.base_prediction(logits, temperature)
   base_1 = predictor.base_prediction(logits, 1.0)
+  base_rows = metrics.per_row(base_1, labels)
   resmem_out, knn_out = [], []
   for k in k_grid:
     d, v = distances[:, :k], values[:, :k]
@@ -69,10 +74,14 @@ def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_lab
       w = predictor.neighbour_weights(d, sigma)
       pred = predictor.resmem_prediction(base, w, v, c)
       rows = metrics.per_row(pred, labels)
-      log_losses = jax.vmap(lambda mix: jnp.sum(metrics.per_row(
-          predictor.resmem_probabilities(pred, base_1, mix), labels)["log_loss"] * mask))(mixes)
-      resmem = jnp.concatenate([jnp.stack([jnp.sum(rows["hit"] * mask),
-                                           jnp.sum(rows["squared_loss"] * mask)]), log_losses])
+      row_log_losses = jax.vmap(lambda mix: metrics.per_row(
+          predictor.resmem_probabilities(pred, base_1, mix), labels)["log_loss"])(mixes)  # [M, q]
+      values = jnp.concatenate([jnp.stack([rows["hit"], rows["squared_loss"]]), row_log_losses])
+      # Per-row differences from the base model, squared: their spread tests a gain's significance.
+      base_values = jnp.stack([base_rows["hit"], base_rows["squared_loss"]]
+                              + [base_rows["log_loss"]] * row_log_losses.shape[0])
+      resmem = jnp.concatenate([jnp.sum(values * mask, axis=1),
+                                jnp.sum((values - base_values) ** 2 * mask, axis=1)])
       if lambdas is None:
         return resmem, jnp.zeros((0, 3))
       p_knn = predictor.knn_distribution(w, neighbour_labels[:, :k], num_classes)
@@ -127,7 +136,7 @@ class SelectionSweep:
     self.num_classes = int(num_classes)
     self.max_elements = int(max_elements)
     shape = (len(self.temperature_grid), len(self.k_grid), len(self.sigma_grid))
-    self._resmem = np.zeros(shape + (2 + len(self.mix_grid),))
+    self._resmem = np.zeros(shape + (2 * (2 + len(self.mix_grid)),))
     self._knn = np.zeros(shape + (len(self.lambda_grid or ()), 3))
     self._base = np.zeros(3)
     self.count = 0
@@ -199,10 +208,12 @@ class SelectionSweep:
     for ti, t in enumerate(self.temperature_grid):
       for ki, k in enumerate(self.k_grid):
         for si, s in enumerate(self.sigma_grid):
-          hits, squared, *log_losses = self._resmem[ti, ki, si] / self.count
+          sums, squares = np.split(self._resmem[ti, ki, si] / self.count, 2)
+          hits, squared, *log_losses = sums
           mix = int(np.argmin(log_losses))  # ties: the first, i.e. the least base
+          diff_squares = (float(squares[0]), float(squares[1]), float(squares[2 + mix]))
           resmem.append(GridPoint(k, s, t, float(hits), float(squared), float(log_losses[mix]),
-                                  base_mix=self.mix_grid[mix]))
+                                  base_mix=self.mix_grid[mix], diff_squares=diff_squares))
           for li, lam in enumerate(self.lambda_grid or ()):
             knn.append(GridPoint(k, s, t, *(self._knn[ti, ki, si, li] / self.count),
                                  knn_lambda=lam))
@@ -243,12 +254,20 @@ def best(points: Sequence[GridPoint], by: str = "squared_loss") -> GridPoint:
   return min(points, key=keys[by])
 
 
-def improves(point: GridPoint, base: dict, by: str) -> bool:
-  """Whether ``point`` beats the base model's validation ``base`` scores on criterion ``by``
-  (strictly: a tie keeps the base model, which needs no memory)."""
-  r = lambda x: round(float(x), 9)
-  if by == "accuracy":
-    return r(point.accuracy) > r(base["accuracy"])
-  if by in ("squared_loss", "log_loss"):
-    return r(getattr(point, by)) < r(base[by])
-  raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
+def gain_p_value(point: GridPoint, base: dict, by: str, rows: int) -> float:
+  """One-sided p-value that ``point`` beats the base model on criterion ``by`` over ``rows``
+  validation rows: a paired z-test on the per-row differences (normal approximation; 1 when the
+  point is not better at all)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  if by not in CRITERIA:
+    raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
+  column = {"accuracy": 0, "squared_loss": 1, "log_loss": 2}[by]
+  # Improvement per row: more hits, less loss.
+  sign = 1.0 if by == "accuracy" else -1.0
+  mean = sign * (getattr(point, by) - base[by])
+  if round(mean, 12) <= 0:
+    return 1.0
+  variance = max(point.diff_squares[column] - mean * mean, 0.0)
+  if variance == 0.0:
+    return 0.0
+  return float(stats.norm.sf(mean / np.sqrt(variance / rows)))

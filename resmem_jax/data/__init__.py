@@ -26,7 +26,7 @@ from resmem_jax.data import text
 from resmem_jax.data import tfds_images
 from resmem_jax.data import tfds_prepare
 from resmem_jax.data.base import SPLITS, Dataset, DatasetInfo
-from resmem_jax.settings import DataSettings
+from resmem_jax.settings import DataSettings, MissingDependency
 
 __all__ = ["SPLITS", "Dataset", "DatasetInfo", "DATASETS", "get_dataset", "check_name",
            "known_datasets"]
@@ -89,6 +89,8 @@ def check_name(name: str) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds_prepare.unprepared_builder(name, None)
+  except MissingDependency:
+    raise
   except Exception as err:  # pylint: disable=broad-except  # TFDS raises many types here
     reason = "" if isinstance(err, tfds.core.registered.DatasetNotFoundError) else \
         f" (TFDS: {_first_sentence(err)})"

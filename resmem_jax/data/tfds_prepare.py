@@ -33,16 +33,21 @@ def _host_reachable(host: str, port: int) -> bool:
 
 def _help(name: str, manual_dir: str, files: list[str]) -> str:
   listed = ", ".join(files) if files else "the archives TFDS documents for it"
-  return (f"Put {listed} in data.manual_dir (now {manual_dir}) - e.g. "
-          f"--config.data.manual_dir=../shared/datasets/{name} where such a folder exists - or run "
-          "on a machine that can reach the download servers. data.data_dir (default "
-          "~/tensorflow_datasets) receives the prepared files.")
+  return (f"Put {listed} in a folder and pass it as --config.data.manual_dir=/path/to/folder "
+          f"(now {manual_dir}), or run on a machine that can reach the download servers. "
+          "data.data_dir (default ~/tensorflow_datasets) receives the prepared files.")
 
 
 def _keep_tensorflow_off_accelerators() -> None:
   """tf.data only reads and decodes here; without this, a GPU build of TensorFlow would reserve
   accelerator memory that JAX needs."""
-  import tensorflow as tf
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+    raise settings.MissingDependency(
+        f"TFDS data sets need TensorFlow to be read and prepared ({err}): pip install "
+        "'resmem_jax[tfds]' (the embedded digits need no TensorFlow)") from None
   try:
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU")

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
 import time
 from typing import Any, Callable, Iterator
 
-from absl import logging
 import jax
 import numpy as np
 
@@ -42,6 +42,8 @@ from resmem_jax.core import selection
 
 # Floats of one chunk's vocabulary-wide arrays (logits, predictions) held at once: 2^26 is 256 MB.
 CHUNK_ELEMENTS = 1 << 26
+# One line per phase (the tools print them; in a notebook: logging.getLogger("resmem_jax")).
+log = logging.getLogger("resmem_jax")
 MEMORY_DIR = "memory"
 STATE_FILE = "resmem.json"
 HEADS = ("base", "resmem", "knnlm")
@@ -85,7 +87,8 @@ class Passes:
 
   def rows(self, split: str, forward: inference.Forward) -> Iterator[inference.Rows]:
     batches = self.dataset.eval_batches(split, self.batch_size)
-    total = -(-self.dataset.num_examples(split) // self.batch_size)
+    examples = self.dataset.num_examples(split)  # None: an iterable of unknown length
+    total = None if examples is None else -(-examples // self.batch_size)
     return inference.run_pass(forward, self.model.variables, batches, self.mesh, desc=split,
                               total_batches=total, progress=self.progress)
 
@@ -114,6 +117,11 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   dataset = data_lib.get_dataset(settings.data)
   info = dataset.info
   _check_before_training(settings, dataset)
+  sizes = ", ".join(f"{dataset.num_examples(split):,} {split}" for split in ("train", "validation",
+                                                                            "test"))
+  log.info("data: %s, %s %s, %d %s", info.name, sizes,
+           "sequences" if info.input_dtype == "int32" else "examples", info.num_classes,
+           "tokens" if info.input_dtype == "int32" else "classes")
 
   workdir = pathlib.Path(workdir)
   trained = training.train_model(settings, dataset, workdir, start_over=start_over,
@@ -122,14 +130,16 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   passes = Passes(dataset, model, settings.resmem.eval_batch_size, progress)
 
   memory, choice, tuning, reused = _memory(settings, passes, workdir)
+  start = time.perf_counter()
   evaluation = evaluate(passes, memory, choice, settings.resmem, "test", timed=True)
   train_eval = (evaluate(passes, memory, choice, settings.resmem, "train", timed=False)
                 if settings.resmem.evaluate_train else None)
+  log.info("evaluation: %s in %.1f s", "test and train splits" if train_eval else "test split",
+           time.perf_counter() - start)
   results = assemble_results(settings, info, model, memory, choice, tuning, reused,
                              evaluation, train_eval, trained.metrics)
   if jax.process_index() == 0:
     jsonio.write_json_atomic(workdir / "results.json", results)
-  logging.info("wrote %s", workdir / "results.json")
   return results
 
 
@@ -182,7 +192,7 @@ def memory_signature(settings: settings_lib.Settings, model_digest: str) -> dict
       "resmem": settings_lib.json_ready({name: getattr(r, name) for name in (
           "backend", "backend_options", "residual_format", "top_m", "k", "sigma", "temperature",
           "k_grid", "sigma_grid", "sigma_relative", "temperature_grid", "select_by", "base_mix",
-          "base_mix_grid", "decline_if_no_gain", "knnlm", "knn_lambda", "knn_lambda_grid",
+          "base_mix_grid", "memorize_if_p_below", "knnlm", "knn_lambda", "knn_lambda_grid",
           "max_validation_rows", "tune_recall")}),
   }
 
@@ -197,6 +207,8 @@ def _memory(settings, passes: Passes, workdir: pathlib.Path):
   signature = memory_signature(settings, passes.model.digest)
   saved = _saved_memory(mem_dir, signature)
   if saved is not None:
+    log.info("memory: reusing %s (%s rows, its settings and model unchanged)", mem_dir,
+             f"{saved[0].size:,}")
     return (*saved, True)
   memory, choice, tuning = build_and_select(settings.resmem, passes, settings.data.name)
   if jax.process_index() == 0:
@@ -223,8 +235,8 @@ def _saved_memory(mem_dir: pathlib.Path, signature: dict):
     if jax.process_index() == 0:
       aside = mem_dir.with_name(f"{mem_dir.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
       mem_dir.rename(aside)
-      logging.warning("the saved memory in %s cannot be used (%s); moved it to %s and building "
-                      "the memory again", mem_dir, err, aside)
+      log.warning("the saved memory in %s cannot be used (%s); moved it to %s and building "
+                  "the memory again", mem_dir, err, aside)
     return None
 
 
@@ -233,11 +245,11 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
   from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
   from resmem_jax.memory import store as store_lib  # pylint: disable=g-import-not-at-top
   temperatures = _temperatures(r)
+  start = time.perf_counter()
   train = inference.concatenate(list(passes.rows("train", passes.forward(
       with_logits=False, temperatures=temperatures, residual_format=r.residual_format,
       top_m=r.top_m))))
-  logging.info("training split: %d memory rows of dimension %d", train.size,
-               train.embeddings.shape[1])
+  dim = train.embeddings.shape[1]
   num_classes = passes.model.num_classes
   stores = {t: store_lib.store_from_arrays(arrays, r.residual_format, num_classes, r.top_m)
             for t, arrays in train.residuals.items()}
@@ -247,6 +259,9 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
   memory = memory_lib.memory_from_store(train.embeddings, stores[temperatures[0]], r.backend,
                                         labels=train.labels, metadata=metadata, **options)
   del train
+  log.info("memory: %s rows of dimension %d (%s, %s residuals) in %.1f s", f"{memory.size:,}", dim,
+           r.backend, r.residual_format, time.perf_counter() - start)
+  start = time.perf_counter()
 
   if settings_lib.needs_validation(r):
     choice, validation_queries = select_on_validation(r, passes, memory, stores)
@@ -254,13 +269,24 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
     choice, validation_queries = fixed_choice(r), None
   memory = memory.with_store(stores[choice.resmem["temperature"]],
                              metadata=dict(metadata, temperature=choice.resmem["temperature"]))
+  res = choice.resmem
+  chosen = (f"k={res['k']} sigma={res['sigma']:.4g} T={res['temperature']:g}"
+            + (f" base_mix={res['base_mix']:g}" if res.get("base_mix") is not None else ""))
+  if not res.get("memorize", True):
+    chosen = (f"declined to memorize (the best point's validation gain on {r.select_by} has "
+              f"p = {res['validation_gain_p_value']:.2g})")
+  how = (f"chosen on {choice.validation_rows:,} validation rows" if choice.validation_rows
+         else "fixed in the config")
+  log.info("selection: %s, %s in %.1f s", chosen, how, time.perf_counter() - start)
   tuning = None
   if r.tune_recall is not None:
     # ScaNN's query settings on the real query distribution (validation embeddings) at the
     # chosen k: the fastest reaching recall@k >= tune_recall against exact search.
     tuning = memory.tune_search(validation_queries, int(choice.resmem["k"]), r.tune_recall)
     tuning.pop("tried", None)
-    logging.info("ScaNN query settings tuned on validation: %s", tuning)
+    log.info("memory: ScaNN query settings tuned on validation: %s leaves, reorder %s, recall@%s "
+             "%.3f", tuning["leaves_to_search"], tuning["reorder"], choice.resmem["k"],
+             tuning["recall"])
   return memory, choice, tuning
 
 
@@ -311,7 +337,7 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
         # The selection query runs at the largest k: meet the recall target there too, so the
         # choice is made on neighbours as good as the ones served.
         tuned = memory.tune_search(chunk.embeddings, k_max, r.tune_recall)
-        logging.info("ScaNN settings for the k=%d selection query: leaves %s, reorder %s, "
+        log.debug("ScaNN settings for the k=%d selection query: leaves %s, reorder %s, "
                      "recall %.4f", k_max, tuned["leaves_to_search"], tuned["reorder"],
                      tuned["recall"])
       distances, ids = memory.search(chunk.embeddings, k_max)
@@ -339,12 +365,13 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
   resmem_points, knn_points = sweep.points()
   best = selection.best(resmem_points, r.select_by)
   fixed = r.k is not None and r.sigma is not None and r.temperature is not None
-  # Never worse than the base, as a method: where no grid point beats the base model on
-  # validation, ResMem declines to memorize and is the base model.
-  memorize = (fixed or not r.decline_if_no_gain
-              or selection.improves(best, sweep.base_scores(), r.select_by))
+  # Never worse than the base, as a method: unless the chosen point beats the base model on
+  # validation significantly, ResMem declines to memorize and is the base model.
+  p_value = selection.gain_p_value(best, sweep.base_scores(), r.select_by, sweep.count)
+  memorize = fixed or r.memorize_if_p_below is None or p_value < r.memorize_if_p_below
   chosen = {"k": best.k, "sigma": best.sigma, "temperature": best.temperature,
             "base_mix": best.base_mix, "memorize": bool(memorize),
+            "validation_gain_p_value": p_value,
             "validation_accuracy": best.accuracy, "validation_squared_loss": best.squared_loss,
             "validation_log_loss": best.log_loss}
   if not memorize:
@@ -359,7 +386,7 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
            "lambda": best_knn.knn_lambda, "validation_accuracy": best_knn.accuracy,
            "validation_squared_loss": best_knn.squared_loss,
            "validation_log_loss": best_knn.log_loss}
-  logging.info("chosen on %d validation rows: ResMem %s; kNN-LM %s", sweep.count, chosen, knn)
+  log.debug("chosen on %d validation rows: ResMem %s; kNN-LM %s", sweep.count, chosen, knn)
   return Choice(resmem=chosen, knnlm=knn, chosen_on="fixed" if fixed else "validation",
                 sigma_scale=scale, validation_base=sweep.base_scores(),
                 validation_rows=sweep.count,
@@ -409,9 +436,10 @@ class _Totals:
     return np.concatenate(self.parts["hit"]).astype(bool) if self.parts["hit"] else np.zeros(0, bool)
 
 
-def _predict_chunk(memory, choice: Choice, chunk: inference.Rows):
-  """ResMem's prediction vector and probability output (and kNN-LM's) for one chunk of rows;
-  one neighbour query serves both heads. A ResMem that declined to memorize is the base model."""
+def predict_rows(memory, choice: Choice, chunk: inference.Rows):
+  """``(p_base, ResMem's p + r, ResMem's probabilities, kNN-LM's prediction or None)`` for one chunk
+  of rows; one neighbour query serves both heads. A ResMem that declined to memorize is the base
+  model."""
   res = choice.resmem
   base_1 = _base_prediction(chunk.logits, np.float32(1.0))
   memorize = res.get("memorize", True)
@@ -454,7 +482,7 @@ def evaluate(passes: Passes, memory, choice: Choice, r: settings_lib.ResMemSetti
   totals = {head: _Totals() for head in HEADS if head != "knnlm" or choice.knnlm}
   count = 0
   for chunk in inference.rechunk(passes.rows(split, forward), rows_per_chunk):
-    base_1, resmem_pred, resmem_prob, knn_pred = _predict_chunk(memory, choice, chunk)
+    base_1, resmem_pred, resmem_prob, knn_pred = predict_rows(memory, choice, chunk)
     totals["base"].add(_row_metrics(base_1, chunk.labels))
     # ResMem's class and squared loss are those of p + r, its log loss that of its probabilities.
     totals["resmem"].add(dict(_row_metrics(resmem_pred, chunk.labels),
@@ -519,7 +547,9 @@ def assemble_results(settings, info, model: BaseModel, memory, choice: Choice, t
   res = choice.resmem
   hparams = {"k": int(res["k"]), "sigma": float(res["sigma"]),
              "temperature": float(res["temperature"]), "base_mix": res.get("base_mix"),
-             "memorize": bool(res.get("memorize", True)), "chosen_on": choice.chosen_on,
+             "memorize": bool(res.get("memorize", True)),
+             "validation_gain_p_value": res.get("validation_gain_p_value"),
+             "chosen_on": choice.chosen_on,
              "select_by": settings.resmem.select_by, "sigma_scale": choice.sigma_scale}
   if choice.knnlm:
     hparams["knnlm"] = {name: choice.knnlm[name] for name in ("k", "sigma", "temperature", "lambda")}

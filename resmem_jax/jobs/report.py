@@ -16,7 +16,7 @@ def format_table(results: dict) -> str:
            f"{results['memory']['size']:,} {row_kind}s ({results['memory']['backend']}, "
            f"{results['memory']['residual_format']})",
            f"{'':22s}" + "".join(f"{h:>12s}" for h in heads)]
-  rows = [("test accuracy", "test_accuracy", 100, "%"), ("test error (0-1)", "test_error", 100, "%"),
+  rows = [("test accuracy", "test_accuracy", 100, "%"),
           ("test squared loss", "test_squared_loss", 1, " "), ("test log loss", "test_log_loss", 1, " ")]
   if row_kind == "token":
     rows.append(("test perplexity", "test_perplexity", 1, " "))
@@ -35,8 +35,10 @@ def format_table(results: dict) -> str:
                  + (f" base_mix={mix:g}" if mix is not None else "")
                  + f" ({hp['chosen_on']}, by validation {hp['select_by']})")
   else:
-    lines.append(f"ResMem declined to memorize: no (k, sigma, T) beat the base model on validation "
-                 f"{hp['select_by']}, so ResMem is the base model")
+    p = hp.get("validation_gain_p_value")
+    lines.append(f"ResMem declined to memorize: the best (k, sigma, T) did not beat the base model "
+                 f"significantly on validation {hp['select_by']}"
+                 + (f" (p = {p:.2g})" if p is not None else "") + ", so ResMem is the base model")
   for key, name in (("comparison", "ResMem"), ("comparison_knnlm", "kNN-LM")):
     if key in results:
       lines.append(format_comparison(results[key], name))

@@ -345,6 +345,14 @@ def check_options(backend: str, backend_options: str | dict, residual_format: st
   """
   index_cls = index_lib.index_class(backend, "resmem.backend")
   index_lib.check_choice("resmem.residual_format", residual_format, FORMATS)
+  if index_cls.REQUIRES is not None:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    module, extra = index_cls.REQUIRES
+    if importlib.util.find_spec(module) is None:
+      from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+      raise settings.MissingDependency(
+          f"resmem.backend={backend!r} needs the {module} package, which is not installed: pip "
+          f"install 'resmem_jax[{extra}]', or set resmem.backend=exact")
   options = (parse_backend_options(backend_options) if isinstance(backend_options, str)
              else dict(backend_options))
   try:

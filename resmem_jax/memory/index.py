@@ -73,6 +73,8 @@ class SearchIndex(abc.ABC):
   """
 
   OPTION_NAMES: ClassVar[tuple[str, ...]] = ()
+  # (importable module, pip extra) of an optional package the backend needs, or None.
+  REQUIRES: ClassVar[tuple[str, str] | None] = None
 
   size: int  # keys indexed
   options: dict  # resolved build options, JSON-ready (saved in the manifest)

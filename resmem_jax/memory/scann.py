@@ -35,8 +35,10 @@ time or set as query settings carry over to the rebuild; the rest are derived ag
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -93,8 +95,38 @@ def _resolve(n: int, requested: dict) -> dict:
 
 def _import_scann():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  try:
+    from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+    raise settings.MissingDependency(
+        f"the scann backend needs ScaNN ({err}): pip install 'resmem_jax[scann]', or use the exact "
+        "backend") from None
   return scann_ops_pybind
+
+
+# While it builds or loads an index, ScaNN's C++ code logs several INFO lines to the process's
+# stderr, which no log level setting reaches; they are shown only when this variable is set
+# (the command-line tools set it with --verbose).
+NATIVE_LOGS_ENV = "RESMEM_NATIVE_LOGS"
+
+
+@contextlib.contextmanager
+def _native_logs_hidden():
+  """Sends file descriptor 2 to /dev/null for the duration (unless NATIVE_LOGS_ENV is set)."""
+  if os.environ.get(NATIVE_LOGS_ENV):
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 # squared_l2 compares a query and a key on the keys' scale: a query whose entries are beyond
@@ -139,7 +171,8 @@ def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
   if opts.get("num_threads"):
     builder = builder.set_n_training_threads(int(opts["num_threads"]))
   if opts["mode"] == "brute_force":
-    return builder.score_brute_force().build(), exponent
+    with _native_logs_hidden():
+      return builder.score_brute_force().build(), exponent
   if opts["mode"] == "tree_ah":
     num_leaves = min(int(opts["num_leaves"]), max(1, size // 50))
     builder = builder.tree(num_leaves=num_leaves,
@@ -150,7 +183,8 @@ def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
                              training_sample_size=min(size, int(opts["training_sample_size"])))
   if opts["reorder"]:
     builder = builder.reorder(int(opts["reorder"]))
-  return builder.build(), exponent
+  with _native_logs_hidden():
+    return builder.build(), exponent
 
 
 class ScannIndex(index_lib.SearchIndex):
@@ -162,6 +196,7 @@ class ScannIndex(index_lib.SearchIndex):
   """
 
   OPTION_NAMES = OPTION_NAMES
+  REQUIRES = ("scann", "scann")
   INFO_NAMES = ("indexed", "center", "scale_exponent", "requested", "options")
 
   def __init__(self, searcher, keys: np.ndarray, center: np.ndarray, exponent: int,
@@ -302,7 +337,9 @@ class ScannIndex(index_lib.SearchIndex):
     if not os.path.isfile(os.path.join(directory, "scann_assets.pbtxt")):
       raise ValueError(f"{directory} holds no ScaNN index (scann_assets.pbtxt is missing)")
     try:
-      searcher = _import_scann().load_searcher(directory)
+      scann = _import_scann()
+      with _native_logs_hidden():
+        searcher = scann.load_searcher(directory)
     except RuntimeError as err:
       raise ValueError(f"ScaNN cannot load the index in {directory}: {err}") from None
     if searcher.size() != indexed:

@@ -113,7 +113,7 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   show_bar = progress and jax.process_index() == 0 and sys.stderr.isatty()
-  bar = tqdm(total=total_steps, initial=start_step, disable=not show_bar, desc="train")
+  bar = tqdm(total=total_steps, initial=start_step, disable=not show_bar, desc="train", leave=False)
   batches = dataset.train_batches(train.batch_size, seed, start_step=start_step)
   window, window_start, last_train = [], time.perf_counter(), {}
   for step in range(start_step, total_steps):

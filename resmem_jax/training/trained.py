@@ -11,8 +11,10 @@ their content digest.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
+import time
 from typing import Any
 
 from resmem_jax import settings as settings_lib
@@ -39,9 +41,16 @@ def train_model(settings: settings_lib.Settings, dataset, workdir: str | os.Path
   """
   workdir = pathlib.Path(workdir)
   provenance.prepare(workdir, settings, start_over=start_over)
+  start = time.perf_counter()
   metrics = train_and_evaluate(dataset, settings.model, settings.train, settings.seed, workdir,
                                progress=progress)
   module, variables, step = restore_model(workdir, settings.model, settings.train.dtype)
   digest = provenance.variables_digest(variables)
   provenance.check_checkpoint(workdir, step, digest)
+  test = (f", test accuracy {100 * metrics['test_accuracy']:.2f}%"
+          if "test_accuracy" in metrics else "")
+  logging.getLogger("resmem_jax").info(
+      "training: %s with %s parameters, %d steps in %.1f s (checkpoints in %s)%s",
+      settings.model.name, f"{metrics.get('num_params', 0):,}", step, time.perf_counter() - start,
+      workdir / "checkpoints", test)
   return TrainedModel(module, variables, step, digest, metrics)

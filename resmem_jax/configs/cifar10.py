@@ -3,7 +3,7 @@
 Schedule of He et al.: SGD momentum 0.9, lr 0.1 (batch 128), weight decay 1e-4, pad-crop+flip.
 Variants: '' (ResNet-20, 160 epochs, cosine), 'tiny' (ResNet-8 width 0.25, a few steps).
 """
-from experiments.configs import common
+from resmem_jax.configs import common
 
 
 def get_config(variant: str | None = None):

@@ -1,14 +1,12 @@
 """Character-level tiny_shakespeare: a small decoder-only Transformer, ResMem and kNN-LM.
 
-  python -m experiments.resmem_lm --config=experiments/configs/tiny_shakespeare.py --workdir=/tmp/ts
-  python -m experiments.resmem_lm --config=experiments/configs/tiny_shakespeare.py:tiny --workdir=/tmp/t
+  resmem-jax --config=tiny_shakespeare --workdir=/tmp/ts
+  resmem-jax --config=tiny_shakespeare:tiny --workdir=/tmp/t
 
 Offline, TFDS prepares the data from ``data.manual_dir`` (the original ``input.txt``); elsewhere
 leave it unset and TFDS downloads. ``data.data_dir`` is where TFDS writes the prepared records.
 """
-from experiments.configs import common
-
-SHARED_ARCHIVE = "../shared/datasets/tiny_shakespeare"
+from resmem_jax.configs import common
 
 
 def lm_resmem_config(cfg):
@@ -29,7 +27,6 @@ def lm_resmem_config(cfg):
 def get_config(variant: str | None = None):
   cfg = common.base_config()
   cfg.data.name = "tiny_shakespeare"
-  cfg.data.manual_dir = SHARED_ARCHIVE
   cfg.data.seq_len = 64
 
   # Sized to train in about ten minutes on two shared CPU cores (0.43M parameters).

@@ -1,9 +1,9 @@
 """scikit-learn digits (8x8, 10 classes, embedded in the package: no download).
 
-  python -m experiments.train --config=experiments/configs/digits.py --workdir=/tmp/digits
-  python -m experiments.train --config=experiments/configs/digits.py:tiny --workdir=/tmp/t
+  resmem-jax-train --config=digits --workdir=/tmp/digits
+  resmem-jax-train --config=digits:tiny --workdir=/tmp/t
 """
-from experiments.configs import common
+from resmem_jax.configs import common
 
 
 def get_config(variant: str | None = None):

@@ -4,7 +4,7 @@ Goyal et al. schedule: SGD momentum 0.9, lr 0.1 x batch/256, 5 warm-up epochs, c
 decay 1e-4, label smoothing 0.1, bfloat16 compute. Variants: '' (ResNet-50, 90 epochs),
 'tiny' (ResNet-18 width 0.125, a few steps).
 """
-from experiments.configs import common
+from resmem_jax.configs import common
 
 
 def get_config(variant: str | None = None):

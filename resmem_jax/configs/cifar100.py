@@ -2,7 +2,7 @@
 
 Sweep e.g. ``--config.model.depth=56 --config.model.width=2``. Variants as cifar10.py.
 """
-from experiments.configs import cifar10
+from resmem_jax.configs import cifar10
 
 
 def get_config(variant: str | None = None):

@@ -2,14 +2,14 @@
 
 Sized for an accelerator run; here it is only exercised on TFDS mock data (the tiny variant).
 
-  python -m experiments.resmem_lm --config=experiments/configs/c4.py --workdir=gs://.../c4 \
+  resmem-jax --config=c4 --workdir=gs://.../c4 \
       --config.data.data_dir=gs://.../tfds
 
 C4's validation split is halved: the first half tunes k, sigma, T and lambda, the second is the
 test split. The memory holds every training token, so cap the training split for a run that fits
 in host memory (``--config.data.max_split_tokens``; it caps every split).
 """
-from experiments.configs import lm1b
+from resmem_jax.configs import lm1b
 
 
 def get_config(variant: str | None = None):

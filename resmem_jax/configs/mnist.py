@@ -1,12 +1,13 @@
 """MNIST (TFDS ``mnist``), small CNN by default.
 
-Offline: ``--config.data.manual_dir=../shared/datasets/mnist --config.data.data_dir=/tmp/tfds``.
+Online, TFDS downloads MNIST; offline, put its four ``*-ubyte.gz`` archives in a folder and pass
+``--config.data.manual_dir=/path/to/that/folder``.
 Variants: '' (CNN, 3 epochs), 'serving' (the CNN with a 32-d embedding and a tree-AH memory
 tuned for query cost: ResMem's prediction at about 1.25-1.45x the base forward pass on a 2-core
 CPU, BUILD_NOTES.md), 'resnet' (the paper's CIFAR ResNet family, 2 epochs), 'mlp' (MLP 2x512),
 'tiny' (a few steps for CPU tests).
 """
-from experiments.configs import common
+from resmem_jax.configs import common
 
 
 def get_config(variant: str | None = None):

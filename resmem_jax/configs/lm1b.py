@@ -2,15 +2,15 @@
 
 Sized for an accelerator run; here it is only exercised on TFDS mock data (the tiny variant).
 
-  python -m experiments.resmem_lm --config=experiments/configs/lm1b.py --workdir=gs://.../lm1b \
+  resmem-jax --config=lm1b --workdir=gs://.../lm1b \
       --config.data.data_dir=gs://.../tfds
 
 The subword vocabulary (``data.vocab_size`` entries, built from the first ``data.vocab_documents``
 training sentences) is saved under ``data.vocab_dir`` (default ``<data_dir>/resmem_vocab``).
 Validation is the first 1% of lm1b's training split; test is lm1b's test split.
 """
-from experiments.configs import common
-from experiments.configs import tiny_shakespeare
+from resmem_jax.configs import common
+from resmem_jax.configs import tiny_shakespeare
 
 
 def subword_lm_config(name: str, variant: str | None):

@@ -1,5 +1,5 @@
 """Fashion-MNIST (TFDS ``fashion_mnist``); same shapes and variants as mnist.py."""
-from experiments.configs import mnist
+from resmem_jax.configs import mnist
 
 
 def get_config(variant: str | None = None):
