@@ -25,8 +25,6 @@ _VERBOSE = flags.DEFINE_bool(
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config, every field with its value and meaning, "
     "and exit without running anything.")
-# Set while --verbose is on: ScaNN's native log lines are shown (resmem_jax/memory/scann.py).
-NATIVE_LOGS_ENV = "RESMEM_NATIVE_LOGS"
 PHASE_LOGGER = "resmem_jax"
 
 
@@ -48,8 +46,7 @@ def run(main) -> None:
 
 
 def _main(main, argv):
-  quiet = not _VERBOSE.value
-  _set_up_logging(quiet)
+  _set_up_logging(hide=not _VERBOSE.value)
   if _PRINT_CONFIG.value:
     if "config" not in flags.FLAGS:
       raise app.UsageError("--print_config needs a tool that takes --config")
@@ -61,9 +58,11 @@ def _main(main, argv):
     return main(argv)
 
 
-def _set_up_logging(quiet: bool) -> None:
-  """Quiet: libraries log warnings only and the run's own phase lines go to stdout, plainly."""
+def _set_up_logging(hide: bool) -> None:
+  """Quiet: libraries log errors only and the run's own phase lines (and warnings) go to stdout,
+  plainly."""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from resmem_jax import quiet  # pylint: disable=g-import-not-at-top
   phases = logging.getLogger(PHASE_LOGGER)
   phases.setLevel(logging.INFO)
   if not phases.handlers:
@@ -71,19 +70,19 @@ def _set_up_logging(quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     phases.addHandler(handler)
   phases.propagate = False
-  if quiet:
-    absl_logging.set_verbosity(absl_logging.WARNING)
+  if hide:
+    absl_logging.set_verbosity(absl_logging.ERROR)
     for name in ("jax", "tensorflow", "orbax", "absl"):
-      logging.getLogger(name).setLevel(logging.WARNING)
+      logging.getLogger(name).setLevel(logging.ERROR)
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       tfds.disable_progress_bar()
     except ImportError:
       pass
-    os.environ.pop(NATIVE_LOGS_ENV, None)
+    os.environ.pop(quiet.VERBOSE_ENV, None)
   else:
     absl_logging.set_verbosity(absl_logging.INFO)
-    os.environ[NATIVE_LOGS_ENV] = "1"
+    os.environ[quiet.VERBOSE_ENV] = "1"
 
 
 def resolve_config_names(argv: list[str]) -> list[str]:

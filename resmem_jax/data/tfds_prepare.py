@@ -12,6 +12,8 @@ import os
 import socket
 import urllib.parse
 
+from resmem_jax import quiet
+
 # Seconds to wait for a TCP connection to a download host before declaring it unreachable.
 REACHABILITY_TIMEOUT_S = 3.0
 
@@ -97,7 +99,8 @@ def prepare(builder, manual_dir: str | None):
       # Builders that declare no URLs (e.g. c4) keep TFDS's default.
       try_download_gcs=bool(missing) or not needed)
   try:
-    builder.download_and_prepare(download_config=config)
+    with quiet.hidden_output():  # TFDS prints its own progress while it prepares
+      builder.download_and_prepare(download_config=config)
   except Exception as err:  # TFDS raises many types; all mean the same thing to the user.
     raise RuntimeError(f"preparing TFDS data set {name!r} failed: {err}\n"
                        f"{_help(name, manual, sorted(needed.values()))}") from err

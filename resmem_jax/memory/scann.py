@@ -35,13 +35,12 @@ time or set as query settings carry over to the rebuild; the rest are derived ag
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import sys
 
 import numpy as np
 
+from resmem_jax import quiet
 from resmem_jax.memory import index as index_lib
 from resmem_jax.memory import scaling
 from resmem_jax.memory.exact import ExactIndex
@@ -105,28 +104,6 @@ def _import_scann():
   return scann_ops_pybind
 
 
-# While it builds or loads an index, ScaNN's C++ code logs several INFO lines to the process's
-# stderr, which no log level setting reaches; they are shown only when this variable is set
-# (the command-line tools set it with --verbose).
-NATIVE_LOGS_ENV = "RESMEM_NATIVE_LOGS"
-
-
-@contextlib.contextmanager
-def _native_logs_hidden():
-  """Sends file descriptor 2 to /dev/null for the duration (unless NATIVE_LOGS_ENV is set)."""
-  if os.environ.get(NATIVE_LOGS_ENV):
-    yield
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
 
 
 # squared_l2 compares a query and a key on the keys' scale: a query whose entries are beyond
@@ -171,7 +148,7 @@ def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
   if opts.get("num_threads"):
     builder = builder.set_n_training_threads(int(opts["num_threads"]))
   if opts["mode"] == "brute_force":
-    with _native_logs_hidden():
+    with quiet.hidden_output():
       return builder.score_brute_force().build(), exponent
   if opts["mode"] == "tree_ah":
     num_leaves = min(int(opts["num_leaves"]), max(1, size // 50))
@@ -183,7 +160,7 @@ def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
                              training_sample_size=min(size, int(opts["training_sample_size"])))
   if opts["reorder"]:
     builder = builder.reorder(int(opts["reorder"]))
-  with _native_logs_hidden():
+  with quiet.hidden_output():
     return builder.build(), exponent
 
 
@@ -338,7 +315,7 @@ class ScannIndex(index_lib.SearchIndex):
       raise ValueError(f"{directory} holds no ScaNN index (scann_assets.pbtxt is missing)")
     try:
       scann = _import_scann()
-      with _native_logs_hidden():
+      with quiet.hidden_output():
         searcher = scann.load_searcher(directory)
     except RuntimeError as err:
       raise ValueError(f"ScaNN cannot load the index in {directory}: {err}") from None

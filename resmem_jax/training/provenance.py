@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import pathlib
 from importlib import metadata
 from typing import Any
@@ -137,8 +138,8 @@ def prepare(workdir: pathlib.Path, settings: settings_lib.Settings, *,
   if start_over:
     moved = move_aside(workdir)
     if moved is not None:
-      from absl import logging  # pylint: disable=g-import-not-at-top
-      logging.warning("start_over: the earlier run in %s was moved to %s", workdir, moved)
+      logging.getLogger("resmem_jax").warning("start_over: the earlier run in %s was moved to %s",
+                                              workdir, moved)
   record = read(workdir)
   current = model_fields(settings)
   if record is not None:
@@ -146,9 +147,8 @@ def prepare(workdir: pathlib.Path, settings: settings_lib.Settings, *,
     if not changed:
       upgraded = differences(record.get("versions", {}), versions())
       if upgraded:
-        from absl import logging  # pylint: disable=g-import-not-at-top
-        logging.warning("%s was trained with other package versions (%s)", workdir,
-                        "; ".join(upgraded))
+        logging.getLogger("resmem_jax").warning(
+            "%s was trained with other package versions (%s)", workdir, "; ".join(upgraded))
       return record
     if has_trained_model(workdir):
       raise WorkdirError(f"{workdir} holds a model trained with other settings ("

@@ -1,0 +1,156 @@
+"""What every command-line tool shares: a ``--config`` that takes a packaged config's name or a
+file, quiet output (one line per phase; ``--verbose`` shows every library's logs), ``--print_config``
+and one line, not a traceback, for an ordinary mistake.
+
+Import this module before TensorFlow is loaded (the tools import it first): TensorFlow reads its
+log level from the environment once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import re
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ INFO / WARNING lines
+
+from absl import app  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show every library's log lines (absl INFO, TFDS progress bars, ScaNN's "
+    "native logs) instead of one line per phase.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config, every field with its value and meaning, "
+    "and exit without running anything.")
+# Set while --verbose is on: ScaNN's native log lines are shown (resmem_jax/memory/scann.py).
+NATIVE_LOGS_ENV = "RESMEM_NATIVE_LOGS"
+PHASE_LOGGER = "resmem_jax"
+
+
+def define_config(help_text: str = "A packaged config by name (digits, mnist:serving, ...; see "
+                                   "resmem_jax/configs) or a config file path[:variant].",
+                  required: bool = True):
+  """The ``--config`` flag (an ml_collections config file, overridable as ``--config.a.b=v``)."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  holder = config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+  if required:
+    flags.mark_flag_as_required("config")
+  return holder
+
+
+def run(main) -> None:
+  """``absl.app.run(main)`` with the shared behaviour of every tool (see the module docstring)."""
+  app.run(lambda argv: _main(main, argv), argv=resolve_config_names(sys.argv),
+          flags_parser=_parse_flags)
+
+
+def _main(main, argv):
+  quiet = not _VERBOSE.value
+  _set_up_logging(quiet)
+  if _PRINT_CONFIG.value:
+    if "config" not in flags.FLAGS:
+      raise app.UsageError("--print_config needs a tool that takes --config")
+    from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+    with user_errors():
+      print(settings.describe(settings.from_config(flags.FLAGS["config"].value)))
+    return 0
+  with user_errors():
+    return main(argv)
+
+
+def _set_up_logging(quiet: bool) -> None:
+  """Quiet: libraries log warnings only and the run's own phase lines go to stdout, plainly."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  phases = logging.getLogger(PHASE_LOGGER)
+  phases.setLevel(logging.INFO)
+  if not phases.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    phases.addHandler(handler)
+  phases.propagate = False
+  if quiet:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax", "tensorflow", "orbax", "absl"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      tfds.disable_progress_bar()
+    except ImportError:
+      pass
+    os.environ.pop(NATIVE_LOGS_ENV, None)
+  else:
+    absl_logging.set_verbosity(absl_logging.INFO)
+    os.environ[NATIVE_LOGS_ENV] = "1"
+
+
+def resolve_config_names(argv: list[str]) -> list[str]:
+  """``--config=NAME[:VARIANT]`` with a packaged config's name -> that config file's path."""
+  from resmem_jax import configs  # pylint: disable=g-import-not-at-top
+  out, take_next = [], False
+  for arg in argv:
+    if take_next or arg.startswith("--config="):
+      value = arg if take_next else arg[len("--config="):]
+      name, sep, variant = value.partition(":")
+      if not name.endswith(".py") and os.sep not in name and not pathlib.Path(name).exists():
+        try:
+          value = f"{configs.path(name)}{sep}{variant}"
+        except ValueError as err:
+          raise SystemExit(f"config error: {err}") from None
+      arg = value if take_next else f"--config={value}"
+    take_next = arg == "--config"
+    out.append(arg)
+  return out
+
+
+@contextlib.contextmanager
+def user_errors():
+  """An ordinary mistake (a bad config field, a workdir that does not match, a missing optional
+  dependency) ends the tool with one line saying what and how to go on."""
+  from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+  from resmem_jax.training import checkpoints, provenance  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except settings.SettingsError as err:
+    raise SystemExit(f"config error: {err}") from None
+  except (provenance.WorkdirError, checkpoints.CheckpointError) as err:
+    raise SystemExit(f"workdir error: {err}") from None
+  except settings.MissingDependency as err:
+    raise SystemExit(f"missing dependency: {err}") from None
+
+
+def _parse_flags(argv):
+  try:
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      # A config file that failed to load surfaces only when its value is used: use it now.
+      flags.FLAGS["config"].value.to_dict()
+    return remaining
+  except Exception as err:  # pylint: disable=broad-except  # absl / ml_collections raise many types
+    message = _flag_error(err, argv)
+    kind = "config" if "config" in message.split(":")[0] or "config field" in message else "flag"
+    raise SystemExit(f"{kind} error: {message}") from None
+
+
+def _flag_error(err: Exception, argv) -> str:
+  """One line saying what is wrong with the command line."""
+  from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+  text = str(err)
+  overrides = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+  unknown = re.search(r"Unknown command line flag '([^']+)'", text)
+  if unknown and unknown.group(1).startswith("config."):
+    return settings.unknown_field_message(unknown.group(1)[len("config."):])
+  typo = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+  if typo:
+    path = next((o for o in overrides if o.split(".")[-1] == typo.group(2)), typo.group(2))
+    return settings.unknown_field_message(path)
+  missing = re.search(r"\[Errno \d+\] ([^:]+): '([^']+)'", text)
+  if missing:
+    return f"cannot load the --config file {missing.group(2)}: {missing.group(1)}"
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if "Traceback" in text:  # the config file itself raised: its message is the last line
+    flag = lines[0].split(": Error whilst", 1)[0]
+    return f"{flag}: {lines[-1]}"
+  return " ".join(lines)[:500] or type(err).__name__

@@ -1,0 +1,26 @@
+"""The packaged configs: ml_collections config files a binary takes by name.
+
+``--config=NAME[:VARIANT]`` (e.g. ``--config=digits``, ``--config=mnist:serving``) loads
+``resmem_jax/configs/NAME.py`` from the installed package; ``--config=path/to/file.py[:VARIANT]``
+loads any other config file (start one from ``resmem_jax.configs.common.base_config()``). Each
+config's ``get_config(variant)`` documents its variants; every one has ``tiny`` for CPU smoke tests.
+"""
+from __future__ import annotations
+
+import pathlib
+
+FOLDER = pathlib.Path(__file__).resolve().parent
+# Packaged configs, by name (common.py holds the shared defaults and is no config by itself).
+NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet", "tiny_shakespeare",
+         "lm1b", "c4")
+
+
+def path(name: str) -> pathlib.Path:
+  """The file of packaged config ``name``; ValueError (with a suggestion) for an unknown name."""
+  if name not in NAMES:
+    import difflib  # pylint: disable=g-import-not-at-top
+    close = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"--config={name!r} is neither a packaged config{hint} nor a .py file; "
+                     f"packaged: {', '.join(NAMES)}")
+  return FOLDER / f"{name}.py"

@@ -1,0 +1,109 @@
+"""Preparing TensorFlow Datasets (TFDS) data sets: local archives first, a fast error offline.
+
+Used by every TFDS-backed data set (images held in memory, ImageNet, text). Preparing honours
+``data_dir`` (where the prepared files live) and ``manual_dir`` (where TFDS looks for the original
+archives before downloading). When the archives are neither there nor reachable we raise at once
+with instructions instead of letting the downloader retry for minutes. TFDS is imported lazily,
+so data sets that do not use it never load TensorFlow.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import urllib.parse
+
+# Seconds to wait for a TCP connection to a download host before declaring it unreachable.
+REACHABILITY_TIMEOUT_S = 3.0
+
+
+def _tfds_mocked() -> bool:
+  """True inside ``tfds.testing.mock_data``, where preparing is a no-op and needs no files."""
+  import tensorflow_datasets as tfds
+  prepare = tfds.core.DatasetBuilder.download_and_prepare
+  return getattr(prepare, "__name__", "") == "mock_download_and_prepare"
+
+
+def _host_reachable(host: str, port: int) -> bool:
+  try:
+    with socket.create_connection((host, port), timeout=REACHABILITY_TIMEOUT_S):
+      return True
+  except OSError:
+    return False
+
+
+def _help(name: str, manual_dir: str, files: list[str]) -> str:
+  listed = ", ".join(files) if files else "the archives TFDS documents for it"
+  return (f"Put {listed} in a folder and pass it as --config.data.manual_dir=/path/to/folder "
+          f"(now {manual_dir}), or run on a machine that can reach the download servers. "
+          "data.data_dir (default ~/tensorflow_datasets) receives the prepared files.")
+
+
+def _keep_tensorflow_off_accelerators() -> None:
+  """tf.data only reads and decodes here; without this, a GPU build of TensorFlow would reserve
+  accelerator memory that JAX needs."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+    raise settings.MissingDependency(
+        f"TFDS data sets need TensorFlow to be read and prepared ({err}): pip install "
+        "'resmem_jax[tfds]' (the embedded digits need no TensorFlow)") from None
+  try:
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (RuntimeError, ValueError):  # already initialised, or no such device type
+    pass
+
+
+def unprepared_builder(name: str, data_dir: str | None):
+  """The TFDS builder object of ``name``: its features and metadata, no data read or written."""
+  _keep_tensorflow_off_accelerators()
+  import tensorflow_datasets as tfds
+  return tfds.builder(name, data_dir=data_dir)
+
+
+def prepare(builder, manual_dir: str | None):
+  """``builder`` prepared; raises quickly (FileNotFoundError) when its data cannot be had."""
+  import tensorflow_datasets as tfds
+  name = builder.name
+  if builder.is_prepared() or _tfds_mocked():
+    return builder
+  # TFDS's own default when no manual_dir is configured.
+  manual = os.path.expanduser(manual_dir) if manual_dir else os.fspath(
+      builder.data_dir_root / "downloads" / "manual")
+  present = set(os.listdir(manual)) if os.path.isdir(manual) else set()
+  url_infos = getattr(builder, "url_infos", None) or {}
+  needed = {url: (info.filename or os.path.basename(urllib.parse.urlparse(url).path))
+            for url, info in url_infos.items()}
+  missing = {url: f for url, f in needed.items() if f not in present}
+  if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not present:
+    raise FileNotFoundError(
+        f"TFDS data set {name!r} must be downloaded by hand and data.manual_dir={manual!r} is "
+        f"empty or missing. {_help(name, manual, sorted(needed.values()))}\n"
+        f"TFDS instructions:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  if missing:
+    hosts = {(u.hostname, u.port or (443 if u.scheme == "https" else 80))
+             for u in map(urllib.parse.urlparse, missing)}
+    unreachable = sorted(h for h, p in hosts if h and not _host_reachable(h, p))
+    if unreachable:
+      raise FileNotFoundError(
+          f"TFDS data set {name!r} is not prepared in data.data_dir={str(builder.data_dir_root)!r}"
+          f", its archives {sorted(missing.values())} are not in data.manual_dir={manual!r}, and "
+          f"the download host(s) {unreachable} cannot be reached. "
+          f"{_help(name, manual, sorted(needed.values()))}")
+  config = tfds.download.DownloadConfig(
+      manual_dir=manual,
+      # With every archive local there is nothing to fetch; skip the GCS probe that hangs offline.
+      # Builders that declare no URLs (e.g. c4) keep TFDS's default.
+      try_download_gcs=bool(missing) or not needed)
+  try:
+    builder.download_and_prepare(download_config=config)
+  except Exception as err:  # TFDS raises many types; all mean the same thing to the user.
+    raise RuntimeError(f"preparing TFDS data set {name!r} failed: {err}\n"
+                       f"{_help(name, manual, sorted(needed.values()))}") from err
+  return builder
+
+
+def tfds_builder(name: str, data_dir: str | None, manual_dir: str | None):
+  """A prepared TFDS builder; raises quickly (FileNotFoundError) when its data cannot be had."""
+  return prepare(unprepared_builder(name, data_dir), manual_dir)

@@ -1,0 +1,368 @@
+"""The ResMem memory: embeddings of training examples with their residuals beside them.
+
+    mem = build_memory(train_embeddings, residuals, backend="exact")   # or "scann"
+    distances, ids = mem.search(test_embeddings, k=8)   # Euclidean, ascending, exact distances
+    values, columns = mem.residual_rows(ids)            # the neighbours' stored residual rows
+    mem.add(new_embeddings, new_residuals)              # queryable at once
+    mem.save("/tmp/mem"); mem = load_memory("/tmp/mem")
+
+A memory is keys + a residual store + a search index (+ optionally the label each key
+memorizes, for the kNN-LM head). It finds neighbours and returns their rows; the prediction
+``p + sum_i w_i r_i`` is computed by :mod:`resmem_jax.core.predictor` (on whole query sets:
+:mod:`resmem_jax.resmem`).
+
+  index.py    the SearchIndex interface and the backend registry (adding a backend: one module
+              plus one registry line)
+  exact.py    ``exact``: blocked brute force in JAX, keys sharded over the local devices; the
+              recall reference
+  scann.py    ``scann``: ScaNN, with an exact side buffer for keys added after the build
+  store.py    residual formats ``dense``, ``bfloat16``, ``sparse`` (with their error bounds)
+  scaling.py  power-of-two scaling of keys and queries (no float32 overflow), the input limit
+  io.py       the saved layout, manifest and checksums
+  atomic_dir.py  replacing a folder so that a kill leaves the old or the new one
+  tuning.py   query-time settings tuned to a recall target on real queries
+
+Every backend's candidates are re-ranked once by directly computed distance, so returned
+distances are exact; an approximate backend is approximate only in which ids it returns.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+
+from resmem_jax.memory import checks
+from resmem_jax.memory import index as index_lib
+from resmem_jax.memory import io
+from resmem_jax.memory import store as store_lib
+from resmem_jax.memory.exact import rerank_exact
+
+BACKENDS = tuple(index_lib.BACKENDS)
+FORMATS = store_lib.FORMATS
+DEFAULT_TOP_M = 16
+
+__all__ = ["Memory", "build_memory", "memory_from_store", "load_memory", "parse_backend_options",
+           "check_options", "has_query_settings", "BACKENDS", "FORMATS"]
+
+
+def _json_value(value):
+  """ConfigDicts and NumPy / JAX scalars as JSON values; anything else is refused (not turned
+  into its ``str``, which would not load back as what was saved)."""
+  if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+    return value.to_dict()
+  if hasattr(value, "item") and np.ndim(value) == 0:
+    return value.item()
+  raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
+
+
+def _json_metadata(metadata) -> dict:
+  if metadata is None:
+    return {}
+  if hasattr(metadata, "to_dict"):  # ml_collections.ConfigDict
+    metadata = metadata.to_dict()
+  if not isinstance(metadata, dict):
+    raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+  try:
+    return json.loads(json.dumps(metadata, default=_json_value))
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
+
+
+class Memory:
+  """Keys ``[n, d]`` float32 + a residual store + a search index (+ optional labels ``[n]``
+  int32). Build with :func:`build_memory`, :func:`memory_from_store` or :func:`load_memory`."""
+
+  def __init__(self, keys: np.ndarray, store, backend: str, index: index_lib.SearchIndex,
+               labels: np.ndarray | None = None, metadata: dict | None = None):
+    self._keys = keys
+    self._store = store
+    self._backend = backend
+    self._index = index
+    self._labels = labels
+    self.metadata = {} if metadata is None else metadata
+
+  # -- properties -----------------------------------------------------------------------------
+  @property
+  def size(self) -> int:
+    return self._keys.shape[0]
+
+  @property
+  def dim(self) -> int:
+    return self._keys.shape[1]
+
+  @property
+  def num_outputs(self) -> int:
+    return self._store.num_outputs
+
+  @property
+  def residual_format(self) -> str:
+    return self._store.format
+
+  @property
+  def backend(self) -> str:
+    return self._backend
+
+  @property
+  def backend_options(self) -> dict:
+    """The index's resolved options (JSON-ready; tuned query settings included), a copy."""
+    return dict(self._index.options)
+
+  @property
+  def index(self) -> index_lib.SearchIndex:
+    """The search index (query-time settings: ``query_settings``, ``set_query_settings``)."""
+    return self._index
+
+  @property
+  def keys(self) -> np.ndarray:
+    return self._keys
+
+  @property
+  def labels(self) -> np.ndarray | None:
+    """What each key memorizes (class or next token), int32 ``[n]``, or None."""
+    return self._labels
+
+  def bytes_per_example(self) -> dict:
+    """Stored bytes per example: ``{"keys": ..., "residuals": ...}`` (+ ``"labels"``)."""
+    out = {"keys": float(self._keys.itemsize * self.dim),
+           "residuals": self._store.bytes_per_example()}
+    if self._labels is not None:
+      out["labels"] = float(self._labels.itemsize)
+    return out
+
+  def __repr__(self):
+    return (f"Memory(size={self.size}, dim={self.dim}, num_outputs={self.num_outputs}, "
+            f"backend={self.backend!r}, residual_format={self.residual_format!r})")
+
+  # -- search and rows ------------------------------------------------------------------------
+  def search(self, queries, k: int):
+    """k nearest keys by Euclidean distance.
+
+    Returns ``(distances [q, k] float32, NOT squared, ascending; ids [q, k] int32)``: k distinct
+    real ids per query, always. ``exact`` is exact; ``scann`` is approximate in which ids it
+    returns but its distances are exactly those of the returned ids. Ties go to the lower id
+    (``scann`` may return another of equally distant keys). Keys and queries may have any
+    magnitude up to 2**100 (see :mod:`resmem_jax.memory.scaling`).
+    """
+    queries = checks.queries(queries, self.dim)
+    k = checks.neighbour_count(k, self.size)
+    if queries.shape[0] == 0:
+      return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+    candidates = self._index.candidates(queries, k)
+    if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0] or candidates.shape[1] < k:
+      raise ValueError(f"{type(self._index).__name__}.candidates returned shape "
+                       f"{candidates.shape} for {queries.shape[0]} queries and k={k}; an index "
+                       f"must return at least min(k, size) ids per query")
+    distances, ids = rerank_exact(queries, self._keys, candidates, k)
+    ordered = np.sort(ids, axis=1)
+    if ordered[:, 0].min() < 0 or np.any(ordered[:, 1:] == ordered[:, :-1]):
+      raise ValueError(f"{type(self._index).__name__}.candidates returned fewer than k={k} "
+                       f"distinct ids in [0, {self.size}) for some queries; an index must return "
+                       "at least min(k, size) distinct ids per query")
+    return distances, ids
+
+  def residual_rows(self, ids):
+    """The store's rows of memory ``ids``: ``(values float32 [..., C], None)`` for dense and
+    bfloat16, ``(values float32 [..., m + 1], columns int32 [..., m + 1])`` for sparse."""
+    return self._store.rows(checks.row_ids(ids, self.size))
+
+  def gather_residuals(self, ids) -> np.ndarray:
+    """Dense float32 residuals ``[..., C]`` of memory rows ``ids``."""
+    return self._store.gather(checks.row_ids(ids, self.size))
+
+  def tune_search(self, queries, k: int, target_recall: float = 0.99, **grids) -> dict:
+    """Fastest query settings reaching ``target_recall`` (recall@k vs exact) on ``queries``.
+
+    See :func:`resmem_jax.memory.tuning.tune_search`; the settings stay with this memory's index.
+    """
+    from resmem_jax.memory import tuning  # pylint: disable=g-import-not-at-top
+    return tuning.tune_search(self, queries, k, target_recall, **grids)
+
+  # -- editing --------------------------------------------------------------------------------
+  def add(self, keys, residuals, labels=None) -> None:
+    """Appends examples (memory editing); they are returned by the next search.
+
+    ``labels`` are required exactly when the memory stores labels.
+    """
+    keys = checks.vectors(keys, "keys")
+    residuals = checks.float_matrix(residuals, "residuals")
+    if keys.shape[1] != self.dim:
+      raise ValueError(f"keys have dimension {keys.shape[1]} but the memory keys have {self.dim}")
+    if residuals.shape[1] != self.num_outputs:
+      raise ValueError(f"residuals have {residuals.shape[1]} outputs but the memory has {self.num_outputs}")
+    if keys.shape[0] != residuals.shape[0]:
+      raise ValueError(f"keys has {keys.shape[0]} rows but residuals has {residuals.shape[0]}")
+    if (labels is None) != (self._labels is None):
+      raise ValueError("this memory stores labels: pass labels for the added keys"
+                       if labels is None else
+                       "this memory has no labels; build it with labels= to store them")
+    if labels is not None:
+      labels = np.concatenate([self._labels, checks.labels(labels, keys.shape[0], self.num_outputs)])
+    all_keys = np.concatenate([self._keys, keys])
+    index = self._index.extend(all_keys)
+    # A copy: the store may be shared with the caller (memory_from_store, with_store).
+    store = copy.copy(self._store)
+    store.append(residuals)
+    self._keys, self._index, self._store, self._labels = all_keys, index, store, labels
+
+  def with_residuals(self, residuals, metadata=None) -> Memory:
+    """A memory over the same keys and search index with new residual values.
+
+    For residuals recomputed at another temperature: the index (a ScaNN build can take minutes)
+    is shared, not rebuilt. ``residuals`` is an ``[n, C]`` array or an iterable of row chunks in
+    order (so a large-vocabulary sparse memory never holds all dense rows at once). The format
+    (and ``top_m``) stay those of this memory; ``metadata`` defaults to this memory's.
+    """
+    chunks = [residuals] if hasattr(residuals, "shape") else residuals
+    store = None
+    for chunk in chunks:
+      chunk = checks.float_matrix(chunk, "residuals")
+      if chunk.shape[1] != self.num_outputs:
+        raise ValueError(f"residuals have {chunk.shape[1]} outputs but the memory has {self.num_outputs}")
+      if store is None:
+        store = store_lib.make_store(chunk, self.residual_format, getattr(self._store, "top_m", None))
+      else:
+        store.append(chunk)
+    if store is None:
+      raise ValueError(f"residuals have 0 rows but the memory has {self.size} keys")
+    return self.with_store(store, metadata)
+
+  def with_store(self, store, metadata=None) -> Memory:
+    """A memory over the same keys and search index with a ready residual store (one row per
+    key; from :func:`~resmem_jax.memory.store.store_from_arrays` or ``make_store``).
+    ``metadata`` defaults to this memory's."""
+    _check_store(store, self.size)
+    if store.num_outputs != self.num_outputs:
+      raise ValueError(f"the store has {store.num_outputs} outputs but the memory has {self.num_outputs}")
+    metadata = self.metadata if metadata is None else _json_metadata(metadata)
+    # Sharing the index is safe: an index never changes its keys (add builds a new one).
+    return Memory(self._keys, store, self._backend, self._index, self._labels, metadata)
+
+  # -- persistence ----------------------------------------------------------------------------
+  def save(self, path) -> None:
+    """Writes the memory to folder ``path``: a kill at any instant leaves the old or the new
+    memory there (see :mod:`resmem_jax.memory.io`). ``path`` must be missing, an empty folder or
+    a memory saved before; anything else is refused (ValueError) and left untouched."""
+    io.save(path, self._keys, self._labels, self._store, self._backend, self._index, self.metadata)
+
+
+def _check_store(store, n: int) -> None:
+  if not isinstance(store, (store_lib.DenseStore, store_lib.SparseStore)):
+    raise ValueError(f"store must be a residual store (resmem_jax.memory.store), got "
+                     f"{type(store).__name__}")
+  if len(store) != n:
+    raise ValueError(f"residuals have {len(store)} rows but the memory has {n} keys")
+
+
+def _checked_labels(labels, n: int, num_outputs: int):
+  return None if labels is None else checks.labels(labels, n, num_outputs)
+
+
+def build_memory(keys, residuals, backend: str = "exact", residual_format: str = "dense",
+                 top_m: int | None = None, labels=None, metadata=None, **backend_options) -> Memory:
+  """Builds a ResMem memory.
+
+  Args:
+    keys: embeddings ``[n, d]`` (floating point, finite).
+    residuals: residuals ``[n, C]`` (see :func:`resmem_jax.core.residuals.residuals`).
+    backend: one of :data:`BACKENDS` (``"exact"``, ``"scann"``).
+    residual_format: ``"dense"`` (float32), ``"bfloat16"`` or ``"sparse"`` (true label + ``top_m``
+      largest probabilities; see :mod:`resmem_jax.memory.store` for its error bound).
+    top_m: entries kept by ``"sparse"`` besides the label (default 16); ignored otherwise.
+    labels: optional int ``[n]`` in ``[0, C)``: what each key memorizes (the kNN-LM head reads
+      them); saved with the memory and extended by :meth:`Memory.add`.
+    metadata: JSON-serialisable dict (e.g. the producing model's config and step), saved in the
+      manifest.
+    **backend_options: the backend's ``OPTION_NAMES`` (``exact``: block_size, query_chunk,
+      devices; ``scann``: see :data:`resmem_jax.memory.scann.OPTION_NAMES`).
+  """
+  index_cls = index_lib.index_class(backend)
+  index_lib.check_choice("residual_format", residual_format, FORMATS)
+  keys = checks.vectors(keys, "keys")
+  residuals = checks.float_matrix(residuals, "residuals")
+  if keys.shape[0] != residuals.shape[0]:
+    raise ValueError(f"keys has {keys.shape[0]} rows but residuals has {residuals.shape[0]}")
+  if residual_format == "sparse":
+    top_m = DEFAULT_TOP_M if top_m is None else top_m
+    if isinstance(top_m, bool) or not isinstance(top_m, (int, np.integer)) or top_m < 1:
+      raise ValueError(f"top_m must be a positive integer, got {top_m!r}")
+  options = index_cls.check_options(backend_options)
+  labels = _checked_labels(labels, keys.shape[0], residuals.shape[1])
+  metadata = _json_metadata(metadata)
+  store = store_lib.make_store(residuals, residual_format, top_m)
+  return Memory(keys, store, backend, index_cls.build(keys, options), labels, metadata)
+
+
+def memory_from_store(keys, store, backend: str = "exact", labels=None, metadata=None,
+                      **backend_options) -> Memory:
+  """A memory over ``keys`` with a ready residual store (the engine's path: the rows were
+  computed on the device, see :func:`~resmem_jax.memory.store.store_from_arrays`). Arguments as
+  :func:`build_memory`."""
+  index_cls = index_lib.index_class(backend)
+  keys = checks.vectors(keys, "keys")
+  _check_store(store, keys.shape[0])
+  options = index_cls.check_options(backend_options)
+  labels = _checked_labels(labels, keys.shape[0], store.num_outputs)
+  metadata = _json_metadata(metadata)
+  return Memory(keys, store, backend, index_cls.build(keys, options), labels, metadata)
+
+
+def load_memory(path) -> Memory:
+  """Loads a memory written by :meth:`Memory.save`, verifying its manifest, sizes and checksums
+  (FileNotFoundError when ``path`` holds no memory, ValueError when it is damaged)."""
+  keys, labels, store, backend, index, metadata = io.load(path)
+  return Memory(keys, store, backend, index, labels, metadata)
+
+
+def parse_backend_options(text: str) -> dict:
+  """``"mode=tree_ah,num_leaves=235,reorder=300"`` -> {"mode": "tree_ah", "num_leaves": 235, ...}.
+
+  A string (not a nested ConfigDict) so any option can be set from the command line with
+  ``--config.resmem.backend_options=...``; values that parse as int or float become numbers.
+  """
+  if not isinstance(text, str):
+    raise ValueError(f"resmem.backend_options must be a string 'key=value,...', got {text!r}")
+  options = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    if "=" not in item:
+      raise ValueError(f"resmem.backend_options entries must be key=value, got {item!r}")
+    key, value = (x.strip() for x in item.split("=", 1))
+    for cast in (int, float):
+      try:
+        value = cast(value)
+        break
+      except ValueError:
+        pass
+    options[key] = value
+  return options
+
+
+def check_options(backend: str, backend_options: str | dict, residual_format: str) -> dict:
+  """The checked backend options of a config, without building anything or importing ScaNN.
+
+  ValueError naming ``resmem.backend``, ``resmem.backend_options`` or ``resmem.residual_format``
+  on an unknown backend, option name, option value or residual format.
+  """
+  index_cls = index_lib.index_class(backend, "resmem.backend")
+  index_lib.check_choice("resmem.residual_format", residual_format, FORMATS)
+  if index_cls.REQUIRES is not None:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    module, extra = index_cls.REQUIRES
+    if importlib.util.find_spec(module) is None:
+      from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+      raise settings.MissingDependency(
+          f"resmem.backend={backend!r} needs the {module} package, which is not installed: pip "
+          f"install 'resmem_jax[{extra}]', or set resmem.backend=exact")
+  options = (parse_backend_options(backend_options) if isinstance(backend_options, str)
+             else dict(backend_options))
+  try:
+    return index_cls.check_options(options)
+  except ValueError as err:
+    raise ValueError(f"resmem.backend_options={backend_options!r}: {err}") from None
+
+
+def has_query_settings(backend: str, num_keys: int, backend_options: dict) -> bool:
+  """Whether a ``backend`` memory of ``num_keys`` keys built with ``backend_options`` (a dict, as
+  :func:`parse_backend_options` returns) has query-time settings to tune (scann: unless it
+  searches by brute force). Does not import ScaNN."""
+  return index_lib.index_class(backend).has_query_settings(num_keys, backend_options)

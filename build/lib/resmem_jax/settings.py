@@ -1,0 +1,453 @@
+"""Typed settings: the config is read once, checked before anything slow starts, defaults here.
+
+A binary's ml_collections config (``resmem_jax/configs/*.py``) starts from :func:`default_config`,
+which is built from the dataclasses below, so every field and its default live in one place.
+:func:`from_config` turns a (possibly overridden) ConfigDict into frozen :class:`Settings`,
+rejecting unknown fields and invalid values with one line that names the field and what it
+accepts. :func:`check` then asks the registries (data sets, models, memory backends) about the
+names, still without reading data or training anything. Library functions take the settings
+section they need (``settings.train``, ``settings.resmem``, ...), never the whole config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from typing import Any, Optional
+
+SIGMA_GRID = tuple(round(0.01 * 10 ** (i / 4), 6) for i in range(17))  # 0.01 .. 100, ratio 1.78
+SELECT_BY = ("squared_loss", "accuracy", "log_loss")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class SettingsError(ValueError):
+  """A config field has an unknown name or an invalid value (the message names the field)."""
+
+
+class MissingDependency(ImportError):
+  """An optional package a setting needs is not installed (the message names the extra)."""
+
+
+def _f(default, help_text: str):
+  """A settings field with its meaning (shown by ``--print_config`` and :func:`describe`)."""
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """Where examples come from (``resmem_jax.data``)."""
+  name: str = _f("digits", "data set: digits (embedded), any TFDS image classification set "
+                 "(mnist, cifar10, svhn_cropped, emnist/letters, ...), imagenet2012, "
+                 "tiny_shakespeare, lm1b, c4")
+  data_dir: Optional[str] = _f(None, "TFDS data_dir: where prepared data sets live "
+                               "(None: ~/tensorflow_datasets)")
+  manual_dir: Optional[str] = _f(None, "a folder holding the archives TFDS downloads, to prepare "
+                                 "offline (None: download)")
+  val_fraction: float = _f(0.1, "validation split carved from the training split (fixed "
+                           "permutation); k, sigma, T are chosen on it")
+  train_fraction: float = _f(1.0, "keep this fraction of the remaining training examples "
+                             "(nested: a smaller fraction is a subset)")
+  split_seed: int = _f(0, "seed of the validation / train_fraction permutations")
+  augment: bool = _f(False, "random crops while training (and flips where they keep the label)")
+  image_size: Optional[int] = _f(None, "resize images to image_size x image_size (needed for "
+                                 "sets of varying size; ImageNet: 224 when None)")
+  seq_len: int = _f(128, "text: tokens per sequence")
+  max_split_tokens: Optional[int] = _f(None, "text: keep only the first N tokens of every split")
+  vocab_size: int = _f(8192, "subword text: target vocabulary size")
+  vocab_documents: int = _f(10000, "subword text: training documents the vocabulary is built from")
+  vocab_dir: Optional[str] = _f(None, "subword text: where the vocabulary is saved "
+                                "(None: <data_dir>/resmem_vocab)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  """The base network (``resmem_jax.models``); each model reads the fields it needs."""
+  name: str = _f("mlp", "mlp | cnn | cifar_resnet | resnet | transformer")
+  width: float = _f(256.0, "hidden units (mlp), first block's channels (cnn), model width "
+                    "(transformer), or a channel multiplier (resnets)")
+  depth: int = _f(2, "hidden layers (mlp), conv blocks (cnn), 6n+2 (cifar_resnet), "
+                  "18/34/50/101 (resnet), blocks (transformer)")
+  embed_dim: int = _f(128, "cnn: size of the dense embedding layer (the memory key)")
+  conv_impl: str = _f("xla", "resnets: xla (native convolutions) or im2col (as matmuls)")
+  num_heads: int = _f(4, "transformer: attention heads")
+  max_len: int = _f(128, "transformer: longest sequence")
+  mlp_ratio: int = _f(4, "transformer: MLP width / model width")
+  dropout_rate: float = _f(0.0, "transformer: dropout while training")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """Training the base network (``resmem_jax.training``)."""
+  num_epochs: float = _f(10.0, "training epochs (fractions allowed)")
+  num_steps: int = _f(-1, "training steps; > 0 overrides num_epochs")
+  batch_size: int = _f(128, "global batch, split over all devices")
+  eval_batch_size: int = _f(512, "batch of the validation / test passes while training")
+  optimizer: str = _f("sgd", "sgd | adam | adamw")
+  learning_rate: float = _f(0.1, "peak learning rate")
+  momentum: float = _f(0.9, "sgd momentum (0: plain SGD)")
+  nesterov: bool = _f(False, "sgd: Nesterov momentum")
+  b1: float = _f(0.9, "adam / adamw: first-moment decay")
+  b2: float = _f(0.999, "adam / adamw: second-moment decay")
+  weight_decay: float = _f(5e-4, "on kernels only (not biases or norm scales); coupled for sgd "
+                           "and adam, decoupled for adamw")
+  schedule: str = _f("cosine", "cosine | step | constant, after a linear warm-up")
+  warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
+  step_boundaries: tuple[float, ...] = _f((0.5, 0.75), "step schedule: fractions of training "
+                                          "where the learning rate drops")
+  step_factor: float = _f(0.1, "step schedule: factor of each drop")
+  label_smoothing: float = _f(0.0, "label smoothing of the training loss")
+  grad_clip_norm: float = _f(0.0, "clip gradients to this global norm (0: no clipping)")
+  dtype: str = _f("float32", "compute dtype (parameters stay float32): float32 | bfloat16 | "
+                  "float16")
+  log_every_steps: int = _f(50, "training metrics every N steps (metrics.jsonl, TensorBoard)")
+  eval_every_steps: int = _f(0, "validation every N steps (0: once per epoch)")
+  checkpoint_every_steps: int = _f(500, "checkpoint every N steps (and at the end)")
+  max_checkpoints_to_keep: int = _f(3, "checkpoints kept (older ones are removed)")
+  eval_test_at_end: bool = _f(True, "evaluate the test split when training ends")
+  distributed: Optional[bool] = _f(None, "call jax.distributed.initialize (None: when the "
+                                   "environment describes several hosts)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResMemSettings:
+  """The memory, the selection of k / sigma / T on validation, and evaluation (``resmem_jax.jobs``).
+
+  ``k``, ``sigma`` and ``temperature`` left as None are chosen on the validation split from the
+  grids by ``select_by``. With ``sigma_relative`` the ``sigma_grid`` values are multiples of the
+  median distance from a validation row to its nearest memory key (embedding distances have no
+  natural unit); a fixed ``sigma`` is absolute.
+  """
+  backend: str = _f("scann", "nearest-neighbour index: exact | scann")
+  backend_options: str = _f("", "'key=value,...' options of the backend, e.g. "
+                            "'mode=tree_ah,num_leaves=400' (resmem_jax/memory/scann.py)")
+  residual_format: str = _f("dense", "stored residuals: dense (float32) | bfloat16 | sparse "
+                            "(the label + top_m largest probabilities)")
+  top_m: int = _f(16, "sparse: entries kept besides the label")
+  k: Optional[int] = _f(None, "neighbours per query (None: chosen from k_grid on validation)")
+  sigma: Optional[float] = _f(None, "softmax temperature of the neighbour weights, absolute "
+                              "(None: chosen from sigma_grid)")
+  temperature: Optional[float] = _f(None, "T of the base prediction softmax(z / T) the "
+                                    "residuals are taken against (None: chosen from the grid)")
+  k_grid: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32, 64, 128), "candidate k")
+  sigma_grid: tuple[float, ...] = _f(SIGMA_GRID, "candidate sigma (relative: see sigma_relative)")
+  sigma_relative: bool = _f(True, "sigma_grid values are multiples of the median distance to the "
+                            "nearest memory key")
+  temperature_grid: tuple[float, ...] = _f((0.5, 1.0, 2.0, 4.0), "candidate T")
+  select_by: str = _f("squared_loss", "validation criterion: squared_loss | accuracy | log_loss")
+  base_mix: Optional[float] = _f(None, "ResMem's probabilities are (1 - mix) * normalize(max(p + "
+                                 "r, 0)) + mix * p_base (None: mix chosen on validation log loss)")
+  base_mix_grid: tuple[float, ...] = _f((0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+                                        "candidate mixes (1: the base model itself)")
+  memorize_if_p_below: Optional[float] = _f(0.05, "keep the memory only when the chosen point's "
+                                             "validation gain on select_by over the base model "
+                                             "has a one-sided p-value below this (1: any gain; "
+                                             "None: always memorize)")
+  knnlm: bool = _f(False, "also report kNN-LM (the neighbours' labels mixed into p)")
+  knn_lambda: Optional[float] = _f(None, "kNN-LM mixture weight (None: chosen on validation)")
+  knn_lambda_grid: tuple[float, ...] = _f((0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
+                                          "candidate kNN-LM weights")
+  eval_batch_size: int = _f(1024, "examples (sequences) per inference batch")
+  max_validation_rows: Optional[int] = _f(None, "use at most this many validation rows (examples "
+                                          "or tokens) to choose")
+  evaluate_train: bool = _f(True, "also report training-split accuracy (memorization)")
+  timing_repeats: int = _f(3, "prediction-cost figure: fastest of this many timed test passes")
+  tune_recall: Optional[float] = _f(None, "partitioned scann: tune its query settings on "
+                                    "validation to this recall@k against exact search")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  seed: int = 0
+  data: DataSettings = DataSettings()
+  model: ModelSettings = ModelSettings()
+  train: TrainSettings = TrainSettings()
+  resmem: ResMemSettings = ResMemSettings()
+
+
+SECTIONS = {"data": DataSettings, "model": ModelSettings, "train": TrainSettings,
+            "resmem": ResMemSettings}
+
+
+# ----------------------------------------------------------------------------- config <-> settings
+
+
+def _hints(cls) -> dict:
+  return typing.get_type_hints(cls)
+
+
+def _is_optional(hint) -> tuple[bool, Any]:
+  if typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint):
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    return True, inner[0]
+  return False, hint
+
+
+def default_config():
+  """An ml_collections ConfigDict with every field at its default (None fields typed)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = Settings.seed
+  for section, cls in SECTIONS.items():
+    sub = ml_collections.ConfigDict()
+    hints = _hints(cls)
+    for field in dataclasses.fields(cls):
+      optional, inner = _is_optional(hints[field.name])
+      if field.default is None:
+        sub[field.name] = config_dict.placeholder(inner)
+      else:
+        sub[field.name] = field.default
+    cfg[section] = sub
+  return cfg
+
+
+def _suggest(name: str, choices) -> str:
+  close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _convert(path: str, value, hint):
+  """``value`` as the field's type, or SettingsError naming ``path``."""
+  optional, inner = _is_optional(hint)
+  if value is None:
+    if optional:
+      return None
+    raise SettingsError(f"{path} must be set (got None)")
+  origin = typing.get_origin(inner)
+  if origin is tuple:
+    element = typing.get_args(inner)[0]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+      raise SettingsError(f"{path} must be a list of values, got {value!r}")
+    return tuple(_convert(f"{path}[{i}]", v, element) for i, v in enumerate(value))
+  if inner is bool:
+    if not isinstance(value, bool):
+      raise SettingsError(f"{path} must be True or False, got {value!r}")
+    return value
+  if inner is int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+      raise SettingsError(f"{path} must be an integer, got {value!r}")
+    return int(value)
+  if inner is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise SettingsError(f"{path} must be a number, got {value!r}")
+    return float(value)
+  if inner is str:
+    if not isinstance(value, str):
+      raise SettingsError(f"{path} must be a string, got {value!r}")
+    return value
+  raise TypeError(f"unsupported settings type {hint} for {path}")
+
+
+def unknown_field_message(path: str) -> str:
+  """``unknown config field <path> (did you mean ...?); <section> fields are: ...``."""
+  section, _, name = path.rpartition(".")
+  if section in SECTIONS:
+    fields = sorted(f.name for f in dataclasses.fields(SECTIONS[section]))
+    return (f"unknown config field {path}{_suggest(name, fields)}; {section} fields are: "
+            f"{', '.join(fields)}")
+  known = ["seed"] + sorted(SECTIONS)
+  return (f"unknown config field {path}{_suggest(path.split('.')[0], known)}; top-level fields "
+          f"are: {', '.join(known)}")
+
+
+def _section(cls, path: str, values: dict):
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise SettingsError(unknown_field_message(f"{path}.{unknown[0]}"))
+  hints = _hints(cls)
+  return cls(**{name: _convert(f"{path}.{name}", value, hints[name])
+                for name, value in values.items()})
+
+
+def from_config(config) -> Settings:
+  """Typed, checked :class:`Settings` from a ConfigDict / dict; raises SettingsError."""
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  unknown = sorted(set(values) - ({"seed"} | set(SECTIONS)))
+  if unknown:
+    raise SettingsError(unknown_field_message(unknown[0]))
+  sections = {}
+  for section, cls in SECTIONS.items():
+    given = values.get(section) or {}
+    if not isinstance(given, dict):
+      raise SettingsError(f"config.{section} must be a section of fields, got {given!r}")
+    sections[section] = _section(cls, section, given)
+  seed = _convert("seed", values.get("seed", 0), int)
+  settings = Settings(seed=seed, **sections)
+  validate_values(settings)
+  return settings
+
+
+def describe(settings: Settings) -> str:
+  """Every field as ``section.field = value  # meaning``, one per line."""
+  lines = [f"seed = {settings.seed!r}  # seed of parameter init, dropout and batch order"]
+  for section, cls in SECTIONS.items():
+    values = getattr(settings, section)
+    lines.append(f"# {section}: {cls.__doc__.splitlines()[0]}")
+    for field in dataclasses.fields(cls):
+      value = json_ready(getattr(values, field.name))
+      lines.append(f"{section}.{field.name} = {value!r}  # {field.metadata.get('help', '')}")
+  return "\n".join(lines)
+
+
+def to_dict(settings: Settings) -> dict:
+  """Plain JSON-ready dict of every field (tuples become lists)."""
+  return json_ready(dataclasses.asdict(settings))
+
+
+def json_ready(value):
+  if isinstance(value, dict):
+    return {k: json_ready(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_ready(v) for v in value]
+  return value
+
+
+def replace_field(settings: Settings, path: str, value) -> Settings:
+  """A copy with ``path`` (e.g. ``"model.width"``, ``"seed"``) set to ``value``, checked."""
+  parts = path.split(".")
+  if parts == ["seed"]:
+    new = dataclasses.replace(settings, seed=_convert("seed", value, int))
+  else:
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+      raise SettingsError(f"{path!r} is not a settings field; use <section>.<field> with a section "
+                          f"in {sorted(SECTIONS)}")
+    section, name = parts
+    cls = SECTIONS[section]
+    hints = _hints(cls)
+    if name not in hints:
+      raise SettingsError(f"unknown config field {path}{_suggest(name, hints)}")
+    sub = dataclasses.replace(getattr(settings, section), **{name: _convert(path, value, hints[name])})
+    new = dataclasses.replace(settings, **{section: sub})
+  validate_values(new)
+  return new
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise SettingsError(message)
+
+
+def _choice(path: str, value: str, choices) -> None:
+  if value not in choices:
+    raise SettingsError(f"{path}={value!r} is not one of {', '.join(map(repr, choices))}"
+                        f"{_suggest(value, choices)}")
+
+
+def _positive(path: str, value, allow_none: bool = False, integer: bool = False) -> None:
+  if value is None and allow_none:
+    return
+  ok = value is not None and math.isfinite(value) and value > 0
+  _require(ok, f"{path} must be a positive {'integer' if integer else 'finite number'}, got {value!r}")
+
+
+def _grid(path: str, values, integer: bool = False, high: float | None = None) -> None:
+  _require(len(values) > 0, f"{path} is empty; give at least one value")
+  for v in values:
+    ok = math.isfinite(v) and v > 0 and (high is None or v <= high)
+    bound = f"in (0, {high}]" if high is not None else "> 0"
+    _require(ok, f"{path} values must be {'integers ' if integer else ''}{bound}, got {values!r}")
+
+
+def validate_values(settings: Settings) -> None:
+  """Ranges and fixed choices of every field (no registry lookups; see :func:`check`)."""
+  d, m, t, r = settings.data, settings.model, settings.train, settings.resmem
+  _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+  _require(0.0 < d.train_fraction <= 1.0,
+           f"data.train_fraction must be in (0, 1], got {d.train_fraction}")
+  _positive("data.image_size", d.image_size, allow_none=True, integer=True)
+  _positive("data.seq_len", d.seq_len, integer=True)
+  _require(d.max_split_tokens is None or d.max_split_tokens >= 2,
+           f"data.max_split_tokens must be >= 2 or None, got {d.max_split_tokens}")
+  _require(d.vocab_size >= 256, f"data.vocab_size must be >= 256, got {d.vocab_size}")
+  _positive("data.vocab_documents", d.vocab_documents, integer=True)
+
+  _positive("model.width", m.width)
+  _require(m.depth >= 1, f"model.depth must be >= 1, got {m.depth}")
+  _choice("model.conv_impl", m.conv_impl, ("xla", "im2col"))
+  _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+
+  _require(t.num_steps > 0 or t.num_epochs > 0,
+           f"train.num_epochs (or train.num_steps) must be positive, got {t.num_epochs} / {t.num_steps}")
+  _positive("train.batch_size", t.batch_size, integer=True)
+  _positive("train.eval_batch_size", t.eval_batch_size, integer=True)
+  _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+  _choice("train.schedule", t.schedule, SCHEDULES)
+  _choice("train.dtype", t.dtype, DTYPES)
+  _positive("train.learning_rate", t.learning_rate)
+  _require(0.0 <= t.momentum < 1.0, f"train.momentum must be in [0, 1), got {t.momentum}")
+  _require(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, f"train.b1 and train.b2 must be in [0, 1)")
+  _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+  _require(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+  _require(all(0 < b < 1 for b in t.step_boundaries),
+           f"train.step_boundaries must lie in (0, 1), got {t.step_boundaries}")
+  _require(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+  _require(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0, got {t.grad_clip_norm}")
+  for name in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+    _positive(f"train.{name}", getattr(t, name), integer=True)
+  _require(t.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}")
+
+  _choice("resmem.select_by", r.select_by, SELECT_BY)
+  _positive("resmem.top_m", r.top_m, integer=True)
+  _positive("resmem.k", r.k, allow_none=True, integer=True)
+  _positive("resmem.sigma", r.sigma, allow_none=True)
+  _positive("resmem.temperature", r.temperature, allow_none=True)
+  _grid("resmem.k_grid", r.k_grid, integer=True)
+  _grid("resmem.sigma_grid", r.sigma_grid)
+  _grid("resmem.temperature_grid", r.temperature_grid)
+  _grid("resmem.knn_lambda_grid", r.knn_lambda_grid, high=1.0)
+  _require(len(r.base_mix_grid) > 0 and all(0 <= v <= 1 for v in r.base_mix_grid),
+           f"resmem.base_mix_grid values must lie in [0, 1], got {r.base_mix_grid}")
+  _require(r.memorize_if_p_below is None or 0 < r.memorize_if_p_below <= 1,
+           f"resmem.memorize_if_p_below must be in (0, 1] or None, got {r.memorize_if_p_below}")
+  _require(r.base_mix is None or 0 <= r.base_mix <= 1,
+           f"resmem.base_mix must be in [0, 1] or None, got {r.base_mix}")
+  _require(r.knn_lambda is None or 0 < r.knn_lambda <= 1,
+           f"resmem.knn_lambda must be in (0, 1] or None, got {r.knn_lambda}")
+  _positive("resmem.eval_batch_size", r.eval_batch_size, integer=True)
+  _positive("resmem.max_validation_rows", r.max_validation_rows, allow_none=True, integer=True)
+  _positive("resmem.timing_repeats", r.timing_repeats, integer=True)
+  _require(r.tune_recall is None or 0 < r.tune_recall <= 1,
+           f"resmem.tune_recall must be in (0, 1] or None, got {r.tune_recall}")
+
+
+def check(settings: Settings) -> None:
+  """Registry names and per-component options, still without data or training (seconds).
+
+  The data set name, the model (built without parameters), the memory backend, its options and
+  the residual format. Raises SettingsError.
+  """
+  from resmem_jax import data  # pylint: disable=g-import-not-at-top
+  from resmem_jax import memory  # pylint: disable=g-import-not-at-top
+  from resmem_jax import models  # pylint: disable=g-import-not-at-top
+  try:
+    data.check_name(settings.data.name)
+    models.check_settings(settings.model)
+    memory.check_options(settings.resmem.backend, settings.resmem.backend_options,
+                         settings.resmem.residual_format)
+  except (SettingsError, MissingDependency):
+    raise
+  except ValueError as err:
+    raise SettingsError(str(err)) from None
+  r = settings.resmem
+  if r.tune_recall is not None and r.backend != "scann":
+    raise SettingsError(f"resmem.tune_recall tunes ScaNN's query settings; resmem.backend is "
+                        f"{r.backend!r} (set resmem.backend=scann or unset resmem.tune_recall)")
+  if settings.data.val_fraction == 0 and needs_validation(r):
+    raise SettingsError("choosing k, sigma and temperature needs a validation split: set "
+                        "data.val_fraction > 0, or fix resmem.k, resmem.sigma, resmem.temperature"
+                        ", resmem.base_mix (and resmem.knn_lambda when resmem.knnlm is on)")
+
+
+def needs_validation(r: ResMemSettings) -> bool:
+  """Whether anything is left to choose on the validation split."""
+  resmem_fixed = (r.k is not None and r.sigma is not None and r.temperature is not None
+                  and r.base_mix is not None)
+  knn_fixed = not r.knnlm or r.knn_lambda is not None
+  return not (resmem_fixed and knn_fixed) or r.tune_recall is not None

@@ -1,0 +1,183 @@
+"""What a workdir's trained model was made from, checked before any work on a rerun.
+
+``WORKDIR/run.json`` records the first run's full resolved settings and the package versions it
+ran with, and, once training has finished, the content digest of the final checkpoint's variables.
+A rerun whose settings differ in anything that changes the trained model refuses before doing any
+work while that model exists, naming the differing fields and the ways forward. Fields that only
+say where data is read from, how often to log or checkpoint, or that change only the memory and
+its evaluation (every ``resmem.*`` field) may change freely. ``start_over`` moves the earlier run
+into ``WORKDIR/superseded/<time>/`` (nothing is deleted) and trains afresh.
+
+The digest ties everything derived from the model (the memory, results.json) to the model's
+content, not to a step number: a checkpoint that changes on disk after training is refused, and a
+retrained model gets a new memory.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import pathlib
+from importlib import metadata
+from typing import Any
+
+import jax
+import numpy as np
+
+from resmem_jax import jsonio
+from resmem_jax import settings as settings_lib
+
+RUN_FILE = "run.json"
+SUPERSEDED = "superseded"
+CHECKPOINT_DIR = "checkpoints"
+# What start_over moves aside: every file and folder a run writes into its workdir.
+RUN_ENTRIES = (CHECKPOINT_DIR, "metrics.jsonl", "tensorboard", "model_info.json", RUN_FILE,
+               "memory", "results.json")
+# Fields that do not change the trained model (besides every resmem.* field).
+FREE_FIELDS = frozenset({
+    "data.data_dir", "data.manual_dir", "data.vocab_dir",
+    "train.eval_batch_size", "train.log_every_steps", "train.eval_every_steps",
+    "train.checkpoint_every_steps", "train.max_checkpoints_to_keep", "train.eval_test_at_end",
+    "train.distributed"})
+PACKAGES = ("numpy", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
+            "tensorflow-cpu", "tensorflow", "scann", "resmem_jax")
+START_OVER_HINT = ("use another --workdir, or pass --start_over to move the earlier run to "
+                   "WORKDIR/superseded/ and train again")
+
+
+class WorkdirError(ValueError):
+  """The workdir holds a run that does not match, or a record that cannot be read."""
+
+
+def model_fields(settings: settings_lib.Settings) -> dict[str, Any]:
+  """``{"section.field": value}`` of every field that changes the trained model."""
+  flat = {"seed": settings.seed}
+  for section, values in settings_lib.to_dict(settings).items():
+    if isinstance(values, dict) and section != "resmem":
+      flat.update({f"{section}.{name}": value for name, value in values.items()})
+  return {name: value for name, value in flat.items() if name not in FREE_FIELDS}
+
+
+def versions() -> dict[str, str]:
+  """Installed versions of the packages a result depends on (without importing them)."""
+  out = {}
+  for name in PACKAGES:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      continue
+  return out
+
+
+def variables_digest(variables) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes: the model's content."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]
+  for path, leaf in leaves:
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def has_trained_model(workdir: pathlib.Path) -> bool:
+  folder = workdir / CHECKPOINT_DIR
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def read(workdir: pathlib.Path) -> dict | None:
+  """The workdir's run record, or None when there is none."""
+  path = workdir / RUN_FILE
+  if not path.exists():
+    return None
+  try:
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or not isinstance(record.get("model_fields"), dict):
+      raise ValueError("no model_fields")
+  except (OSError, ValueError) as err:
+    raise WorkdirError(f"{path} cannot be read ({err}), so what the model in {workdir} was "
+                       f"trained with is unknown; restore that file, or {START_OVER_HINT}") from None
+  return record
+
+
+def _write(workdir: pathlib.Path, record: dict) -> None:
+  if jax.process_index() == 0:
+    jsonio.write_json_atomic(workdir / RUN_FILE, record)
+
+
+def move_aside(workdir: pathlib.Path) -> pathlib.Path | None:
+  """Moves an earlier run's files into WORKDIR/superseded/<time>/; returns that folder."""
+  present = [name for name in RUN_ENTRIES if (workdir / name).exists()]
+  if not present:
+    return None
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+  target = workdir / SUPERSEDED / stamp
+  if jax.process_index() == 0:
+    target.mkdir(parents=True)
+    for name in present:
+      (workdir / name).rename(target / name)
+  return target
+
+
+def differences(recorded: dict, current: dict) -> list[str]:
+  """``"field: old -> new"`` for every model field that differs."""
+  names = sorted(set(recorded) | set(current))
+  return [f"{n}: {recorded.get(n, '(absent)')!r} -> {current.get(n, '(absent)')!r}"
+          for n in names if recorded.get(n) != current.get(n)]
+
+
+def prepare(workdir: pathlib.Path, settings: settings_lib.Settings, *,
+            start_over: bool = False) -> dict:
+  """Checks (or creates) WORKDIR's run record before any work; returns the record in force.
+
+  Raises WorkdirError when the workdir holds a trained model made with other model fields, or a
+  trained model without a record.
+  """
+  workdir = pathlib.Path(workdir)
+  if start_over:
+    moved = move_aside(workdir)
+    if moved is not None:
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("start_over: the earlier run in %s was moved to %s", workdir, moved)
+  record = read(workdir)
+  current = model_fields(settings)
+  if record is not None:
+    changed = differences(record["model_fields"], current)
+    if not changed:
+      upgraded = differences(record.get("versions", {}), versions())
+      if upgraded:
+        from absl import logging  # pylint: disable=g-import-not-at-top
+        logging.warning("%s was trained with other package versions (%s)", workdir,
+                        "; ".join(upgraded))
+      return record
+    if has_trained_model(workdir):
+      raise WorkdirError(f"{workdir} holds a model trained with other settings ("
+                         f"{'; '.join(changed)}): these change the trained model; "
+                         f"{START_OVER_HINT}")
+  elif has_trained_model(workdir):
+    raise WorkdirError(f"{workdir} holds a trained model but no {RUN_FILE}, so what it was "
+                       f"trained with is unknown; {START_OVER_HINT}")
+  record = {"settings": settings_lib.to_dict(settings), "model_fields": current,
+            "versions": versions(),
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write(workdir, record)
+  return record
+
+
+def check_checkpoint(workdir: pathlib.Path, step: int, digest: str) -> None:
+  """Records the finished model's digest, or refuses a checkpoint that changed since."""
+  workdir = pathlib.Path(workdir)
+  record = read(workdir)
+  if record is None:
+    raise WorkdirError(f"{workdir / RUN_FILE} disappeared during the run; {START_OVER_HINT}")
+  known = record.get("checkpoint")
+  if isinstance(known, dict) and known.get("step") == step:
+    if known.get("digest") != digest:
+      raise WorkdirError(
+          f"the checkpoint {workdir / CHECKPOINT_DIR / str(step)} changed after training finished "
+          f"(content digest {digest[:12]}..., recorded {str(known.get('digest'))[:12]}...): a file "
+          f"was modified or corrupted; restore it, or {START_OVER_HINT}")
+    return
+  record["checkpoint"] = {"step": int(step), "digest": digest}
+  _write(workdir, record)

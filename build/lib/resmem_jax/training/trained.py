@@ -1,0 +1,56 @@
+"""A trained base model from a workdir: provenance checked, trained or resumed, restored, digested.
+
+The one entry point the binaries and the job engine use:
+
+    model = train_model(settings, dataset, workdir)
+
+checks the workdir's record (``provenance.py``) before any work, trains or resumes (or returns at
+once when training has finished), restores the final variables and ties them to the record by
+their content digest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+from resmem_jax import settings as settings_lib
+from resmem_jax.training import provenance
+from resmem_jax.training.checkpoints import restore_model
+from resmem_jax.training.loop import train_and_evaluate
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  module: Any          # the flax Module; apply(variables, x, train=False) -> (logits, embedding)
+  variables: Any       # host arrays: params (and batch_stats)
+  step: int            # the final checkpoint's step
+  digest: str          # sha256 of the variables' content (provenance.variables_digest)
+  metrics: dict        # train_and_evaluate's final metrics
+
+
+def train_model(settings: settings_lib.Settings, dataset, workdir: str | os.PathLike, *,
+                start_over: bool = False, progress: bool = True) -> TrainedModel:
+  """Trains (or resumes, or reuses) the model ``settings`` describe in ``workdir``.
+
+  Raises ``provenance.WorkdirError`` before any work when the workdir holds a model trained with
+  other settings (``start_over`` moves that run to WORKDIR/superseded/ first).
+  """
+  workdir = pathlib.Path(workdir)
+  provenance.prepare(workdir, settings, start_over=start_over)
+  start = time.perf_counter()
+  metrics = train_and_evaluate(dataset, settings.model, settings.train, settings.seed, workdir,
+                               progress=progress)
+  module, variables, step = restore_model(workdir, settings.model, settings.train.dtype)
+  digest = provenance.variables_digest(variables)
+  provenance.check_checkpoint(workdir, step, digest)
+  test = (f", test accuracy {100 * metrics['test_accuracy']:.2f}%"
+          if "test_accuracy" in metrics else "")
+  logging.getLogger("resmem_jax").info(
+      "training: %s with %s parameters, %d steps in %.1f s (checkpoints in %s)%s",
+      settings.model.name, f"{metrics.get('num_params', 0):,}", step, time.perf_counter() - start,
+      workdir / "checkpoints", test)
+  return TrainedModel(module, variables, step, digest, metrics)
