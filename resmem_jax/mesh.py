@@ -17,22 +17,65 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def initialize_distributed(enabled: bool | None = None) -> None:
-  """Calls ``jax.distributed.initialize()`` for multi-host runs, unless JAX already is.
+def launch_arguments(train, env=None) -> dict | None:
+  """The arguments of ``jax.distributed.initialize`` for this launch; None for one process.
 
-  ``enabled=None`` decides from the environment: JAX's own coordinator variables, a TPU pod
-  slice (TPU_WORKER_HOSTNAMES with several hosts) or a SLURM job with several tasks.
+  Routes, first match wins (``train`` is the TrainSettings):
+    1. the config fields ``train.coordinator_address``, ``train.num_processes``,
+       ``train.process_id`` (all three);
+    2. JAX's environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+       ``JAX_PROCESS_ID`` (the address alone only where a cluster supplies the other two);
+    3. a cluster JAX detects by itself: a TPU VM slice of several workers, a SLURM job of several
+       tasks (no arguments).
+  ``train.distributed``: None decides from the above, False never initializes, True requires a
+  route.
   """
+  from resmem_jax.settings import SettingsError  # pylint: disable=g-import-not-at-top
+  env = os.environ if env is None else env
+  if train.distributed is False:
+    return None
+  timeout = {"heartbeat_timeout_seconds": int(train.heartbeat_timeout_seconds)}
+  fields = (train.coordinator_address, train.num_processes, train.process_id)
+  if any(f is not None for f in fields):
+    if any(f is None for f in fields):
+      raise SettingsError("a multi-host launch from the config needs train.coordinator_address, "
+                          "train.num_processes and train.process_id all set")
+    return dict(coordinator_address=train.coordinator_address,
+                num_processes=train.num_processes, process_id=train.process_id, **timeout)
+  cluster = (len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+             or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
+  address = env.get("JAX_COORDINATOR_ADDRESS")
+  if address:
+    count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+    if count and index:
+      try:
+        return dict(coordinator_address=address, num_processes=int(count),
+                    process_id=int(index), **timeout)
+      except ValueError:
+        raise SettingsError(f"JAX_NUM_PROCESSES={count!r} and JAX_PROCESS_ID={index!r} must be "
+                            "integers") from None
+    if cluster:
+      return dict(coordinator_address=address, **timeout)
+    raise SettingsError("JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+                        "are not (and no TPU or SLURM cluster supplies them): set both on every "
+                        "process, e.g. JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 on the first")
+  if cluster:
+    return dict(timeout)
+  if train.distributed:
+    raise SettingsError("train.distributed=True but nothing describes the other processes: set "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or the "
+                        "train.coordinator_address / num_processes / process_id fields), or run "
+                        "under SLURM or on a TPU VM slice")
+  return None
+
+
+def initialize_distributed(train) -> None:
+  """Joins this process to a multi-host run (see :func:`launch_arguments`), once."""
   if jax.distributed.is_initialized():
     return
-  if enabled is None:
-    env = os.environ
-    enabled = bool(
-        env.get("JAX_COORDINATOR_ADDRESS")
-        or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-        or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
-  if enabled:
-    jax.distributed.initialize()
+  arguments = launch_arguments(train)
+  if arguments is not None:
+    jax.distributed.initialize(**arguments)
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -107,8 +107,15 @@ class TrainSettings:
   checkpoint_every_steps: int = _f(500, "checkpoint every N steps (and at the end)")
   max_checkpoints_to_keep: int = _f(3, "checkpoints kept (older ones are removed)")
   eval_test_at_end: bool = _f(True, "evaluate the test split when training ends")
-  distributed: Optional[bool] = _f(None, "call jax.distributed.initialize (None: when the "
-                                   "environment describes several hosts)")
+  distributed: Optional[bool] = _f(None, "join a multi-host run (None: when the environment or "
+                                   "the three fields below describe one; False: never)")
+  coordinator_address: Optional[str] = _f(None, "multi-host: host:port of process 0 (else "
+                                          "JAX_COORDINATOR_ADDRESS, or the cluster's)")
+  num_processes: Optional[int] = _f(None, "multi-host: number of processes (else "
+                                    "JAX_NUM_PROCESSES)")
+  process_id: Optional[int] = _f(None, "multi-host: this process's index (else JAX_PROCESS_ID)")
+  heartbeat_timeout_seconds: int = _f(100, "multi-host: a process that stops answering for this "
+                                      "long ends the others")
 
 
 @dataclasses.dataclass(frozen=True)

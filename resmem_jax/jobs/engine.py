@@ -113,7 +113,7 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   from resmem_jax import training  # pylint: disable=g-import-not-at-top
 
   settings_lib.check(settings)
-  mesh_lib.initialize_distributed(settings.train.distributed)
+  mesh_lib.initialize_distributed(settings.train)
   dataset = data_lib.get_dataset(settings.data)
   info = dataset.info
   _check_before_training(settings, dataset)

@@ -61,7 +61,7 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
   ``progress`` shows a progress bar (on process 0, when stderr is a terminal).
   """
   _check(train)
-  mesh_lib.initialize_distributed(train.distributed)
+  mesh_lib.initialize_distributed(train)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   info = dataset.info

@@ -39,7 +39,8 @@ FREE_FIELDS = frozenset({
     "data.data_dir", "data.manual_dir", "data.vocab_dir",
     "train.eval_batch_size", "train.log_every_steps", "train.eval_every_steps",
     "train.checkpoint_every_steps", "train.max_checkpoints_to_keep", "train.eval_test_at_end",
-    "train.distributed"})
+    "train.distributed", "train.coordinator_address", "train.num_processes", "train.process_id",
+    "train.heartbeat_timeout_seconds"})
 PACKAGES = ("numpy", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
             "tensorflow-cpu", "tensorflow", "scann", "resmem_jax")
 START_OVER_HINT = ("use another --workdir, or pass --start_over to move the earlier run to "

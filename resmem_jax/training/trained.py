@@ -17,6 +17,7 @@ import pathlib
 import time
 from typing import Any
 
+from resmem_jax import mesh as mesh_lib
 from resmem_jax import settings as settings_lib
 from resmem_jax.training import provenance
 from resmem_jax.training.checkpoints import restore_model
@@ -39,6 +40,7 @@ def train_model(settings: settings_lib.Settings, dataset, workdir: str | os.Path
   Raises ``provenance.WorkdirError`` before any work when the workdir holds a model trained with
   other settings (``start_over`` moves that run to WORKDIR/superseded/ first).
   """
+  mesh_lib.initialize_distributed(settings.train)  # before anything asks JAX about devices
   workdir = pathlib.Path(workdir)
   provenance.prepare(workdir, settings, start_over=start_over)
   start = time.perf_counter()
