@@ -127,7 +127,7 @@ class ResMemSettings:
   median distance from a validation row to its nearest memory key (embedding distances have no
   natural unit); a fixed ``sigma`` is absolute.
   """
-  backend: str = _f("scann", "nearest-neighbour index: exact | scann")
+  backend: str = _f("scann", "nearest-neighbour index: exact | scann | approx (on-device, TPU)")
   backend_options: str = _f("", "'key=value,...' options of the backend, e.g. "
                             "'mode=tree_ah,num_leaves=400' (resmem_jax/memory/scann.py)")
   residual_format: str = _f("dense", "stored residuals: dense (float32) | bfloat16 | sparse "

@@ -80,7 +80,7 @@ def test_rerun_reuses_memory_and_gives_same_numbers(digits_run):
   assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # memory files untouched
 
 
-@pytest.mark.parametrize("backend", ["exact", "scann"])
+@pytest.mark.parametrize("backend", ["exact", "scann", "approx"])
 def test_k1_memorizes_training_set_exactly(digits_run, backend):
   """With k = 1 every training point finds itself: ResMem's training accuracy is exactly 100%."""
   workdir, first = digits_run

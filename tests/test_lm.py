@@ -103,10 +103,12 @@ def test_memory_row_i_is_training_token_i(tmp_path):
   cfg.data.data_dir = str(tmp_path / "tfds")
   cfg.data.max_split_tokens = 3000
   cfg.train.num_steps = 4
+  cfg.resmem.backend = "approx"  # the on-device backend in the token job (exact elsewhere here)
   s = settings_lib.from_config(cfg)
   results = engine.run(s, tmp_path / "work", progress=False)
   _check_lm_results(results, tmp_path / "work")
   saved = memory.load_memory(tmp_path / "work" / "memory" / "index")
+  assert saved.backend == "approx"
   dataset = data.get_dataset(s.data)
   targets = np.concatenate([b["labels"][b["mask"]] for b in dataset.eval_batches("train", 8)])
   assert saved.size == len(targets) == 2999

@@ -191,7 +191,7 @@ def test_labels_are_kept_checked_and_extended():
 def test_bad_inputs():
   keys, _, _, res = _classification_memory_data(n=50)
   build = build_memory
-  with pytest.raises(ValueError, match="backend must be one of \\['exact', 'scann'\\]"):
+  with pytest.raises(ValueError, match="backend must be one of \\['exact', 'scann', 'approx'\\]"):
     build(keys, res, backend="annoy")
   with pytest.raises(ValueError, match="residual_format"):
     build(keys, res, residual_format="int8")

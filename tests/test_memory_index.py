@@ -96,7 +96,7 @@ def test_an_index_returning_too_few_candidates_is_caught(numpy_backend, monkeypa
 
 @pytest.mark.parametrize("backend,options", [
     ("exact", {}), ("exact", {"block_size": 16}), ("scann", {}),
-    ("scann", {"mode": "tree_ah", "num_leaves": 10}), ("numpy", {})])
+    ("scann", {"mode": "tree_ah", "num_leaves": 10}), ("approx", {}), ("numpy", {})])
 def test_zero_queries_on_every_backend(numpy_backend, backend, options):
   rng = np.random.default_rng(2)
   keys = rng.normal(size=(1000, 4)).astype(np.float32)
@@ -118,7 +118,7 @@ def test_check_options_names_the_config_field():
   assert check("exact", {"block_size": 64}, "dense") == {"block_size": 64}
   assert check("scann", "", "bfloat16") == {}
   cases = [
-      (("annoy", "", "dense"), r"^resmem.backend must be one of \['exact', 'scann'\], got 'annoy'"),
+      (("annoy", "", "dense"), r"^resmem.backend must be one of \['exact', 'scann', 'approx'\], got 'annoy'"),
       (("exakt", "", "dense"), r"resmem.backend .*\(did you mean 'exact'\?\)"),
       (("scann", "mode=tre_ah", "dense"),
        r"^resmem.backend_options='mode=tre_ah': scann option mode must be one of "

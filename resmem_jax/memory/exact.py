@@ -82,6 +82,40 @@ def _make_search_fn(mesh, num_candidates: int, block_size: int, local_size: int)
   return search
 
 
+class ShardedKeys:
+  """Keys on a mesh: centred, scaled by a power of two (see scaling.py), padded to
+  ``local_size`` rows per device and split along the data axis, with their squared norms.
+
+  Placed with ``jax.make_array_from_callback``, so on several hosts each process puts only its
+  own devices' rows (every process holds the same host array)."""
+
+  def __init__(self, center, exponent, keys, sqnorms):
+    self.center, self.exponent, self.keys, self.sqnorms = center, exponent, keys, sqnorms
+
+  @classmethod
+  def place(cls, keys: np.ndarray, mesh, local_size: int) -> "ShardedKeys":
+    size, dim = keys.shape
+    center = scaling.center(keys)
+    padded = np.zeros((local_size * mesh_lib.num_data_shards(mesh), dim), np.float32)
+    live = padded[:size]
+    np.subtract(keys, center, out=live)
+    exponent = scaling.key_exponent(live)
+    np.ldexp(live, np.int32(-exponent), out=live)
+    sqnorms = np.einsum("nd,nd->n", padded, padded)
+    sharding = NamedSharding(mesh, P(mesh_lib.DATA_AXIS))
+    put = lambda host: jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+    return cls(center, exponent, put(padded), put(sqnorms))
+
+  def queries(self, queries: np.ndarray, rows: int):
+    """``(scaled queries, weights)`` for the score ``w |k|^2 - 2 q.k``, zero-padded to ``rows``."""
+    part, weights = scaling.scaled_queries(queries - self.center, self.exponent)
+    if part.shape[0] < rows:  # fixed shape: one compilation per (rows, candidates)
+      pad = rows - part.shape[0]
+      part = np.concatenate([part, np.zeros((pad, part.shape[1]), np.float32)])
+      weights = np.concatenate([weights, np.ones(pad, np.float32)])
+    return part, weights
+
+
 class ExactIndex(index_lib.SearchIndex):
   """Brute-force index over float32 keys, sharded over the local devices.
 
@@ -103,21 +137,11 @@ class ExactIndex(index_lib.SearchIndex):
     # Jitted searches by (candidates, block size, local size); an extended index on the same
     # mesh inherits them, so editing the memory does not recompile an unchanged layout.
     self._search_fns = {} if search_fns is None else search_fns
-    self.size, dim = keys.shape
+    self.size = keys.shape[0]
     per_shard = -(-self.size // self.num_shards)
     self.block_size = max(1, min(int(block_size), per_shard))
     self.local_size = mesh_lib.pad_to_multiple(per_shard, self.block_size)
-    # Centred and scaled by a power of two (see scaling.py); queries get the same treatment.
-    self.center = scaling.center(keys)
-    padded = np.zeros((self.local_size * self.num_shards, dim), np.float32)
-    live = padded[:self.size]
-    np.subtract(keys, self.center, out=live)
-    self.exponent = scaling.key_exponent(live)
-    np.ldexp(live, np.int32(-self.exponent), out=live)
-    sqnorms = np.einsum("nd,nd->n", padded, padded)
-    sharding = NamedSharding(self.mesh, P(mesh_lib.DATA_AXIS))
-    self._device_keys = jax.device_put(padded, sharding)
-    self._device_sqnorms = jax.device_put(sqnorms, sharding)
+    self._layout = ShardedKeys.place(keys, self.mesh, self.local_size)
 
   @classmethod
   def check_options(cls, options: dict) -> dict:
@@ -152,14 +176,10 @@ class ExactIndex(index_lib.SearchIndex):
     out = np.empty((queries.shape[0], num_candidates), np.int32)
     chunk = min(self.query_chunk, max(1, queries.shape[0]))
     for start in range(0, queries.shape[0], chunk):
-      part, weights = scaling.scaled_queries(queries[start:start + chunk] - self.center,
-                                             self.exponent)
-      rows = part.shape[0]
-      if rows < chunk:  # fixed shape: one compilation per (chunk, candidates)
-        part = np.concatenate([part, np.zeros((chunk - rows, part.shape[1]), np.float32)])
-        weights = np.concatenate([weights, np.ones(chunk - rows, np.float32)])
+      rows = min(chunk, queries.shape[0] - start)
+      part, weights = self._layout.queries(queries[start:start + chunk], chunk)
       _, index = search(jax.device_put(part, replicated), jax.device_put(weights, replicated),
-                        num_keys, self._device_keys, self._device_sqnorms)
+                        num_keys, self._layout.keys, self._layout.sqnorms)
       out[start:start + rows] = np.asarray(index)[:rows]
     return out
 

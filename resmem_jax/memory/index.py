@@ -24,6 +24,7 @@ import numpy as np
 BACKENDS = {
     "exact": "resmem_jax.memory.exact:ExactIndex",
     "scann": "resmem_jax.memory.scann:ScannIndex",
+    "approx": "resmem_jax.memory.approx:ApproxIndex",
 }
 
 

@@ -1,0 +1,128 @@
+"""``approx``: the on-device memory, nearest neighbours by ``jax.lax.approx_min_k`` (TPU-KNN).
+
+The keys are split over every device of every host (one mesh over ``jax.devices()``); each
+device scores the queries against its own keys with one matmul (``w |k|^2 - 2 q.k``, the squared
+distance less the query's constant term, on centred, power-of-two scaled keys: see
+:class:`~resmem_jax.memory.exact.ShardedKeys`) and keeps its approximate top candidates with
+``approx_min_k``, the TPU-native partial reduction built to run near the accelerator's peak
+FLOP/s; the per-device lists are merged into one exact top list across devices. The memory then
+re-ranks the candidates by directly computed distance as for every backend.
+
+Options: ``recall_target`` (``approx_min_k``'s expected recall per device, default 0.95),
+``query_chunk`` (queries per call; each call holds ``query_chunk x keys per device`` scores) and
+``devices``. On CPU and GPU ``approx_min_k`` runs an exact (and slower) reduction, so this backend
+is for TPUs; on CPU it equals ``exact``, which the tests use to check it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from resmem_jax import mesh as mesh_lib
+from resmem_jax.memory import index as index_lib
+from resmem_jax.memory.exact import MAX_SEARCH_FNS, RERANK_MARGIN, ShardedKeys
+
+# Scores one call may hold per device (query_chunk x keys per device): 2**27 floats is 512 MB.
+MAX_SCORES_PER_CALL = 1 << 27
+
+
+def _make_search_fn(mesh, num_candidates: int, local_size: int, recall_target: float):
+  """Jitted search: per-device ``approx_min_k`` over the device's keys, then an exact merge."""
+  axis = mesh_lib.DATA_AXIS
+  per_device_k = min(num_candidates, local_size)
+
+  def per_device(queries, weights, num_keys, keys, sqnorms):
+    offset = lax.axis_index(axis).astype(jnp.int32) * local_size
+    scores = weights[:, None] * sqnorms[None, :] - 2.0 * jnp.dot(
+        queries, keys.T, precision=lax.Precision.HIGHEST)
+    ids = offset + jnp.arange(local_size, dtype=jnp.int32)
+    scores = jnp.where(ids[None, :] < num_keys, scores, jnp.inf)  # padding is never a neighbour
+    values, positions = lax.approx_min_k(scores, per_device_k, recall_target=recall_target)
+    return values, positions.astype(jnp.int32) + offset
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(axis), P(axis)),
+                          out_specs=(P(None, axis), P(None, axis)), check_vma=False)
+
+  @jax.jit
+  def search(queries, weights, num_keys, keys, sqnorms):
+    values, ids = sharded(queries, weights, num_keys, keys, sqnorms)
+    _, keep = lax.top_k(-values, num_candidates)  # the global merge of the device lists
+    return jnp.take_along_axis(ids, keep, axis=1)
+
+  return search
+
+
+class ApproxIndex(index_lib.SearchIndex):
+  """Keys on every device, ``approx_min_k`` per device, one merged candidate list per query."""
+
+  OPTION_NAMES = ("recall_target", "query_chunk", "devices")
+
+  def __init__(self, keys: np.ndarray, recall_target: float = 0.95, query_chunk: int = 1024,
+               devices=None, search_fns: dict | None = None):
+    self.mesh = mesh_lib.data_mesh(list(devices) if devices is not None else jax.devices())
+    self.options = {"recall_target": float(recall_target), "query_chunk": int(query_chunk)}
+    self.size = keys.shape[0]
+    shards = mesh_lib.num_data_shards(self.mesh)
+    self.local_size = max(1, -(-self.size // shards))
+    self._layout = ShardedKeys.place(keys, self.mesh, self.local_size)
+    self._search_fns = {} if search_fns is None else search_fns
+
+  @classmethod
+  def check_options(cls, options: dict) -> dict:
+    index_lib.check_option_names("approx backend options", options, cls.OPTION_NAMES)
+    checked = {}
+    if "recall_target" in options:
+      value = options["recall_target"]
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"approx option recall_target must be in (0, 1], got {value!r}")
+      checked["recall_target"] = float(value)
+    if "query_chunk" in options:
+      checked["query_chunk"] = index_lib.integer_option("approx", "query_chunk",
+                                                        options["query_chunk"], 1)
+    if "devices" in options:
+      checked["devices"] = options["devices"]
+    return checked
+
+  @classmethod
+  def build(cls, keys: np.ndarray, options: dict) -> ApproxIndex:
+    return cls(keys, **cls.check_options(options))
+
+  def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
+    """Distinct ids ``[q, min(k + RERANK_MARGIN, size)]`` (approximately the nearest)."""
+    num_candidates = min(k + RERANK_MARGIN, self.size)
+    key = (num_candidates, self.local_size)
+    if key not in self._search_fns:
+      if len(self._search_fns) >= MAX_SEARCH_FNS:  # many edits: drop the oldest layout
+        del self._search_fns[next(iter(self._search_fns))]
+      self._search_fns[key] = _make_search_fn(self.mesh, num_candidates, self.local_size,
+                                              self.options["recall_target"])
+    search = self._search_fns[key]
+    replicated = mesh_lib.replicated(self.mesh)
+    put = lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i])
+    chunk = max(1, min(self.options["query_chunk"], MAX_SCORES_PER_CALL // self.local_size,
+                       queries.shape[0]))
+    out = np.empty((queries.shape[0], num_candidates), np.int32)
+    for start in range(0, queries.shape[0], chunk):
+      rows = min(chunk, queries.shape[0] - start)
+      part, weights = self._layout.queries(queries[start:start + chunk], chunk)
+      ids = search(put(part), put(weights), put(np.int32(self.size)), self._layout.keys,
+                   self._layout.sqnorms)
+      out[start:start + rows] = mesh_lib.to_host(ids)[:rows]
+    return out
+
+  def extend(self, keys: np.ndarray) -> ApproxIndex:
+    return ApproxIndex(keys, devices=list(self.mesh.devices.flat), search_fns=self._search_fns,
+                       **self.options)
+
+  def save(self, directory: str) -> dict:
+    del directory  # rebuilt from the keys on load: nothing to write
+    return dict(self.options)
+
+  @classmethod
+  def load(cls, directory: str, keys: np.ndarray, info: dict) -> ApproxIndex:
+    del directory
+    index_lib.check_option_names("approx index info", info, ("recall_target", "query_chunk"))
+    return cls.build(keys, info)
