@@ -136,11 +136,20 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-  """Global (possibly multi-host sharded) arrays -> full numpy arrays on every process."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    tree = multihost_utils.process_allgather(tree, tiled=True)
-  return jax.tree_util.tree_map(np.asarray, tree)
+  """Global (possibly multi-host sharded) arrays -> full numpy arrays on every process.
+
+  Only arrays spread over other processes' devices are gathered: an array on this process's own
+  devices (a host-local memory's search) is already whole here."""
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree_util.tree_map(fetch, tree)
 
 
 def pad_to_multiple(n: int, multiple: int) -> int:

@@ -9,8 +9,10 @@ FLOP/s; the per-device lists are merged into one exact top list across devices. 
 re-ranks the candidates by directly computed distance as for every backend.
 
 Options: ``recall_target`` (``approx_min_k``'s expected recall per device, default 0.95),
-``query_chunk`` (queries per call; each call holds ``query_chunk x keys per device`` scores) and
-``devices``. On CPU and GPU ``approx_min_k`` runs an exact (and slower) reduction, so this backend
+``query_chunk`` (queries per call; each call holds ``query_chunk x keys per device`` scores),
+``across_hosts`` (default True: the devices of every process, so every process must build and
+query it alike with the same keys; False: this process's devices only, as in a
+:mod:`~resmem_jax.memory.hosts` memory) and ``devices`` (an explicit list; not saved). On CPU and GPU ``approx_min_k`` runs an exact (and slower) reduction, so this backend
 is for TPUs; on CPU it equals ``exact``, which the tests use to check it.
 """
 from __future__ import annotations
@@ -58,12 +60,15 @@ def _make_search_fn(mesh, num_candidates: int, local_size: int, recall_target: f
 class ApproxIndex(index_lib.SearchIndex):
   """Keys on every device, ``approx_min_k`` per device, one merged candidate list per query."""
 
-  OPTION_NAMES = ("recall_target", "query_chunk", "devices")
+  OPTION_NAMES = ("recall_target", "query_chunk", "across_hosts", "devices")
 
   def __init__(self, keys: np.ndarray, recall_target: float = 0.95, query_chunk: int = 1024,
-               devices=None, search_fns: dict | None = None):
-    self.mesh = mesh_lib.data_mesh(list(devices) if devices is not None else jax.devices())
-    self.options = {"recall_target": float(recall_target), "query_chunk": int(query_chunk)}
+               across_hosts: bool = True, devices=None, search_fns: dict | None = None):
+    if devices is None:
+      devices = jax.devices() if across_hosts else jax.local_devices()
+    self.mesh = mesh_lib.data_mesh(list(devices))
+    self.options = {"recall_target": float(recall_target), "query_chunk": int(query_chunk),
+                    "across_hosts": bool(across_hosts)}
     self.size = keys.shape[0]
     shards = mesh_lib.num_data_shards(self.mesh)
     self.local_size = max(1, -(-self.size // shards))
@@ -82,6 +87,13 @@ class ApproxIndex(index_lib.SearchIndex):
     if "query_chunk" in options:
       checked["query_chunk"] = index_lib.integer_option("approx", "query_chunk",
                                                         options["query_chunk"], 1)
+    if "across_hosts" in options:
+      value = options["across_hosts"]
+      flags = {True: True, False: False, 1: True, 0: False, "true": True, "false": False}
+      key = value.lower() if isinstance(value, str) else value
+      if isinstance(value, float) or key not in flags:
+        raise ValueError(f"approx option across_hosts must be true or false, got {value!r}")
+      checked["across_hosts"] = flags[key]
     if "devices" in options:
       checked["devices"] = options["devices"]
     return checked
@@ -124,5 +136,6 @@ class ApproxIndex(index_lib.SearchIndex):
   @classmethod
   def load(cls, directory: str, keys: np.ndarray, info: dict) -> ApproxIndex:
     del directory
-    index_lib.check_option_names("approx index info", info, ("recall_target", "query_chunk"))
+    index_lib.check_option_names("approx index info", info,
+                                 ("recall_target", "query_chunk", "across_hosts"))
     return cls.build(keys, info)
