@@ -119,15 +119,27 @@ def _rows(outputs: dict, labels: np.ndarray, mask: np.ndarray, temperatures, sec
       seconds=seconds)
 
 
+def _local_rows(tree: Any) -> Any:
+  """This process's rows of batch-sharded global arrays (its devices' shards, in order)."""
+  def local(x):
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+  return jax.tree_util.tree_map(local, tree)
+
+
 def run_pass(forward: Forward, variables: Any, batches: Iterable[dict], mesh: Mesh, *,
              desc: str = "inference", total_batches: int | None = None,
-             progress: bool = True) -> Iterator[Rows]:
+             progress: bool = True, local: bool = False) -> Iterator[Rows]:
   """Applies ``forward`` to every batch; yields the real (mask True) rows of each, in order.
+
+  Every process gets every row of the global batches, unless ``local``: then each process gets
+  only the rows of its own batches (a host-sharded memory's build: no host holds them all).
 
   One batch stays in flight while the previous one is copied to the host, so the device does not
   wait for the transfer. ``Rows.seconds`` is the time the pass spent since it last yielded
   (reading, forward, transfer): the consumer's own work between batches is not counted.
   """
+  fetch = _local_rows if local and jax.process_count() > 1 else mesh_lib.to_host
   pending = None
   clock = time.perf_counter()
   for batch in _progress(batches, total_batches, desc, progress):
@@ -138,16 +150,16 @@ def run_pass(forward: Forward, variables: Any, batches: Iterable[dict], mesh: Me
       raise ValueError(f"batch mask has shape {mask.shape} but labels have {labels.shape}")
     inputs, device_labels = mesh_lib.shard_batch((batch["inputs"], labels), mesh)
     outputs = forward(variables, inputs, device_labels)
-    if jax.process_count() > 1:  # every process gets every row of the global batch
+    if jax.process_count() > 1 and not local:  # every process gets every row of the batch
       labels, mask = mesh_lib.to_host((device_labels, mesh_lib.shard_batch(mask, mesh)))
     if pending is not None:
-      rows = _rows(mesh_lib.to_host(pending[0]), *pending[1:], forward.temperatures,
+      rows = _rows(fetch(pending[0]), *pending[1:], forward.temperatures,
                    time.perf_counter() - clock)
       yield rows
       clock = time.perf_counter()
     pending = (outputs, labels, np.asarray(mask, bool))
   if pending is not None:
-    yield _rows(mesh_lib.to_host(pending[0]), *pending[1:], forward.temperatures,
+    yield _rows(fetch(pending[0]), *pending[1:], forward.temperatures,
                 time.perf_counter() - clock)
 
 

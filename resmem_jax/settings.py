@@ -163,6 +163,9 @@ class ResMemSettings:
   timing_repeats: int = _f(3, "prediction-cost figure: fastest of this many timed test passes")
   tune_recall: Optional[float] = _f(None, "partitioned scann: tune its query settings on "
                                     "validation to this recall@k against exact search")
+  memory_across_hosts: bool = _f(False, "several hosts: each process keeps and indexes only the "
+                                 "training rows it embedded (for memories one host cannot hold)"
+                                 "; queries ask every host and merge the k nearest")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,6 +100,23 @@ def test_two_processes_of_two_devices_equal_one_of_four(tmp_path):
   for a, b in zip(lines(tmp_path / "one"), lines(tmp_path / "two")):
     assert a.keys() == b.keys() and all(np.isclose(a[k], b[k], rtol=1e-5) for k in a)
 
+  # The memory split across the two hosts (each indexes the rows it embedded), on the same model:
+  # the same figures as the one-host memory of the 1 x 4 run; a rerun reuses both parts.
+  sharded_flags = FLAGS + ("--config.resmem.memory_across_hosts=True",)
+  for attempt in range(2):
+    _wait(_launch("experiments.resmem", tmp_path / "two", 2, 2, *sharded_flags))
+    split = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert split["memory"]["reused"] == bool(attempt)
+    for head in ("base", "resmem"):
+      for key, value in one[head].items():
+        assert split[head][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (head, key)
+    assert split["memory"]["size"] == 1293
+    assert split["comparison"] == one["comparison"]
+  from resmem_jax import memory as memory_lib
+  parts = [memory_lib.load_memory(tmp_path / "two" / "memory" / "index" / f"process_{i}")
+           for i in range(2)]
+  assert sum(part.size for part in parts) == 1293 and all(part.size < 1293 for part in parts)
+
 
 def test_a_killed_process_ends_the_other_and_a_rerun_resumes(tmp_path):
   flags = FLAGS + ("--config.train.num_epochs=20", "--config.train.checkpoint_every_steps=40",

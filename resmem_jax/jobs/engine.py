@@ -85,12 +85,14 @@ class Passes:
   def forward(self, **kwargs) -> inference.Forward:
     return inference.make_forward(self.model.apply_fn, self.mesh, **kwargs)
 
-  def rows(self, split: str, forward: inference.Forward) -> Iterator[inference.Rows]:
+  def rows(self, split: str, forward: inference.Forward,
+           local: bool = False) -> Iterator[inference.Rows]:
+    """The split's rows, all of them on every process (or, ``local``, this process's own)."""
     batches = self.dataset.eval_batches(split, self.batch_size)
     examples = self.dataset.num_examples(split)  # None: an iterable of unknown length
     total = None if examples is None else -(-examples // self.batch_size)
     return inference.run_pass(forward, self.model.variables, batches, self.mesh, desc=split,
-                              total_batches=total, progress=self.progress)
+                              total_batches=total, progress=self.progress, local=local)
 
 
 def chunk_rows(num_classes: int, low: int = 256, high: int = 65536) -> int:
@@ -194,6 +196,8 @@ def memory_signature(settings: settings_lib.Settings, model_digest: str) -> dict
           "k_grid", "sigma_grid", "sigma_relative", "temperature_grid", "select_by", "base_mix",
           "base_mix_grid", "memorize_if_p_below", "knnlm", "knn_lambda", "knn_lambda_grid",
           "max_validation_rows", "tune_recall")}),
+      # A memory split across hosts is one part per process: reusable by as many processes only.
+      "memory_hosts": jax.process_count() if settings.resmem.memory_across_hosts else 1,
   }
 
 
@@ -205,22 +209,33 @@ def _memory(settings, passes: Passes, workdir: pathlib.Path):
   """
   mem_dir = workdir / MEMORY_DIR
   signature = memory_signature(settings, passes.model.digest)
-  saved = _saved_memory(mem_dir, signature)
+  saved = _saved_memory(mem_dir, signature, _across_hosts(settings.resmem))
   if saved is not None:
     log.info("memory: reusing %s (%s rows, its settings and model unchanged)", mem_dir,
              f"{saved[0].size:,}")
     return (*saved, True)
   memory, choice, tuning = build_and_select(settings.resmem, passes, settings.data.name)
-  if jax.process_index() == 0:
+  if _across_hosts(settings.resmem):
+    memory.save(mem_dir / "index")  # every process its own part, index/process_I
+  elif jax.process_index() == 0:
     memory.save(mem_dir / "index")
+  if jax.process_index() == 0:
     jsonio.write_json_atomic(mem_dir / STATE_FILE, {
         "signature": signature, "choice": dataclasses.asdict(choice), "tuning": tuning})
   return memory, choice, tuning, False
 
 
-def _saved_memory(mem_dir: pathlib.Path, signature: dict):
-  """(memory, choice, tuning) saved for ``signature``, or None (missing, other, unreadable)."""
+def _across_hosts(r: settings_lib.ResMemSettings) -> bool:
+  return r.memory_across_hosts and jax.process_count() > 1
+
+
+def _saved_memory(mem_dir: pathlib.Path, signature: dict, across_hosts: bool):
+  """(memory, choice, tuning) saved for ``signature``, or None (missing, other, unreadable).
+
+  Every process decides alike (the decision is shared when the memory is split across hosts, as
+  each process reads its own part)."""
   from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  from resmem_jax.memory import hosts  # pylint: disable=g-import-not-at-top
   state_path, index_path = mem_dir / STATE_FILE, mem_dir / "index"
   if not state_path.exists() or not index_path.exists():
     return None
@@ -229,9 +244,17 @@ def _saved_memory(mem_dir: pathlib.Path, signature: dict):
     if state["signature"] != signature:
       return None
     choice = Choice(**state["choice"])
-    memory = memory_lib.load_memory(index_path)
+    if across_hosts:
+      local = memory_lib.load_memory(index_path / f"process_{jax.process_index()}")
+      if not hosts.all_processes_agree(True):
+        return None
+      memory = hosts.HostShardedMemory(local)
+    else:
+      memory = memory_lib.load_memory(index_path)
     return memory, choice, state.get("tuning")
   except (OSError, ValueError, KeyError, TypeError) as err:
+    if across_hosts and not hosts.all_processes_agree(False):
+      return None
     if jax.process_index() == 0:
       aside = mem_dir.with_name(f"{mem_dir.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
       mem_dir.rename(aside)
@@ -244,11 +267,13 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
   """The memory at the chosen temperature, the choice, and the ScaNN query tuning (or None)."""
   from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
   from resmem_jax.memory import store as store_lib  # pylint: disable=g-import-not-at-top
+  from resmem_jax.memory import hosts  # pylint: disable=g-import-not-at-top
   temperatures = _temperatures(r)
   start = time.perf_counter()
+  across_hosts = _across_hosts(r)
   train = inference.concatenate(list(passes.rows("train", passes.forward(
       with_logits=False, temperatures=temperatures, residual_format=r.residual_format,
-      top_m=r.top_m))))
+      top_m=r.top_m), local=across_hosts)))
   dim = train.embeddings.shape[1]
   num_classes = passes.model.num_classes
   stores = {t: store_lib.store_from_arrays(arrays, r.residual_format, num_classes, r.top_m)
@@ -256,15 +281,20 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
   metadata = {"dataset": dataset_name, "checkpoint_step": passes.model.step,
               "model_digest": passes.model.digest}
   options = memory_lib.parse_backend_options(r.backend_options)
+  if across_hosts and r.backend == "approx":
+    options.setdefault("across_hosts", False)  # each host's part on its own devices
   memory = memory_lib.memory_from_store(train.embeddings, stores[temperatures[0]], r.backend,
                                         labels=train.labels, metadata=metadata, **options)
+  if across_hosts:  # this process's rows only; searches ask every host
+    memory = hosts.HostShardedMemory(memory)
   del train
   log.info("memory: %s rows of dimension %d (%s, %s residuals) in %.1f s", f"{memory.size:,}", dim,
            r.backend, r.residual_format, time.perf_counter() - start)
   start = time.perf_counter()
 
   if settings_lib.needs_validation(r):
-    choice, validation_queries = select_on_validation(r, passes, memory, stores)
+    by_temperature = {t: memory.with_store(store) for t, store in stores.items()}
+    choice, validation_queries = select_on_validation(r, passes, memory, by_temperature)
   else:
     choice, validation_queries = fixed_choice(r), None
   memory = memory.with_store(stores[choice.resmem["temperature"]],
@@ -311,8 +341,10 @@ def sigma_scale(nearest_distances: np.ndarray) -> float:
   return scale
 
 
-def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory, stores: dict):
-  """Streams the validation rows through the selection sweep.
+def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
+                         by_temperature: dict):
+  """Streams the validation rows through the selection sweep (``by_temperature``: the memory with
+  each temperature's residuals).
 
   Returns the choice and the first chunk's embeddings (the queries ScaNN's settings are tuned on).
   """
@@ -358,8 +390,8 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
     else:
       distances, ids = memory.search(chunk.embeddings, k_max)
     sweep.add(distances, ids, chunk.logits, chunk.labels,
-              lambda t, nb: stores[t].rows(nb),
-              neighbour_labels=None if lambda_grid is None else memory.labels[ids])
+              lambda t, nb: by_temperature[t].residual_rows(nb),
+              neighbour_labels=None if lambda_grid is None else memory.labels_of(ids))
   if sweep is None:
     raise ValueError("the validation split produced no rows")
   resmem_points, knn_points = sweep.points()
@@ -460,7 +492,7 @@ def predict_rows(memory, choice: Choice, chunk: inference.Rows):
     knn = choice.knnlm
     kk = int(knn["k"])
     knn_pred = _knnlm(_base_prediction(chunk.logits, np.float32(knn["temperature"])),
-                      distances[:, :kk], np.float32(knn["sigma"]), memory.labels[ids[:, :kk]],
+                      distances[:, :kk], np.float32(knn["sigma"]), memory.labels_of(ids[:, :kk]),
                       np.float32(knn["lambda"]))
   return base_1, resmem_pred, resmem_prob, knn_pred
 

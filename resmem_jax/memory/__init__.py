@@ -122,6 +122,12 @@ class Memory:
     """What each key memorizes (class or next token), int32 ``[n]``, or None."""
     return self._labels
 
+  def labels_of(self, ids) -> np.ndarray:
+    """What memory rows ``ids`` memorize (int32), for memories built with labels."""
+    if self._labels is None:
+      raise ValueError("this memory was built without labels")
+    return self._labels[checks.row_ids(ids, self.size)]
+
   def bytes_per_example(self) -> dict:
     """Stored bytes per example: ``{"keys": ..., "residuals": ...}`` (+ ``"labels"``)."""
     out = {"keys": float(self._keys.itemsize * self.dim),

@@ -38,6 +38,11 @@ def _gather(array: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(array), tiled=False))
 
 
+def all_processes_agree(flag: bool) -> bool:
+  """Collective: True when ``flag`` is True on every process."""
+  return bool(_gather(np.array([bool(flag)], np.int32)).min())
+
+
 class HostShardedMemory:
   """One memory whose rows are split across processes (see the module docstring)."""
 
@@ -73,6 +78,19 @@ class HostShardedMemory:
   @property
   def backend(self) -> str:
     return self.local.backend
+
+  @property
+  def backend_options(self) -> dict:
+    return self.local.backend_options
+
+  def with_store(self, store, metadata=None) -> HostShardedMemory:
+    """Collective: the same keys with this process's rows of another residual store."""
+    return HostShardedMemory(self.local.with_store(store, metadata))
+
+  def tune_search(self, queries, k: int, target_recall: float = 0.99, **grids) -> dict:
+    """Tunes this host's index on ``queries`` (recall@k of its own part against exact search
+    over its own rows); each host keeps its own setting."""
+    return self.local.tune_search(queries, min(k, self.local.size), target_recall, **grids)
 
   def _same_everywhere(self, what: str, array: np.ndarray) -> None:
     """Refuses a collective call whose input differs between processes (it would hang or mix)."""
