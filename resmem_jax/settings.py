@@ -148,10 +148,11 @@ class ResMemSettings:
                                  "r, 0)) + mix * p_base (None: mix chosen on validation log loss)")
   base_mix_grid: tuple[float, ...] = _f((0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
                                         "candidate mixes (1: the base model itself)")
-  memorize_if_p_below: Optional[float] = _f(0.05, "keep the memory only when the chosen point's "
-                                             "validation gain on select_by over the base model "
-                                             "has a one-sided p-value below this (1: any gain; "
-                                             "None: always memorize)")
+  memorize_if_p_below: Optional[float] = _f(0.05, "keep the memory only when choosing on one "
+                                             "half of validation beats the base model on the "
+                                             "other half (select_by, both ways) with a one-sided"
+                                             " p-value below this (1: any gain; None: always "
+                                             "memorize)")
   knnlm: bool = _f(False, "also report kNN-LM (the neighbours' labels mixed into p)")
   knn_lambda: Optional[float] = _f(None, "kNN-LM mixture weight (None: chosen on validation)")
   knn_lambda_grid: tuple[float, ...] = _f((0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),

@@ -322,3 +322,57 @@ def test_paired_comparison_matches_its_definition():
   assert same["test_accuracy_gain"] == 0 and same["p_value"] == 1.0 and same["ci95"] == [0, 0]
   with pytest.raises(ValueError, match="1-D"):
     metrics.paired_comparison(base, base[:10])
+
+
+def test_held_out_p_value_chooses_on_one_fold_and_tests_on_the_other():
+  """Folds are alternate validation rows (whatever the chunking); each fold's points and base
+  scores are those of its rows alone, and the gate's p-value is the larger of the two held-out
+  tests of the point chosen on the other fold."""
+  rng = np.random.default_rng(0)
+  train_labels, val_logits, val_labels, d, ids, stores = _sweep_problem(rng)
+  c = val_logits.shape[1]
+  rows = lambda t, nb: (stores[t][nb], None)
+  grids = dict(k_grid=(1, 3, 5), sigma_grid=(0.05, 0.5, 5.0), temperature_grid=tuple(stores),
+               num_classes=c, mix_grid=(0.0, 0.3, 1.0))
+  sweep = selection.SelectionSweep(**grids, max_elements=64)
+  sweep.add(d[:7], ids[:7], val_logits[:7], val_labels[:7], rows)  # an odd chunk: folds continue
+  sweep.add(d[7:], ids[7:], val_logits[7:], val_labels[7:], rows)
+  assert sweep.fold_counts.tolist() == [7, 6]
+  p_values = []
+  for fold, other in ((0, 1), (1, 0)):
+    alone = selection.SelectionSweep(**grids)
+    alone.add(d[fold::2], ids[fold::2], val_logits[fold::2], val_labels[fold::2], rows)
+    for a, b in zip(sweep.points(fold)[0], alone.points()[0]):
+      assert (a.k, a.sigma, a.temperature, a.base_mix) == (b.k, b.sigma, b.temperature, b.base_mix)
+      assert a.squared_loss == pytest.approx(b.squared_loss, rel=1e-5)
+      assert a.diff_squares == pytest.approx(b.diff_squares, rel=1e-4, abs=1e-7)
+    assert sweep.base_scores(fold) == pytest.approx(alone.base_scores(), rel=1e-5)
+    chosen = selection.best(alone.points()[0], "squared_loss")
+    tested = selection.SelectionSweep(**{**grids, "k_grid": (chosen.k,),
+                                         "sigma_grid": (chosen.sigma,),
+                                         "temperature_grid": (chosen.temperature,),
+                                         "mix_grid": (chosen.base_mix,)})
+    tested.add(d[other::2], ids[other::2], val_logits[other::2], val_labels[other::2], rows)
+    p_values.append(selection.gain_p_value(tested.points()[0][0], tested.base_scores(),
+                                           "squared_loss", int(sweep.fold_counts[other])))
+  assert sweep.held_out_p_value("squared_loss") == pytest.approx(max(p_values), rel=1e-4)
+
+
+def test_held_out_gate_declines_pure_noise_that_the_in_sample_test_would_keep():
+  """Residuals of pure noise: the best of a large grid looks significant on the rows it was
+  chosen on, but not on held-out rows."""
+  rng = np.random.default_rng(3)
+  n, c, q = 400, 4, 2000
+  train_labels = rng.integers(0, c, n)
+  val_labels = rng.integers(0, c, q)
+  val_logits = rng.normal(size=(q, c)).astype(np.float32)
+  stores = {1.0: (np.eye(c)[train_labels] - 0.25).astype(np.float32)}
+  ids = np.stack([rng.permutation(n)[:16] for _ in range(q)])  # neighbours unrelated to labels
+  d = np.sort(rng.random((q, 16)), axis=1).astype(np.float32)
+  sweep = selection.SelectionSweep(k_grid=(1, 2, 4, 8, 16), sigma_grid=(0.01, 0.1, 1.0, 10.0),
+                                   temperature_grid=(1.0,), num_classes=c,
+                                   mix_grid=(0.0, 0.5, 1.0))
+  sweep.add(d, ids, val_logits, val_labels, lambda t, nb: (stores[t][nb], None))
+  chosen = selection.best(sweep.points()[0], "accuracy")
+  assert selection.gain_p_value(chosen, sweep.base_scores(), "accuracy", sweep.count) < 0.05
+  assert sweep.held_out_p_value("accuracy") > 0.05

@@ -14,8 +14,12 @@ gives each grid point its lowest validation log loss.
 Criteria (``best(points, by)``): ``squared_loss`` (lowest; a proper scoring rule that varies
 smoothly with the grid, less noisy than 0-1 accuracy), ``accuracy`` (highest; ties: lower log
 loss) or ``log_loss`` (lowest). Remaining ties go to the smaller k (cheaper queries).
-:func:`gain_p_value` says how significantly a chosen point beats the base model itself on the
-criterion; where it does not, the engine declines to memorize and ResMem is the base model.
+:func:`gain_p_value` says how significantly a point beats the base model itself on the criterion.
+The p-value of the *chosen* point on the rows it was chosen on is optimistic (the best of many grid
+points looks better than it is), so :meth:`SelectionSweep.held_out_p_value` splits the validation
+rows into two folds (alternate rows), chooses on one and tests the choice on the other, both ways,
+and keeps the larger p-value. Where that is not significant the engine declines to memorize and
+ResMem is the base model.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ from resmem_jax.core import metrics
 from resmem_jax.core import predictor
 
 CRITERIA = ("squared_loss", "accuracy", "log_loss")
+# The rule that decides whether to memorize, in words; part of a saved choice's key, so a saved
+# choice made under another rule is made again.
+GATE_RULE = "choose on one half of validation (alternate rows), test on the other, both ways, max p"
 _SUMS = ("hit", "squared_loss", "log_loss")
 
 
@@ -58,10 +65,12 @@ def _row_sums(pred, labels, mask):
 @functools.partial(jax.jit, static_argnames=("k_grid", "num_classes"))
 def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_labels,
                  temperature, sigmas, mixes, lambdas, *, k_grid, num_classes):
-  """Sums over the chunk's rows. ResMem ``[len(k_grid), S, 2 * (2 + M)]``: hits and squared loss
-  of p + r, the log loss of the probability output at each base mix, then the same values' squared
-  differences from the base model's; kNN-LM (when ``lambdas`` is given) ``[len(k_grid), S, L, 3]``:
-  hits, squared loss, log loss."""
+  """Sums over the chunk's rows, per fold (``mask`` ``[2, q]``: each fold's real rows). ResMem
+  ``[len(k_grid), S, 2, 2 * (2 + M)]``: hits and squared loss of p + r, the log loss of the
+  probability output at each base mix, then the same values' squared differences from the base
+  model's; kNN-LM (when ``lambdas`` is given) ``[len(k_grid), S, L, 3]`` over both folds: hits,
+  squared loss, log loss."""
+  both = mask.sum(axis=0)
   base = predictor.base_prediction(logits, temperature)
   base_1 = predictor.base_prediction(logits, 1.0)
   base_rows = metrics.per_row(base_1, labels)
@@ -80,13 +89,12 @@ def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_lab
       # Per-row differences from the base model, squared: their spread tests a gain's significance.
       base_values = jnp.stack([base_rows["hit"], base_rows["squared_loss"]]
                               + [base_rows["log_loss"]] * row_log_losses.shape[0])
-      resmem = jnp.concatenate([jnp.sum(values * mask, axis=1),
-                                jnp.sum((values - base_values) ** 2 * mask, axis=1)])
+      resmem = jnp.concatenate([values @ mask.T, ((values - base_values) ** 2) @ mask.T]).T
       if lambdas is None:
         return resmem, jnp.zeros((0, 3))
       p_knn = predictor.knn_distribution(w, neighbour_labels[:, :k], num_classes)
       knn = jax.vmap(lambda lam: _row_sums(predictor.knnlm_mixture(p_knn, base, lam),
-                                           labels, mask))(lambdas)
+                                           labels, both))(lambdas)
       return resmem, knn
 
     resmem, knn = jax.vmap(per_sigma)(sigmas)
@@ -97,7 +105,9 @@ def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_lab
 
 @jax.jit
 def _base_sums(logits, labels, mask):
-  return _row_sums(predictor.base_prediction(logits, 1.0), labels, mask)
+  """The base model's sums per fold, ``[2, 3]``."""
+  base = predictor.base_prediction(logits, 1.0)
+  return jax.vmap(lambda m: _row_sums(base, labels, m))(mask)
 
 
 def _check_grid(name: str, values, high: float | None = None) -> tuple:
@@ -136,9 +146,11 @@ class SelectionSweep:
     self.num_classes = int(num_classes)
     self.max_elements = int(max_elements)
     shape = (len(self.temperature_grid), len(self.k_grid), len(self.sigma_grid))
-    self._resmem = np.zeros(shape + (2 * (2 + len(self.mix_grid)),))
+    # Sums per fold: validation row i belongs to fold i % 2 (see held_out_p_value).
+    self._resmem = np.zeros(shape + (2, 2 * (2 + len(self.mix_grid))))
     self._knn = np.zeros(shape + (len(self.lambda_grid or ()), 3))
-    self._base = np.zeros(3)
+    self._base = np.zeros((2, 3))
+    self.fold_counts = np.zeros(2, np.int64)
     self.count = 0
 
   @property
@@ -187,7 +199,8 @@ class SelectionSweep:
         values, columns = neighbour_rows(temperature, ids[rows])
         pad = lambda x: None if x is None else _pad(np.asarray(x), chunk)
         nb_labels = None if lambdas is None else pad(np.asarray(neighbour_labels)[rows, :self.k_max])
-        mask = pad(np.ones(rows.stop - rows.start, np.float32))
+        fold = (self.count + np.arange(rows.start, rows.stop)) % 2
+        mask = np.stack([pad((fold == f).astype(np.float32)) for f in (0, 1)])
         resmem, knn = _score_chunk(
             pad(distances[rows]), pad(np.asarray(values, np.float32)),
             None if columns is None else pad(np.asarray(columns, np.int32)),
@@ -198,33 +211,70 @@ class SelectionSweep:
           self._knn[t_index] += np.asarray(knn, np.float64)
         if t_index == 0:
           self._base += np.asarray(_base_sums(pad(logits[rows]), pad(labels[rows]), mask))
+    self.fold_counts += np.bincount((self.count + np.arange(q)) % 2, minlength=2)
     self.count += q
 
-  def points(self) -> tuple[list[GridPoint], list[GridPoint]]:
-    """(ResMem points, kNN-LM points) with mean scores; kNN-LM's list is empty without lambdas."""
+  def _folds(self, fold: int | None) -> tuple[slice | int, int]:
+    if fold is None:
+      return slice(None), self.count
+    return fold, int(self.fold_counts[fold])
+
+  def _point(self, ti: int, ki: int, si: int, fold: int | None, mix: int | None = None):
+    """The ResMem grid point on ``fold`` (None: all rows), at base mix index ``mix`` (None: the
+    one with the lowest log loss on those rows)."""
+    where, count = self._folds(fold)
+    sums, squares = np.split(np.sum(np.atleast_2d(self._resmem[ti, ki, si, where]), axis=0)
+                             / max(count, 1), 2)
+    hits, squared, *log_losses = sums
+    if mix is None:
+      mix = int(np.argmin(log_losses))  # ties: the first, i.e. the least base
+    diff_squares = (float(squares[0]), float(squares[1]), float(squares[2 + mix]))
+    return GridPoint(self.k_grid[ki], self.sigma_grid[si], self.temperature_grid[ti],
+                     float(hits), float(squared), float(log_losses[mix]),
+                     base_mix=self.mix_grid[mix], diff_squares=diff_squares)
+
+  def points(self, fold: int | None = None) -> tuple[list[GridPoint], list[GridPoint]]:
+    """(ResMem points, kNN-LM points) with mean scores over all rows (or one fold's, ResMem
+    only); kNN-LM's list is empty without lambdas."""
     if self.count == 0:
       raise ValueError("the validation sweep saw no rows")
     resmem, knn = [], []
     for ti, t in enumerate(self.temperature_grid):
       for ki, k in enumerate(self.k_grid):
         for si, s in enumerate(self.sigma_grid):
-          sums, squares = np.split(self._resmem[ti, ki, si] / self.count, 2)
-          hits, squared, *log_losses = sums
-          mix = int(np.argmin(log_losses))  # ties: the first, i.e. the least base
-          diff_squares = (float(squares[0]), float(squares[1]), float(squares[2 + mix]))
-          resmem.append(GridPoint(k, s, t, float(hits), float(squared), float(log_losses[mix]),
-                                  base_mix=self.mix_grid[mix], diff_squares=diff_squares))
-          for li, lam in enumerate(self.lambda_grid or ()):
+          resmem.append(self._point(ti, ki, si, fold))
+          for li, lam in enumerate(self.lambda_grid or () if fold is None else ()):
             knn.append(GridPoint(k, s, t, *(self._knn[ti, ki, si, li] / self.count),
                                  knn_lambda=lam))
     return resmem, knn
 
-  def base_scores(self) -> dict:
-    """The base model's (T = 1) validation accuracy, squared loss and log loss."""
+  def base_scores(self, fold: int | None = None) -> dict:
+    """The base model's (T = 1) validation accuracy, squared loss and log loss (all rows or one
+    fold's)."""
     if self.count == 0:
       raise ValueError("the validation sweep saw no rows")
-    hit, squared, log_loss = self._base / self.count
+    where, count = self._folds(fold)
+    hit, squared, log_loss = np.sum(np.atleast_2d(self._base[where]), axis=0) / max(count, 1)
     return {"accuracy": float(hit), "squared_loss": float(squared), "log_loss": float(log_loss)}
+
+  def held_out_p_value(self, by: str = "squared_loss") -> float:
+    """How significantly choosing by ``by`` beats the base model on rows it was not chosen on.
+
+    The point chosen on one fold is tested on the other (:func:`gain_p_value`), both ways; the
+    larger p-value is returned (each is valid on its own, so their maximum is too). 1 when a fold
+    is empty.
+    """
+    if min(self.fold_counts) == 0:
+      return 1.0
+    p_values = []
+    for chosen_on, tested_on in ((0, 1), (1, 0)):
+      chosen = best(self.points(chosen_on)[0], by)
+      index = (self.temperature_grid.index(chosen.temperature), self.k_grid.index(chosen.k),
+               self.sigma_grid.index(chosen.sigma))
+      held = self._point(*index, tested_on, mix=self.mix_grid.index(chosen.base_mix))
+      p_values.append(gain_p_value(held, self.base_scores(tested_on), by,
+                                   int(self.fold_counts[tested_on])))
+    return max(p_values)
 
 
 def _check_mixes(values) -> tuple:

@@ -196,6 +196,7 @@ def memory_signature(settings: settings_lib.Settings, model_digest: str) -> dict
           "k_grid", "sigma_grid", "sigma_relative", "temperature_grid", "select_by", "base_mix",
           "base_mix_grid", "memorize_if_p_below", "knnlm", "knn_lambda", "knn_lambda_grid",
           "max_validation_rows", "tune_recall")}),
+      "gate_rule": selection.GATE_RULE,
       # A memory split across hosts is one part per process: reusable by as many processes only.
       "memory_hosts": jax.process_count() if settings.resmem.memory_across_hosts else 1,
   }
@@ -303,7 +304,7 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
   chosen = (f"k={res['k']} sigma={res['sigma']:.4g} T={res['temperature']:g}"
             + (f" base_mix={res['base_mix']:g}" if res.get("base_mix") is not None else ""))
   if not res.get("memorize", True):
-    chosen = (f"declined to memorize (the best point's validation gain on {r.select_by} has "
+    chosen = (f"declined to memorize (the held-out validation gain on {r.select_by} has "
               f"p = {res['validation_gain_p_value']:.2g})")
   how = (f"chosen on {choice.validation_rows:,} validation rows" if choice.validation_rows
          else "fixed in the config")
@@ -397,9 +398,10 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
   resmem_points, knn_points = sweep.points()
   best = selection.best(resmem_points, r.select_by)
   fixed = r.k is not None and r.sigma is not None and r.temperature is not None
-  # Never worse than the base, as a method: unless the chosen point beats the base model on
-  # validation significantly, ResMem declines to memorize and is the base model.
-  p_value = selection.gain_p_value(best, sweep.base_scores(), r.select_by, sweep.count)
+  # Never worse than the base, as a method: unless choosing on validation beats the base model
+  # significantly on validation rows the choice was not made on, ResMem declines to memorize
+  # and is the base model.
+  p_value = sweep.held_out_p_value(r.select_by)
   memorize = fixed or r.memorize_if_p_below is None or p_value < r.memorize_if_p_below
   chosen = {"k": best.k, "sigma": best.sigma, "temperature": best.temperature,
             "base_mix": best.base_mix, "memorize": bool(memorize),

@@ -36,9 +36,9 @@ def format_table(results: dict) -> str:
                  + f" ({hp['chosen_on']}, by validation {hp['select_by']})")
   else:
     p = hp.get("validation_gain_p_value")
-    lines.append(f"ResMem declined to memorize: the best (k, sigma, T) did not beat the base model "
-                 f"significantly on validation {hp['select_by']}"
-                 + (f" (p = {p:.2g})" if p is not None else "") + ", so ResMem is the base model")
+    lines.append(f"ResMem declined to memorize: (k, sigma, T) chosen on half of validation did "
+                 f"not beat the base model significantly on the other half ({hp['select_by']}"
+                 + (f", p = {p:.2g}" if p is not None else "") + "), so ResMem is the base model")
   for key, name in (("comparison", "ResMem"), ("comparison_knnlm", "kNN-LM")):
     if key in results:
       lines.append(format_comparison(results[key], name))
