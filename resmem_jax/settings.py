@@ -151,8 +151,8 @@ class ResMemSettings:
   memorize_if_p_below: Optional[float] = _f(0.05, "keep the memory only when choosing on one "
                                              "half of validation beats the base model on the "
                                              "other half (select_by, both ways) with a one-sided"
-                                             " p-value below this (1: any gain; None: always "
-                                             "memorize)")
+                                             " p-value at most this (1 or None: always "
+                                             "memorize, the paper's rule)")
   knnlm: bool = _f(False, "also report kNN-LM (the neighbours' labels mixed into p)")
   knn_lambda: Optional[float] = _f(None, "kNN-LM mixture weight (None: chosen on validation)")
   knn_lambda_grid: tuple[float, ...] = _f((0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),

@@ -251,6 +251,11 @@ def test_declines_to_memorize_when_nothing_beats_the_base(digits_run):
   assert results["comparison"]["test_accuracy_gain"] == 0 and results["comparison"]["p_value"] == 1
   assert results["timing"]["resmem_query_and_combine_seconds"] == 0
   assert "declined to memorize" in report.format_table(results)
+  # memorize_if_p_below=1 is the paper's rule: memorize whatever validation says.
+  always = engine.run(_digits(select_by="log_loss", base_mix_grid=(1.0,), memorize_if_p_below=1.0),
+                      workdir.parent / f"{workdir.name}_decline", progress=False)
+  assert always["hparams"]["memorize"] is True
+  assert always["hparams"]["validation_gain_p_value"] == 1.0
 
 
 def test_model_size_sweep_keeps_every_seed_and_plots_the_spread(tmp_path):

@@ -402,7 +402,7 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
   # significantly on validation rows the choice was not made on, ResMem declines to memorize
   # and is the base model.
   p_value = sweep.held_out_p_value(r.select_by)
-  memorize = fixed or r.memorize_if_p_below is None or p_value < r.memorize_if_p_below
+  memorize = fixed or r.memorize_if_p_below is None or p_value <= r.memorize_if_p_below
   chosen = {"k": best.k, "sigma": best.sigma, "temperature": best.temperature,
             "base_mix": best.base_mix, "memorize": bool(memorize),
             "validation_gain_p_value": p_value,
