@@ -326,8 +326,9 @@ def test_paired_comparison_matches_its_definition():
 
 def test_held_out_p_value_chooses_on_one_fold_and_tests_on_the_other():
   """Folds are alternate validation rows (whatever the chunking); each fold's points and base
-  scores are those of its rows alone, and the gate's p-value is the larger of the two held-out
-  tests of the point chosen on the other fold."""
+  scores are those of its rows alone, and the gate's p-value is a paired z-test over every row's
+  score under the point chosen on the other fold."""
+  from scipy import stats
   rng = np.random.default_rng(0)
   train_labels, val_logits, val_labels, d, ids, stores = _sweep_problem(rng)
   c = val_logits.shape[1]
@@ -338,7 +339,7 @@ def test_held_out_p_value_chooses_on_one_fold_and_tests_on_the_other():
   sweep.add(d[:7], ids[:7], val_logits[:7], val_labels[:7], rows)  # an odd chunk: folds continue
   sweep.add(d[7:], ids[7:], val_logits[7:], val_labels[7:], rows)
   assert sweep.fold_counts.tolist() == [7, 6]
-  p_values = []
+  gains, squares = [], []
   for fold, other in ((0, 1), (1, 0)):
     alone = selection.SelectionSweep(**grids)
     alone.add(d[fold::2], ids[fold::2], val_logits[fold::2], val_labels[fold::2], rows)
@@ -353,9 +354,13 @@ def test_held_out_p_value_chooses_on_one_fold_and_tests_on_the_other():
                                          "temperature_grid": (chosen.temperature,),
                                          "mix_grid": (chosen.base_mix,)})
     tested.add(d[other::2], ids[other::2], val_logits[other::2], val_labels[other::2], rows)
-    p_values.append(selection.gain_p_value(tested.points()[0][0], tested.base_scores(),
-                                           "squared_loss", int(sweep.fold_counts[other])))
-  assert sweep.held_out_p_value("squared_loss") == pytest.approx(max(p_values), rel=1e-4)
+    held, base = tested.points()[0][0], tested.base_scores()
+    share = sweep.fold_counts[other] / 13
+    gains.append(share * (base["squared_loss"] - held.squared_loss))
+    squares.append(share * held.diff_squares[1])
+  gain = sum(gains)  # cross-fitted: every row's held-out difference, one paired z-test
+  want = 1.0 if gain <= 0 else stats.norm.sf(gain / np.sqrt((sum(squares) - gain ** 2) / 13))
+  assert sweep.held_out_p_value("squared_loss") == pytest.approx(want, rel=1e-4)
 
 
 def test_held_out_gate_declines_pure_noise_that_the_in_sample_test_would_keep():

@@ -17,9 +17,9 @@ loss) or ``log_loss`` (lowest). Remaining ties go to the smaller k (cheaper quer
 :func:`gain_p_value` says how significantly a point beats the base model itself on the criterion.
 The p-value of the *chosen* point on the rows it was chosen on is optimistic (the best of many grid
 points looks better than it is), so :meth:`SelectionSweep.held_out_p_value` splits the validation
-rows into two folds (alternate rows), chooses on one and tests the choice on the other, both ways,
-and keeps the larger p-value. Where that is not significant the engine declines to memorize and
-ResMem is the base model.
+rows into two folds (alternate rows), chooses on each and scores the choice on the other, and tests
+the gain over the base model on those held-out scores of every row (cross-fitting). Where that is
+not significant the engine declines to memorize and ResMem is the base model.
 """
 from __future__ import annotations
 
@@ -35,9 +35,11 @@ from resmem_jax.core import metrics
 from resmem_jax.core import predictor
 
 CRITERIA = ("squared_loss", "accuracy", "log_loss")
+CRITERIA_COLUMN = {"accuracy": 0, "squared_loss": 1, "log_loss": 2}  # in GridPoint.diff_squares
 # The rule that decides whether to memorize, in words; part of a saved choice's key, so a saved
 # choice made under another rule is made again.
-GATE_RULE = "choose on one half of validation (alternate rows), test on the other, both ways, max p"
+GATE_RULE = ("cross-fitted: choose on one half of validation (alternate rows), score on the other, "
+             "both ways; one paired z-test on all held-out rows")
 _SUMS = ("hit", "squared_loss", "log_loss")
 
 
@@ -260,21 +262,27 @@ class SelectionSweep:
   def held_out_p_value(self, by: str = "squared_loss") -> float:
     """How significantly choosing by ``by`` beats the base model on rows it was not chosen on.
 
-    The point chosen on one fold is tested on the other (:func:`gain_p_value`), both ways; the
-    larger p-value is returned (each is valid on its own, so their maximum is too). 1 when a fold
-    is empty.
+    Cross-fitting: the point chosen on fold 0 is scored on fold 1's rows and the point chosen on
+    fold 1 on fold 0's, so every validation row gives one held-out difference from the base
+    model; the one-sided paired z-test of :func:`gain_p_value` runs on all of them. 1 when a fold
+    is empty or the held-out gain is not positive.
     """
     if min(self.fold_counts) == 0:
       return 1.0
-    p_values = []
+    if by not in CRITERIA:
+      raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
+    column = CRITERIA_COLUMN[by]
+    sign = 1.0 if by == "accuracy" else -1.0  # improvement per row: more hits, less loss
+    gain = squares = 0.0
     for chosen_on, tested_on in ((0, 1), (1, 0)):
       chosen = best(self.points(chosen_on)[0], by)
       index = (self.temperature_grid.index(chosen.temperature), self.k_grid.index(chosen.k),
                self.sigma_grid.index(chosen.sigma))
       held = self._point(*index, tested_on, mix=self.mix_grid.index(chosen.base_mix))
-      p_values.append(gain_p_value(held, self.base_scores(tested_on), by,
-                                   int(self.fold_counts[tested_on])))
-    return max(p_values)
+      share = self.fold_counts[tested_on] / self.count
+      gain += share * sign * (getattr(held, by) - self.base_scores(tested_on)[by])
+      squares += share * held.diff_squares[column]
+    return _paired_z_p_value(gain, squares, self.count)
 
 
 def _check_mixes(values) -> tuple:
@@ -304,20 +312,24 @@ def best(points: Sequence[GridPoint], by: str = "squared_loss") -> GridPoint:
   return min(points, key=keys[by])
 
 
+def _paired_z_p_value(gain: float, mean_square: float, rows: int) -> float:
+  """One-sided p-value of a mean per-row improvement ``gain`` whose per-row differences have mean
+  square ``mean_square`` (normal approximation; 1 when there is no improvement at all)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  if round(gain, 12) <= 0:
+    return 1.0
+  variance = max(mean_square - gain * gain, 0.0)
+  if variance == 0.0:
+    return 0.0
+  return float(stats.norm.sf(gain / np.sqrt(variance / rows)))
+
+
 def gain_p_value(point: GridPoint, base: dict, by: str, rows: int) -> float:
   """One-sided p-value that ``point`` beats the base model on criterion ``by`` over ``rows``
   validation rows: a paired z-test on the per-row differences (normal approximation; 1 when the
   point is not better at all)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
   if by not in CRITERIA:
     raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
-  column = {"accuracy": 0, "squared_loss": 1, "log_loss": 2}[by]
-  # Improvement per row: more hits, less loss.
-  sign = 1.0 if by == "accuracy" else -1.0
-  mean = sign * (getattr(point, by) - base[by])
-  if round(mean, 12) <= 0:
-    return 1.0
-  variance = max(point.diff_squares[column] - mean * mean, 0.0)
-  if variance == 0.0:
-    return 0.0
-  return float(stats.norm.sf(mean / np.sqrt(variance / rows)))
+  sign = 1.0 if by == "accuracy" else -1.0  # improvement per row: more hits, less loss
+  return _paired_z_p_value(sign * (getattr(point, by) - base[by]),
+                           point.diff_squares[CRITERIA_COLUMN[by]], rows)
