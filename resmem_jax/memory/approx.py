@@ -111,19 +111,9 @@ class ApproxIndex(index_lib.SearchIndex):
         del self._search_fns[next(iter(self._search_fns))]
       self._search_fns[key] = _make_search_fn(self.mesh, num_candidates, self.local_size,
                                               self.options["recall_target"])
-    search = self._search_fns[key]
-    replicated = mesh_lib.replicated(self.mesh)
-    put = lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i])
-    chunk = max(1, min(self.options["query_chunk"], MAX_SCORES_PER_CALL // self.local_size,
-                       queries.shape[0]))
-    out = np.empty((queries.shape[0], num_candidates), np.int32)
-    for start in range(0, queries.shape[0], chunk):
-      rows = min(chunk, queries.shape[0] - start)
-      part, weights = self._layout.queries(queries[start:start + chunk], chunk)
-      ids = search(put(part), put(weights), put(np.int32(self.size)), self._layout.keys,
-                   self._layout.sqnorms)
-      out[start:start + rows] = mesh_lib.to_host(ids)[:rows]
-    return out
+    chunk = max(1, min(self.options["query_chunk"], MAX_SCORES_PER_CALL // self.local_size))
+    return self._layout.search_in_chunks(self._search_fns[key], queries, chunk, num_candidates,
+                                         self.size)
 
   def extend(self, keys: np.ndarray) -> ApproxIndex:
     return ApproxIndex(keys, devices=list(self.mesh.devices.flat), search_fns=self._search_fns,

@@ -103,8 +103,8 @@ def _make_search_fn(mesh, num_candidates: int, block_size: int, local_size: int)
     score, index = sharded(queries, weights, num_keys, keys, key_sqnorms)
     # Merge the per-device top lists (the concatenation along axis 1) into one; lax.top_k keeps
     # the lower id among equal scores, as the scan does, so exact ties go to the lower id.
-    neg, keep = lax.top_k(-score, num_candidates)
-    return -neg, jnp.take_along_axis(index, keep, axis=1)
+    _, keep = lax.top_k(-score, num_candidates)
+    return jnp.take_along_axis(index, keep, axis=1)
 
   return search
 
@@ -132,6 +132,23 @@ class ShardedKeys:
     sharding = NamedSharding(mesh, P(mesh_lib.DATA_AXIS))
     put = lambda host: jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
     return cls(center, exponent, put(padded), put(sqnorms))
+
+  def search_in_chunks(self, search, queries: np.ndarray, chunk: int, num_candidates: int,
+                       size: int) -> np.ndarray:
+    """Candidate ids ``[q, num_candidates]`` from ``search(queries, weights, num_keys, keys,
+    sqnorms) -> ids`` called on fixed-size chunks of ``chunk`` queries (one compilation)."""
+    replicated = mesh_lib.replicated(self.keys.sharding.mesh)
+    # make_array_from_callback: on several hosts each process places its own devices' copies.
+    put = lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda i: x[i])
+    num_keys = put(np.int32(size))
+    chunk = max(1, min(chunk, queries.shape[0]))
+    out = np.empty((queries.shape[0], num_candidates), np.int32)
+    for start in range(0, queries.shape[0], chunk):
+      rows = min(chunk, queries.shape[0] - start)
+      part, weights = self.queries(queries[start:start + chunk], chunk)
+      ids = search(put(part), put(weights), num_keys, self.keys, self.sqnorms)
+      out[start:start + rows] = mesh_lib.to_host(ids)[:rows]
+    return out
 
   def queries(self, queries: np.ndarray, rows: int):
     """``(scaled queries, weights)`` for the score ``w |k|^2 - 2 q.k``, zero-padded to ``rows``."""
@@ -197,18 +214,8 @@ class ExactIndex(index_lib.SearchIndex):
       if len(self._search_fns) >= MAX_SEARCH_FNS:  # many edits: drop the oldest layout
         del self._search_fns[next(iter(self._search_fns))]
       self._search_fns[layout] = _make_search_fn(self.mesh, *layout)
-    search = self._search_fns[layout]
-    replicated = mesh_lib.replicated(self.mesh)
-    num_keys = jax.device_put(np.int32(self.size), replicated)
-    out = np.empty((queries.shape[0], num_candidates), np.int32)
-    chunk = min(self.query_chunk, max(1, queries.shape[0]))
-    for start in range(0, queries.shape[0], chunk):
-      rows = min(chunk, queries.shape[0] - start)
-      part, weights = self._layout.queries(queries[start:start + chunk], chunk)
-      _, index = search(jax.device_put(part, replicated), jax.device_put(weights, replicated),
-                        num_keys, self._layout.keys, self._layout.sqnorms)
-      out[start:start + rows] = np.asarray(index)[:rows]
-    return out
+    return self._layout.search_in_chunks(self._search_fns[layout], queries, self.query_chunk,
+                                         num_candidates, self.size)
 
   def extend(self, keys: np.ndarray) -> ExactIndex:
     return ExactIndex(keys, self.options["block_size"], self.query_chunk,
