@@ -393,7 +393,8 @@ def validate_values(settings: Settings) -> None:
   _choice("train.dtype", t.dtype, DTYPES)
   _positive("train.learning_rate", t.learning_rate)
   _require(0.0 <= t.momentum < 1.0, f"train.momentum must be in [0, 1), got {t.momentum}")
-  _require(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, f"train.b1 and train.b2 must be in [0, 1), got {t.b1} and {t.b2}")
+  _require(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0,
+           f"train.b1 and train.b2 must be in [0, 1), got {t.b1} and {t.b2}")
   _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
   _require(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
   _require(all(0 < b < 1 for b in t.step_boundaries),
