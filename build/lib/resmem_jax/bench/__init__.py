@@ -1,1 +1,0 @@
-"""Benchmarks behind the experiments/bench_*.py binaries (they print numbers; tests never time)."""
