@@ -58,6 +58,8 @@ def test_edit_save_load(tmp_path):
     ({"recall_target": 0}, "recall_target must be in"),
     ({"query_chunk": 0}, "query_chunk must be an integer >= 1"),
     ({"recal_target": 0.9}, "did you mean 'recall_target'"),
+    ({"devices": []}, "devices must be a non-empty list"),
+    ({"across_hosts": "yes"}, "across_hosts must be true or false"),
 ])
 def test_bad_options_are_named(options, message):
   with pytest.raises(ValueError, match=message):

@@ -52,7 +52,7 @@ def test_two_hosts_equal_one(tmp_path, backend, residual_format):
   assert sorted(os.listdir(tmp_path / "result_memory")) == ["process_0", "process_1"]
 
 
-def test_one_process_is_the_plain_memory():
+def test_one_process_is_the_plain_memory(tmp_path):
   rng = np.random.default_rng(0)
   keys = rng.normal(size=(300, 5)).astype(np.float32)
   residuals = rng.normal(size=(300, 3)).astype(np.float32)
@@ -64,3 +64,8 @@ def test_one_process_is_the_plain_memory():
     sharded.search(queries, 301)
   with pytest.raises(ValueError, match="built without labels"):
     sharded.labels_of(np.arange(3))
+  sharded.save(tmp_path / "m")
+  np.testing.assert_array_equal(hosts.HostShardedMemory.load(tmp_path / "m").search(queries, 4)[1],
+                                sharded.search(queries, 4)[1])
+  with pytest.raises(FileNotFoundError, match="load with the process count that saved it"):
+    hosts.HostShardedMemory.load(tmp_path / "nothing")

@@ -233,8 +233,7 @@ def _across_hosts(r: settings_lib.ResMemSettings) -> bool:
 def _saved_memory(mem_dir: pathlib.Path, signature: dict, across_hosts: bool):
   """(memory, choice, tuning) saved for ``signature``, or None (missing, other, unreadable).
 
-  Every process decides alike (the decision is shared when the memory is split across hosts, as
-  each process reads its own part)."""
+  Every process decides alike: a memory split across hosts loads (or fails) on all of them."""
   from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
   from resmem_jax.memory import hosts  # pylint: disable=g-import-not-at-top
   state_path, index_path = mem_dir / STATE_FILE, mem_dir / "index"
@@ -245,17 +244,10 @@ def _saved_memory(mem_dir: pathlib.Path, signature: dict, across_hosts: bool):
     if state["signature"] != signature:
       return None
     choice = Choice(**state["choice"])
-    if across_hosts:
-      local = memory_lib.load_memory(index_path / f"process_{jax.process_index()}")
-      if not hosts.all_processes_agree(True):
-        return None
-      memory = hosts.HostShardedMemory(local)
-    else:
-      memory = memory_lib.load_memory(index_path)
+    memory = (hosts.HostShardedMemory.load(index_path) if across_hosts
+              else memory_lib.load_memory(index_path))
     return memory, choice, state.get("tuning")
   except (OSError, ValueError, KeyError, TypeError) as err:
-    if across_hosts and not hosts.all_processes_agree(False):
-      return None
     if jax.process_index() == 0:
       aside = mem_dir.with_name(f"{mem_dir.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
       mem_dir.rename(aside)

@@ -95,7 +95,7 @@ class ApproxIndex(index_lib.SearchIndex):
         raise ValueError(f"approx option across_hosts must be true or false, got {value!r}")
       checked["across_hosts"] = flags[key]
     if "devices" in options:
-      checked["devices"] = options["devices"]
+      checked["devices"] = index_lib.devices_option("approx", options["devices"])
     return checked
 
   @classmethod
@@ -105,15 +105,12 @@ class ApproxIndex(index_lib.SearchIndex):
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
     """Distinct ids ``[q, min(k + RERANK_MARGIN, size)]`` (approximately the nearest)."""
     num_candidates = min(k + RERANK_MARGIN, self.size)
-    key = (num_candidates, self.local_size)
-    if key not in self._search_fns:
-      if len(self._search_fns) >= MAX_SEARCH_FNS:  # many edits: drop the oldest layout
-        del self._search_fns[next(iter(self._search_fns))]
-      self._search_fns[key] = _make_search_fn(self.mesh, num_candidates, self.local_size,
-                                              self.options["recall_target"])
+    search = index_lib.bounded_put(
+        self._search_fns, (num_candidates, self.local_size),
+        lambda: _make_search_fn(self.mesh, num_candidates, self.local_size,
+                                self.options["recall_target"]), MAX_SEARCH_FNS)
     chunk = max(1, min(self.options["query_chunk"], MAX_SCORES_PER_CALL // self.local_size))
-    return self._layout.search_in_chunks(self._search_fns[key], queries, chunk, num_candidates,
-                                         self.size)
+    return self._layout.search_in_chunks(search, queries, chunk, num_candidates, self.size)
 
   def extend(self, keys: np.ndarray) -> ApproxIndex:
     return ApproxIndex(keys, devices=list(self.mesh.devices.flat), search_fns=self._search_fns,

@@ -195,11 +195,7 @@ class ExactIndex(index_lib.SearchIndex):
       if name in options:
         checked[name] = index_lib.integer_option("exact", name, options[name], 1)
     if "devices" in options:
-      devices = options["devices"]
-      if devices is not None and (isinstance(devices, str) or not hasattr(devices, "__len__")
-                                  or len(devices) == 0):
-        raise ValueError(f"exact option devices must be a non-empty list of devices, got {devices!r}")
-      checked["devices"] = devices
+      checked["devices"] = index_lib.devices_option("exact", options["devices"])
     return checked
 
   @classmethod
@@ -210,12 +206,10 @@ class ExactIndex(index_lib.SearchIndex):
     """Distinct ids ``[q, min(k + RERANK_MARGIN, size)]`` of the nearest keys by the expansion."""
     num_candidates = min(k + RERANK_MARGIN, self.size)
     layout = (num_candidates, self.block_size, self.local_size)
-    if layout not in self._search_fns:
-      if len(self._search_fns) >= MAX_SEARCH_FNS:  # many edits: drop the oldest layout
-        del self._search_fns[next(iter(self._search_fns))]
-      self._search_fns[layout] = _make_search_fn(self.mesh, *layout)
-    return self._layout.search_in_chunks(self._search_fns[layout], queries, self.query_chunk,
-                                         num_candidates, self.size)
+    search = index_lib.bounded_put(self._search_fns, layout,
+                                   lambda: _make_search_fn(self.mesh, *layout), MAX_SEARCH_FNS)
+    return self._layout.search_in_chunks(search, queries, self.query_chunk, num_candidates,
+                                         self.size)
 
   def extend(self, keys: np.ndarray) -> ExactIndex:
     return ExactIndex(keys, self.options["block_size"], self.query_chunk,

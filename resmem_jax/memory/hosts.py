@@ -54,8 +54,7 @@ class HostShardedMemory:
       raise ValueError(f"host memories disagree on (dim, outputs): {shapes[:, 1:].tolist()} by "
                        "process; every process must embed with the same model and label set")
     self.sizes = shapes[:, 0]
-    self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-    self.offset = int(self.offsets[jax.process_index()])
+    self.offset = int(self.sizes[:jax.process_index()].sum())  # rows of the processes before
     if self.sizes.sum() >= np.iinfo(np.int32).max:
       raise ValueError(f"{int(self.sizes.sum()):,} rows do not fit the int32 row ids")
 
@@ -159,13 +158,24 @@ class HostShardedMemory:
 
   @classmethod
   def load(cls, path) -> HostShardedMemory:
-    """Collective: every process opens its own ``path/process_I``."""
+    """Collective: every process opens its own ``path/process_I``. If any process cannot, every
+    process raises (none is left waiting for the others)."""
     from resmem_jax.memory import load_memory  # pylint: disable=g-import-not-at-top
     part = os.path.join(os.fspath(path), f"process_{jax.process_index()}")
-    if not os.path.isdir(part):
-      raise FileNotFoundError(f"no host memory part {part}: was it saved by {jax.process_count()} "
-                              "processes? (load with the process count that saved it)")
-    return cls(load_memory(part))
+    local = error = None
+    try:
+      if not os.path.isdir(part):
+        raise FileNotFoundError(f"no host memory part {part}: was it saved by "
+                                f"{jax.process_count()} processes? (load with the process count "
+                                "that saved it)")
+      local = load_memory(part)
+    except (OSError, ValueError) as err:
+      error = err
+    if not all_processes_agree(error is None):
+      if error is not None:
+        raise error
+      raise ValueError(f"another process could not load its part of the host memory in {path}")
+    return cls(local)
 
   def __repr__(self):
     return (f"HostShardedMemory(size={self.size}, sizes={self.sizes.tolist()}, dim={self.dim}, "

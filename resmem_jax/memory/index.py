@@ -66,6 +66,25 @@ def integer_option(backend: str, name: str, value, minimum: int) -> int:
   return int(value)
 
 
+def devices_option(backend: str, devices):
+  """``devices`` (a non-empty list of JAX devices, or None for the backend's default), or
+  ValueError."""
+  if devices is not None and (isinstance(devices, str) or not hasattr(devices, "__len__")
+                              or len(devices) == 0):
+    raise ValueError(f"{backend} option devices must be a non-empty list of devices, got {devices!r}")
+  return devices
+
+
+def bounded_put(cache: dict, key, make, limit: int):
+  """``cache[key]``, made by ``make()`` when missing; beyond ``limit`` entries the oldest goes
+  (an index family's compiled searches: each layout compiles its own)."""
+  if key not in cache:
+    if len(cache) >= limit:
+      del cache[next(iter(cache))]
+    cache[key] = make()
+  return cache[key]
+
+
 class SearchIndex(abc.ABC):
   """Candidate nearest neighbours over float32 keys ``[n, d]`` (row i is key id i).
 
