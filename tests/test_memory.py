@@ -60,6 +60,27 @@ def test_search_and_estimate_match_numpy_and_sklearn(backend):
   np.testing.assert_allclose(_estimate(memory, queries, k, sigma), sk.predict(queries), atol=1e-5)
 
 
+@pytest.mark.parametrize("options", [
+    {},  # this platform's defaults (CPU: tiles of 128 queries, 2 calls in flight)
+    {"block_size": 192, "query_chunk": 16, "query_tile": 4, "calls_in_flight": 3},  # many blocks
+    {"block_size": 1000, "query_chunk": 70, "query_tile": 70, "calls_in_flight": 1},
+    {"block_size": 7, "query_chunk": 5, "query_tile": 2, "calls_in_flight": 2},  # tiny blocks
+])
+def test_exact_settings_do_not_change_results(options):
+  """Blocks, query chunks and tiles, and calls in flight only change how the work is cut: the
+  neighbours are NumPy's, exact ties (duplicated keys) going to the lower id."""
+  rng = np.random.default_rng(5)
+  keys = rng.integers(-2, 3, size=(1100, 6)).astype(np.float32)  # many duplicate keys
+  queries = rng.integers(-2, 3, size=(70, 6)).astype(np.float32)
+  dist = np.sqrt(((queries[:, None, :].astype(np.float64) - keys[None]) ** 2).sum(-1))
+  order = np.argsort(dist, axis=1, kind="stable")[:, :12]
+  memory = build_memory(keys, np.zeros((1100, 1), np.float32), **options)
+  got_d, got_i = memory.search(queries, 12)
+  np.testing.assert_array_equal(got_i, order)
+  np.testing.assert_allclose(got_d, np.take_along_axis(dist, order, axis=1), atol=1e-6)
+  assert memory.backend_options == options  # only the options given are recorded
+
+
 @pytest.mark.parametrize("backend", ["exact", "scann"])
 @pytest.mark.parametrize("fmt", ["dense", "bfloat16", "sparse"])
 def test_memorization(backend, fmt):

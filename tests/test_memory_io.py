@@ -61,7 +61,7 @@ def test_round_trip_without_labels(tmp_path):
   memory.save(tmp_path / "mem")
   loaded = load_memory(tmp_path / "mem")
   assert loaded.labels is None and not (tmp_path / "mem" / "labels.npy").exists()
-  assert loaded.backend_options == {"block_size": 7, "query_chunk": 1024}
+  assert loaded.backend_options == {"block_size": 7}  # only what was given is saved
 
 
 def test_truncated_and_corrupt_files(tmp_path):

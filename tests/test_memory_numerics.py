@@ -156,9 +156,10 @@ def test_duplicate_keys(setting):
   assert np.all(distances[:, 40] > distances[:, 39])
 
 
-@pytest.mark.parametrize("width,count", [(1024, 5), (1024, 8), (4096, 40), (1000, 5), (256, 3)])
+@pytest.mark.parametrize("width,count", [(1024, 5), (1024, 8), (4096, 40), (1000, 5), (256, 3),
+                                         (14336, 18)])
 def test_two_stage_selection_equals_top_k(width, count):
-  """The grouped selection of the exact backend returns what one lax.top_k returns, ties (to the
+  """The multi-stage selection of the exact backend returns what one lax.top_k returns, ties (to the
   lower position) and infinities included."""
   import jax.numpy as jnp
   from jax import lax
@@ -167,7 +168,7 @@ def test_two_stage_selection_equals_top_k(width, count):
   score = rng.integers(0, 50, size=(64, width)).astype(np.float32)  # many exact ties
   score[:, -100:] = np.inf  # padding
   score[0] = 7.0  # a row of one value: the lowest positions win
-  values, positions = exact._block_smallest(jnp.asarray(score), count)
+  values, positions = exact._smallest(jnp.asarray(score), count)
   neg, want = lax.top_k(-jnp.asarray(score), count)
   np.testing.assert_array_equal(np.asarray(positions), np.asarray(want))
   np.testing.assert_array_equal(np.asarray(values), -np.asarray(neg))

@@ -14,6 +14,8 @@ expansion.
 """
 from __future__ import annotations
 
+from concurrent import futures
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,69 +33,86 @@ RERANK_MARGIN = 8
 MAX_SEARCH_FNS = 32
 
 
-# Keys per group of the two-stage selection (see _block_smallest).
-SELECT_GROUP = 128
+# Group sizes of the multi-stage selection (see _smallest): groups of 64 keys, then groups of 8
+# among the chosen groups' members.
+SELECT_GROUPS = (64, 8)
 
 
-def _block_smallest(score, count: int):
-  """``(values, positions)`` of the ``count`` smallest entries of each row of ``score [q, b]``.
+def _smallest(score, count: int, groups=SELECT_GROUPS):
+  """``(values, positions)`` of the ``count`` smallest entries of each row of ``score [q, w]``.
 
-  Exact, in two stages: the k smallest entries lie in at most k groups of SELECT_GROUP
-  consecutive entries, and those groups are among the k groups with the smallest minima. So a
-  cheap min over each group, a top-k over the group minima and a top-k over the k chosen groups
-  replace one top-k over the whole row, which on CPU cost more than the matmul (at 100k keys,
-  1,024 queries: 287 ms against 34 ms here). Equal entries still go to the lower position.
+  Exact, in stages: the k smallest entries lie in at most k groups of ``groups[0]`` consecutive
+  entries, and those groups are among the k groups with the smallest minima. So a cheap min per
+  group, a top-k over the group minima and a selection among the chosen groups' members (again by
+  groups, ``groups[1:]``) replace one top-k over the whole row: on CPU ``lax.top_k`` runs on one
+  core at about 4 ns per entry, more than the matmul that made the scores. Equal entries still go
+  to the lower position.
   """
-  num_queries, width = score.shape
-  groups = width // SELECT_GROUP
-  if width % SELECT_GROUP or groups <= count:
-    neg, pos = lax.top_k(-score, count)
-    return -neg, pos
-  grouped = score.reshape(num_queries, groups, SELECT_GROUP)
+  num_rows, width = score.shape
+  if not groups or width % groups[0] or width // groups[0] <= count:
+    neg, positions = lax.top_k(-score, count)
+    return -neg, positions
+  size = groups[0]
+  grouped = score.reshape(num_rows, width // size, size)
   _, chosen = lax.top_k(-grouped.min(axis=-1), count)
-  chosen = jnp.sort(chosen, axis=1)  # ascending groups: ties keep going to the lower position
-  members = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(num_queries, -1)
-  neg, within = lax.top_k(-members, count)
-  group = jnp.take_along_axis(chosen, within // SELECT_GROUP, axis=1)
-  return -neg, group * SELECT_GROUP + within % SELECT_GROUP
+  chosen = jnp.sort(chosen, axis=1)  # ascending: members stay in position order (ties: lower)
+  members = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(num_rows, -1)
+  positions = (chosen[:, :, None] * size + jnp.arange(size, dtype=chosen.dtype)).reshape(num_rows, -1)
+  values, within = _smallest(members, count, groups[1:])
+  return values, jnp.take_along_axis(positions, within, axis=1)
 
 
 def _local_topk(queries, weights, num_keys, keys, key_sqnorms, num_candidates, block_size,
-                index_offset):
-  """Running top-k over one device's keys [blocks*block_size, d] -> (scores, indices)."""
-  num_queries = queries.shape[0]
+                index_offset, query_tile):
+  """Top-k over one device's keys ``[blocks * block_size, d]`` -> (scores, indices) ``[q, c]``.
+
+  Queries go ``query_tile`` at a time (``lax.map``) so that a tile's scores against one key block
+  stay in cache; each block's own top list is kept and the lists are merged once at the end."""
   blocks = keys.reshape(-1, block_size, keys.shape[-1])
   norms = key_sqnorms.reshape(-1, block_size)
   starts = index_offset + jnp.arange(blocks.shape[0], dtype=jnp.int32) * block_size
   per_block = min(num_candidates, block_size)
 
-  def step(carry, block):
-    best_score, best_index = carry
-    block_keys, block_norms, start = block
-    dots = jnp.dot(queries, block_keys.T, precision=lax.Precision.HIGHEST)
-    score = weights[:, None] * block_norms[None, :] - 2.0 * dots
-    ids = start + jnp.arange(block_size, dtype=jnp.int32)
-    score = jnp.where(ids[None, :] < num_keys, score, jnp.inf)  # padding is never a neighbour
-    block_score, pos = _block_smallest(score, per_block)
-    merged_score = jnp.concatenate([best_score, block_score], axis=1)
-    merged_index = jnp.concatenate([best_index, pos.astype(jnp.int32) + start], axis=1)
-    neg_best, keep = lax.top_k(-merged_score, num_candidates)
-    return (-neg_best, jnp.take_along_axis(merged_index, keep, axis=1)), None
+  def tile_topk(tile):
+    tile_queries, tile_weights = tile
 
-  init = (jnp.full((num_queries, num_candidates), jnp.inf, jnp.float32),
-          jnp.full((num_queries, num_candidates), -1, jnp.int32))
-  (best_score, best_index), _ = lax.scan(step, init, (blocks, norms, starts))
-  return best_score, best_index
+    def step(_, block):
+      block_keys, block_norms, start = block
+      dots = jnp.dot(tile_queries, block_keys.T, precision=lax.Precision.HIGHEST)
+      score = tile_weights[:, None] * block_norms[None, :] - 2.0 * dots
+      ids = start + jnp.arange(block_size, dtype=jnp.int32)
+      score = jnp.where(ids[None, :] < num_keys, score, jnp.inf)  # padding is never a neighbour
+      values, positions = _smallest(score, per_block)
+      return None, (values, positions.astype(jnp.int32) + start)
+
+    _, (values, ids) = lax.scan(step, None, (blocks, norms, starts))
+    # [blocks, tile, per_block] -> [tile, blocks * per_block], blocks in ascending id order, so
+    # lax.top_k (lower index among equal scores) keeps sending ties to the lower id.
+    rows = tile_queries.shape[0]
+    values = jnp.moveaxis(values, 0, 1).reshape(rows, -1)
+    ids = jnp.moveaxis(ids, 0, 1).reshape(rows, -1)
+    if values.shape[1] < num_candidates:  # fewer local keys than candidates: pad the list
+      pad = num_candidates - values.shape[1]
+      values = jnp.pad(values, ((0, 0), (0, pad)), constant_values=jnp.inf)
+      ids = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    neg, keep = lax.top_k(-values, num_candidates)
+    return -neg, jnp.take_along_axis(ids, keep, axis=1)
+
+  dim = queries.shape[-1]
+  values, ids = lax.map(tile_topk, (queries.reshape(-1, query_tile, dim),
+                                    weights.reshape(-1, query_tile)))
+  return values.reshape(-1, num_candidates), ids.reshape(-1, num_candidates)
 
 
-def _make_search_fn(mesh, num_candidates: int, block_size: int, local_size: int):
-  """Jitted candidates search for a mesh, candidate count and key layout."""
+def _make_search_fn(mesh, num_candidates: int, block_size: int, local_size: int,
+                    query_tile: int):
+  """Jitted candidates search for a mesh, candidate count, key layout and query tile."""
   axis = mesh_lib.DATA_AXIS
 
   def per_device(queries, weights, num_keys, keys, key_sqnorms):
     offset = lax.axis_index(axis).astype(jnp.int32) * local_size
     return _local_topk(queries, weights, num_keys, keys, key_sqnorms, num_candidates, block_size,
-                       offset)
+                       offset, query_tile)
 
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(axis), P(axis)),
                           out_specs=(P(None, axis), P(None, axis)), check_vma=False)
@@ -102,7 +121,7 @@ def _make_search_fn(mesh, num_candidates: int, block_size: int, local_size: int)
   def search(queries, weights, num_keys, keys, key_sqnorms):
     score, index = sharded(queries, weights, num_keys, keys, key_sqnorms)
     # Merge the per-device top lists (the concatenation along axis 1) into one; lax.top_k keeps
-    # the lower id among equal scores, as the scan does, so exact ties go to the lower id.
+    # the lower id among equal scores, as each device does, so exact ties go to the lower id.
     _, keep = lax.top_k(-score, num_candidates)
     return jnp.take_along_axis(index, keep, axis=1)
 
@@ -134,20 +153,35 @@ class ShardedKeys:
     return cls(center, exponent, put(padded), put(sqnorms))
 
   def search_in_chunks(self, search, queries: np.ndarray, chunk: int, num_candidates: int,
-                       size: int) -> np.ndarray:
+                       size: int, calls_in_flight: int = 1, multiple: int = 1) -> np.ndarray:
     """Candidate ids ``[q, num_candidates]`` from ``search(queries, weights, num_keys, keys,
-    sqnorms) -> ids`` called on fixed-size chunks of ``chunk`` queries (one compilation)."""
+    sqnorms) -> ids`` called on fixed-size chunks of ``chunk`` queries (one compilation; a chunk
+    is rounded up to a ``multiple`` of rows), up to ``calls_in_flight`` at once from a thread pool.
+
+    Only a search over this process's own devices may have several calls in flight: a search
+    whose collectives span hosts must be called in the same order on every process."""
     replicated = mesh_lib.replicated(self.keys.sharding.mesh)
     # make_array_from_callback: on several hosts each process places its own devices' copies.
     put = lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda i: x[i])
     num_keys = put(np.int32(size))
     chunk = max(1, min(chunk, queries.shape[0]))
+    chunk = -(-chunk // multiple) * multiple
     out = np.empty((queries.shape[0], num_candidates), np.int32)
-    for start in range(0, queries.shape[0], chunk):
+
+    def run(start):
       rows = min(chunk, queries.shape[0] - start)
       part, weights = self.queries(queries[start:start + chunk], chunk)
       ids = search(put(part), put(weights), num_keys, self.keys, self.sqnorms)
       out[start:start + rows] = mesh_lib.to_host(ids)[:rows]
+
+    starts = range(0, queries.shape[0], chunk)
+    if calls_in_flight > 1 and len(starts) > 1:
+      with futures.ThreadPoolExecutor(min(calls_in_flight, len(starts))) as pool:
+        for done in pool.map(run, starts):  # re-raises a failed call's error here
+          del done
+    else:
+      for start in starts:
+        run(start)
     return out
 
   def queries(self, queries: np.ndarray, rows: int):
@@ -160,30 +194,57 @@ class ShardedKeys:
     return part, weights
 
 
+# Defaults by the platform of the index's devices. On CPU (measured on 2 cores, BUILD_NOTES.md
+# "exact on CPU"): tiles of 128 queries against 16k keys keep each tile's scores (8 MB) in cache,
+# and a second call in flight overlaps one call's single-core lax.top_k with the other's matmul.
+# Accelerators keep the large blocks they were built with and one call at a time.
+CPU_DEFAULTS = {"block_size": 16384, "query_chunk": 1024, "query_tile": 128, "calls_in_flight": 2}
+ACCELERATOR_DEFAULTS = {"block_size": 8192, "query_chunk": 1024, "query_tile": 1024,
+                        "calls_in_flight": 1}
+
+
+def _balanced_block(per_shard: int, block_size: int) -> int:
+  """The block size for ``per_shard`` keys: at most ``block_size`` (rounded up to whole selection
+  groups), with as few blocks as that allows and as little padding as those blocks allow."""
+  blocks = -(-per_shard // max(1, min(block_size, per_shard)))
+  block = -(-per_shard // blocks)
+  group = SELECT_GROUPS[0]
+  return mesh_lib.pad_to_multiple(block, group) if block > group else block
+
+
 class ExactIndex(index_lib.SearchIndex):
   """Brute-force index over float32 keys, sharded over the local devices.
 
-  Options:
-    block_size: keys scanned per step on each device (default 8192).
-    query_chunk: queries per jitted call (bounded memory: query_chunk x block_size floats;
-      default 1024).
+  Options (unset ones take :data:`CPU_DEFAULTS` or :data:`ACCELERATOR_DEFAULTS`, by the devices'
+  platform; only the options given are saved, so a memory built on CPU and loaded on a GPU gets
+  the GPU's defaults):
+    block_size: keys scored per step on each device, at most (blocks are balanced so that the
+      keys are padded little, and rounded up to whole selection groups).
+    query_chunk: queries per jitted call.
+    query_tile: queries scored together against one key block within a call (memory:
+      query_tile x block_size floats); a chunk is rounded up to whole tiles.
+    calls_in_flight: jitted calls running at once (threads).
     devices: devices to shard keys over (default: all local devices; not saved).
   """
 
-  OPTION_NAMES = ("block_size", "query_chunk", "devices")
+  OPTION_NAMES = ("block_size", "query_chunk", "query_tile", "calls_in_flight", "devices")
+  _SAVED = ("block_size", "query_chunk", "query_tile", "calls_in_flight")
 
-  def __init__(self, keys: np.ndarray, block_size: int = 8192, query_chunk: int = 1024,
-               devices=None, search_fns: dict | None = None):
+  def __init__(self, keys: np.ndarray, devices=None, search_fns: dict | None = None, **options):
     self.mesh = mesh_lib.data_mesh(list(devices) if devices is not None else jax.local_devices())
     self.num_shards = mesh_lib.num_data_shards(self.mesh)
-    self.options = {"block_size": int(block_size), "query_chunk": int(query_chunk)}
-    self.query_chunk = int(query_chunk)
-    # Jitted searches by (candidates, block size, local size); an extended index on the same
-    # mesh inherits them, so editing the memory does not recompile an unchanged layout.
+    self.options = {name: int(options[name]) for name in self._SAVED if name in options}
+    platform = self.mesh.devices.flat[0].platform
+    settings = {**(CPU_DEFAULTS if platform == "cpu" else ACCELERATOR_DEFAULTS), **self.options}
+    self.query_chunk = settings["query_chunk"]
+    self.query_tile = settings["query_tile"]
+    self.calls_in_flight = settings["calls_in_flight"]
+    # Jitted searches by (candidates, block size, local size, tile); an extended index on the
+    # same mesh inherits them, so editing the memory does not recompile an unchanged layout.
     self._search_fns = {} if search_fns is None else search_fns
     self.size = keys.shape[0]
     per_shard = -(-self.size // self.num_shards)
-    self.block_size = max(1, min(int(block_size), per_shard))
+    self.block_size = _balanced_block(per_shard, settings["block_size"])
     self.local_size = mesh_lib.pad_to_multiple(per_shard, self.block_size)
     self._layout = ShardedKeys.place(keys, self.mesh, self.local_size)
 
@@ -191,7 +252,7 @@ class ExactIndex(index_lib.SearchIndex):
   def check_options(cls, options: dict) -> dict:
     index_lib.check_option_names("exact backend options", options, cls.OPTION_NAMES)
     checked = {}
-    for name in ("block_size", "query_chunk"):
+    for name in cls._SAVED:
       if name in options:
         checked[name] = index_lib.integer_option("exact", name, options[name], 1)
     if "devices" in options:
@@ -205,15 +266,17 @@ class ExactIndex(index_lib.SearchIndex):
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
     """Distinct ids ``[q, min(k + RERANK_MARGIN, size)]`` of the nearest keys by the expansion."""
     num_candidates = min(k + RERANK_MARGIN, self.size)
-    layout = (num_candidates, self.block_size, self.local_size)
+    tile = max(1, min(self.query_tile, self.query_chunk, queries.shape[0]))
+    layout = (num_candidates, self.block_size, self.local_size, tile)
     search = index_lib.bounded_put(self._search_fns, layout,
                                    lambda: _make_search_fn(self.mesh, *layout), MAX_SEARCH_FNS)
     return self._layout.search_in_chunks(search, queries, self.query_chunk, num_candidates,
-                                         self.size)
+                                         self.size, calls_in_flight=self.calls_in_flight,
+                                         multiple=tile)
 
   def extend(self, keys: np.ndarray) -> ExactIndex:
-    return ExactIndex(keys, self.options["block_size"], self.query_chunk,
-                      devices=list(self.mesh.devices.flat), search_fns=self._search_fns)
+    return ExactIndex(keys, devices=list(self.mesh.devices.flat), search_fns=self._search_fns,
+                      **self.options)
 
   def save(self, directory: str) -> dict:
     del directory  # rebuilt from the keys on load: nothing to write
@@ -222,7 +285,7 @@ class ExactIndex(index_lib.SearchIndex):
   @classmethod
   def load(cls, directory: str, keys: np.ndarray, info: dict) -> ExactIndex:
     del directory
-    index_lib.check_option_names("exact index info", info, ("block_size", "query_chunk"))
+    index_lib.check_option_names("exact index info", info, cls._SAVED)
     return cls.build(keys, info)
 
 
