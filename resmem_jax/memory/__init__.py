@@ -280,7 +280,7 @@ def build_memory(keys, residuals, backend: str = "exact", residual_format: str =
     metadata: JSON-serialisable dict (e.g. the producing model's config and step), saved in the
       manifest.
     **backend_options: the backend's ``OPTION_NAMES`` (``exact``: block_size, query_chunk,
-      devices; ``scann``: see :data:`resmem_jax.memory.scann.OPTION_NAMES`).
+      query_tile, calls_in_flight, devices; ``scann``: see :data:`resmem_jax.memory.scann.OPTION_NAMES`).
   """
   index_cls = index_lib.index_class(backend)
   index_lib.check_choice("residual_format", residual_format, FORMATS)

@@ -98,6 +98,8 @@ def _local_topk(queries, weights, num_keys, keys, key_sqnorms, num_candidates, b
     neg, keep = lax.top_k(-values, num_candidates)
     return -neg, jnp.take_along_axis(ids, keep, axis=1)
 
+  if queries.shape[0] == query_tile:  # one tile: no loop to compile
+    return tile_topk((queries, weights))
   dim = queries.shape[-1]
   values, ids = lax.map(tile_topk, (queries.reshape(-1, query_tile, dim),
                                     weights.reshape(-1, query_tile)))
