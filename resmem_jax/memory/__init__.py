@@ -105,7 +105,8 @@ class Memory:
 
   @property
   def backend_options(self) -> dict:
-    """The index's resolved options (JSON-ready; tuned query settings included), a copy."""
+    """The index's saved options (JSON-ready; tuned query settings included; ``exact`` records
+    only those given, its defaults following the devices), a copy."""
     return dict(self._index.options)
 
   @property
@@ -280,7 +281,8 @@ def build_memory(keys, residuals, backend: str = "exact", residual_format: str =
     metadata: JSON-serialisable dict (e.g. the producing model's config and step), saved in the
       manifest.
     **backend_options: the backend's ``OPTION_NAMES`` (``exact``: block_size, query_chunk,
-      query_tile, calls_in_flight, devices; ``scann``: see :data:`resmem_jax.memory.scann.OPTION_NAMES`).
+      query_tile, calls_in_flight, devices; ``scann``: see
+      :data:`resmem_jax.memory.scann.OPTION_NAMES`).
   """
   index_cls = index_lib.index_class(backend)
   index_lib.check_choice("residual_format", residual_format, FORMATS)

@@ -158,11 +158,11 @@ class ShardedKeys:
                        size: int, calls_in_flight: int = 1, multiple: int = 1) -> np.ndarray:
     """Candidate ids ``[q, num_candidates]`` from ``search(queries, weights, num_keys, keys,
     sqnorms) -> ids`` called on fixed-size chunks of ``chunk`` queries (one compilation; a chunk
-    is rounded up to a ``multiple`` of rows), up to ``calls_in_flight`` at once from a thread pool.
-
-    Only a search over this process's own devices may have several calls in flight: a search
-    whose collectives span hosts must be called in the same order on every process."""
-    replicated = mesh_lib.replicated(self.keys.sharding.mesh)
+    is rounded up to a ``multiple`` of rows), up to ``calls_in_flight`` at once from a thread pool
+    when the keys lie on this process's devices alone (a search whose collectives span hosts
+    must be called in the same order on every process, so it runs one call at a time)."""
+    mesh = self.keys.sharding.mesh
+    replicated = mesh_lib.replicated(mesh)
     # make_array_from_callback: on several hosts each process places its own devices' copies.
     put = lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda i: x[i])
     num_keys = put(np.int32(size))
@@ -177,10 +177,10 @@ class ShardedKeys:
       out[start:start + rows] = mesh_lib.to_host(ids)[:rows]
 
     starts = range(0, queries.shape[0], chunk)
-    if calls_in_flight > 1 and len(starts) > 1:
+    process_local = all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    if calls_in_flight > 1 and len(starts) > 1 and process_local:
       with futures.ThreadPoolExecutor(min(calls_in_flight, len(starts))) as pool:
-        for done in pool.map(run, starts):  # re-raises a failed call's error here
-          del done
+        list(pool.map(run, starts))  # re-raises a failed call's error here
     else:
       for start in starts:
         run(start)
@@ -196,8 +196,8 @@ class ShardedKeys:
     return part, weights
 
 
-# Defaults by the platform of the index's devices. On CPU (measured on 2 cores, BUILD_NOTES.md
-# "exact on CPU"): tiles of 128 queries against 16k keys keep each tile's scores (8 MB) in cache,
+# Defaults by the platform of the index's devices. On CPU (measured on 2 cores, BUILD_NOTES.md,
+# issue 12, "CPU `exact`, session 5"): tiles of 128 queries against 16k keys keep each tile's scores (8 MB) in cache,
 # and a second call in flight overlaps one call's single-core lax.top_k with the other's matmul.
 # Accelerators keep the large blocks they were built with and one call at a time.
 CPU_DEFAULTS = {"block_size": 16384, "query_chunk": 1024, "query_tile": 128, "calls_in_flight": 2}

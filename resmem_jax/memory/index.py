@@ -97,7 +97,7 @@ class SearchIndex(abc.ABC):
   REQUIRES: ClassVar[tuple[str, str] | None] = None
 
   size: int  # keys indexed
-  options: dict  # resolved build options, JSON-ready (saved in the manifest)
+  options: dict  # build options that define the index, JSON-ready (saved in the manifest)
 
   @classmethod
   @abc.abstractmethod
