@@ -1,6 +1,7 @@
 """Throughput of the training step: CIFAR ResNet-20, batch 128, SGD + momentum.
 
   python -m experiments.bench_train [--batch_size=128] [--dtypes=float32,bfloat16] [--steps=10]
+      [--compiler_options=tuned,xla_default]
 
 Prints images/s, the achieved FLOP/s and its fraction of a large float32 matmul's FLOP/s on the
 same machine (the practical hardware limit). FLOPs per step come from XLA's cost analysis of the
@@ -22,18 +23,23 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"],
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + warm-up step).")
 _CONV = flags.DEFINE_enum("conv_impl", "xla", ["xla", "im2col"],
                           "ResNet convolution implementation.")
+_OPTIONS = flags.DEFINE_list(
+    "compiler_options", ["tuned"],
+    "Compile the step as training does ('tuned': resmem_jax/compiler_options.py) and/or with "
+    "XLA's defaults ('xla_default'), one after the other.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "n for the n x n x n float32 matmul.")
 
 
 def main(argv):
   del argv
   for dtype in _DTYPES.value:
-    result = train_step.benchmark_train_step(
-        batch_size=_BATCH.value, depth=_DEPTH.value, dtype=dtype, steps=_STEPS.value,
-        matmul_size=_MATMUL.value, conv_impl=_CONV.value)
-    for key, value in result.items():
-      print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-    print()
+    for options in _OPTIONS.value:
+      result = train_step.benchmark_train_step(
+          batch_size=_BATCH.value, depth=_DEPTH.value, dtype=dtype, steps=_STEPS.value,
+          matmul_size=_MATMUL.value, conv_impl=_CONV.value, compiler_options=options)
+      for key, value in result.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+      print()
 
 
 if __name__ == "__main__":

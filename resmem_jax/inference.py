@@ -14,6 +14,7 @@ a vocabulary-sized residual row never reaches the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -69,16 +70,17 @@ class Forward:
 
 def make_forward(apply_fn: ApplyFn, mesh: Mesh, *, with_logits: bool = True,
                  temperatures: Sequence[float] = (), residual_format: str = "dense",
-                 top_m: int = 16) -> Forward:
+                 top_m: int = 16, compiler_options: dict | None = None) -> Forward:
   """Jitted ``(variables, inputs, labels) -> dict`` of batch-sharded outputs.
 
   Keys: ``embeddings``, ``logits`` (when ``with_logits``) and ``residuals`` (one dict of store
-  arrays per temperature, in the order given).
+  arrays per temperature, in the order given). ``compiler_options`` go to ``jax.jit``
+  (``resmem_jax/compiler_options.py``).
   """
   temperatures = tuple(float(t) for t in temperatures)
   batch_sharding = mesh_lib.batch_sharded(mesh)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options)
   def forward(variables, inputs, labels):
     logits, embeddings = apply_fn(variables, inputs)
     logits = logits.astype(jnp.float32)

@@ -13,12 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resmem_jax import compiler_options as compiler_options_lib
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
 from resmem_jax.settings import ModelSettings, TrainSettings
 from resmem_jax.training import optimizer
 from resmem_jax.training import state as state_lib
 from resmem_jax.training import steps as steps_lib
+
+
+COMPILER_OPTIONS = ("tuned", "xla_default")
 
 
 def forward_matmul_flops(fn: Callable, *args) -> int:
@@ -51,8 +55,14 @@ def forward_matmul_flops(fn: Callable, *args) -> int:
 
 def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "float32",
                          steps: int = 10, matmul_size: int = 2048,
-                         conv_impl: str = "xla") -> dict:
-  """Images/s and FLOP/s of the CIFAR ResNet training step on the default device(s)."""
+                         conv_impl: str = "xla", compiler_options: str = "tuned") -> dict:
+  """Images/s and FLOP/s of the CIFAR ResNet training step on the default device(s).
+
+  ``compiler_options``: "tuned" compiles the step as training does
+  (``compiler_options.for_model``), "xla_default" with XLA's defaults.
+  """
+  if compiler_options not in COMPILER_OPTIONS:
+    raise ValueError(f"compiler_options must be one of {COMPILER_OPTIONS}, got {compiler_options!r}")
   model = ModelSettings(name="cifar_resnet", depth=depth, width=1.0, conv_impl=conv_impl)
   module = models.build_model(model, 10, dtype=dtype)
   mesh = mesh_lib.data_mesh()
@@ -64,8 +74,10 @@ def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "f
   state = state_lib.init_state(module, tx, batch["inputs"][:1], 0, mesh)
   batch = mesh_lib.shard_batch(batch, mesh)
   replicated = mesh_lib.replicated(mesh)
+  options = compiler_options_lib.for_model(model.name, mesh) if compiler_options == "tuned" else None
   step = jax.jit(steps_lib.make_train_step(module, tx, 0.0, jax.random.key(0)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 compiler_options=options)
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -105,7 +117,7 @@ def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "f
   return {
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "model": f"cifar_resnet{depth}", "batch_size": batch_size, "dtype": dtype,
-      "conv_impl": module.conv_impl,
+      "conv_impl": module.conv_impl, "compiler_options": f"{compiler_options} {options or ''}",
       "step_ms": 1e3 * seconds, "images_per_s": batch_size / seconds,
       "xla_flops_per_step": xla_flops, "analytic_flops_per_step": analytic_flops,
       "achieved_tflops_xla": xla_flops / seconds / 1e12,

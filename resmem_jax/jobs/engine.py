@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from resmem_jax import compiler_options
 from resmem_jax import inference
 from resmem_jax import jsonio
 from resmem_jax import mesh as mesh_lib
@@ -58,6 +59,7 @@ class BaseModel:
   digest: str  # sha256 of the variables' content: what the memory is keyed by
   num_params: int
   num_classes: int
+  compiler_options: dict | None = None  # of its jitted forward pass (compiler_options.py)
 
 
 @dataclasses.dataclass
@@ -83,7 +85,8 @@ class Passes:
     self.progress = progress
 
   def forward(self, **kwargs) -> inference.Forward:
-    return inference.make_forward(self.model.apply_fn, self.mesh, **kwargs)
+    return inference.make_forward(self.model.apply_fn, self.mesh,
+                                  compiler_options=self.model.compiler_options, **kwargs)
 
   def rows(self, split: str, forward: inference.Forward,
            local: bool = False) -> Iterator[inference.Rows]:
@@ -128,7 +131,7 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   workdir = pathlib.Path(workdir)
   trained = training.train_model(settings, dataset, workdir, start_over=start_over,
                                  progress=progress)
-  model = _base_model(trained, info.num_classes)
+  model = _base_model(trained, info.num_classes, settings.model.name)
   passes = Passes(dataset, model, settings.resmem.eval_batch_size, progress)
 
   memory, choice, tuning, reused = _memory(settings, passes, workdir)
@@ -164,14 +167,16 @@ def _check_before_training(settings, dataset) -> None:
           "partitioned index, or unset resmem.tune_recall")
 
 
-def _base_model(trained, num_classes: int) -> BaseModel:
+def _base_model(trained, num_classes: int, model_name: str) -> BaseModel:
   from resmem_jax import models  # pylint: disable=g-import-not-at-top
   module = trained.module
+  mesh = mesh_lib.data_mesh()
   return BaseModel(apply_fn=lambda v, x: module.apply(v, x, train=False),
-                   variables=mesh_lib.replicate(trained.variables, mesh_lib.data_mesh()),
+                   variables=mesh_lib.replicate(trained.variables, mesh),
                    step=int(trained.step), digest=trained.digest,
                    num_params=models.count_params(trained.variables),
-                   num_classes=int(num_classes))
+                   num_classes=int(num_classes),
+                   compiler_options=compiler_options.for_model(model_name, mesh))
 
 
 # ----------------------------------------------------------------------------- memory + selection

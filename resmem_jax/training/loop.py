@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resmem_jax import compiler_options
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
 from resmem_jax.settings import ModelSettings, TrainSettings
@@ -100,9 +101,12 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
 
   dropout_key = jax.random.fold_in(jax.random.key(seed), 1)
   replicated = mesh_lib.replicated(mesh)
+  options = compiler_options.for_model(model.name, mesh)
   train_step = jax.jit(steps.make_train_step(module, tx, train.label_smoothing, dropout_key),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(module), out_shardings=replicated)
+                       out_shardings=(replicated, replicated), donate_argnums=0,
+                       compiler_options=options)
+  eval_step = jax.jit(steps.make_eval_step(module), out_shardings=replicated,
+                      compiler_options=options)
 
   def run_eval(split):
     return evaluate(eval_step, state.variables(), dataset.eval_batches(split, eval_batch_size),
