@@ -24,9 +24,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + war
 _CONV = flags.DEFINE_enum("conv_impl", "xla", ["xla", "im2col"],
                           "ResNet convolution implementation.")
 _OPTIONS = flags.DEFINE_list(
-    "compiler_options", ["tuned"],
-    "Compile the step as training does ('tuned': resmem_jax/compiler_options.py) and/or with "
-    "XLA's defaults ('xla_default'), one after the other.")
+    "compiler_options", ["tuned", "xla_default"],
+    "Compile the step with model.cpu_compiler_options 'tuned' (resmem_jax/compiler_options.py) "
+    "and/or 'xla_default', one after the other.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "n for the n x n x n float32 matmul.")
 
 

@@ -2,16 +2,19 @@
 
 On CPU, jaxlib 0.10's defaults send every convolution's kernel gradient to YNNPACK, which wants
 the activations transposed to batch-minor; XLA fuses the batch norm, ReLU and residual chain of
-the forward pass into those transposes and recomputes it there, and that cost more than all the
-convolutions (BUILD_NOTES.md, "ResNet-20 step on CPU, session 6"). Giving YNNPACK the dots,
-elementwise ops and reductions instead, and leaving convolutions to XLA's own kernels, made the
-ResNet-20 float32 train step 1.4x faster on the 2-core machine here.
+the forward pass into those transposes and recomputes it there, and for ResNet-20 that cost more
+than all the convolutions (BUILD_NOTES.md, "ResNet-20 step on CPU, session 6"). Giving YNNPACK
+the dots, elementwise ops and reductions instead, and leaving convolutions to XLA's own kernels,
+made the ResNet-20 float32 train step 1.2-1.4x faster on the 2-core machine here, but the steps
+of small ResNets (width 0.25-0.5 on MNIST, 5-20k parameters) 6-33% slower.
 
-The options go to ``jax.jit(..., compiler_options=...)`` of the steps of the convolutional models
-only: the transformer's step ran 5-10% slower with them, and the memory's search keeps XLA's
-defaults (the same option made ``exact`` 16-20% slower). They apply where they were measured, CPU
-under jaxlib 0.10; elsewhere, for a model of your own (``resmem_jax.fit``), or when ``XLA_FLAGS``
-already sets the option (the user's choice wins), XLA's defaults stay.
+So they are opt-in: ``model.cpu_compiler_options="tuned"`` (default "xla_default", which also
+keeps every earlier run reproducible: float rounding differs, so trained models do too). They go
+to ``jax.jit(..., compiler_options=...)`` of the steps of the convolutional models only: the
+memory's search keeps XLA's defaults (the same option in ``XLA_FLAGS`` made ``exact`` 16-20%
+slower). They apply only where they were measured, CPU under jaxlib 0.10 (an option a later XLA
+drops would fail the compile), and not when ``XLA_FLAGS`` sets the option itself (the user's
+choice wins).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import os
 
 import jax
 import jaxlib
+
+from resmem_jax.settings import ModelSettings
 
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 CPU_MODEL_OPTIONS = {
@@ -53,6 +58,8 @@ def model_step_options(model_name: str | None, platform: str, *,
   return dict(CPU_MODEL_OPTIONS)
 
 
-def for_model(model_name: str | None, mesh: jax.sharding.Mesh) -> dict | None:
-  """``model_step_options`` for ``model_name`` on the platform of ``mesh``'s devices."""
-  return model_step_options(model_name, mesh.devices.flat[0].platform)
+def for_model(model: ModelSettings | None, mesh: jax.sharding.Mesh) -> dict | None:
+  """The options for ``model``'s steps (None: a model of your own) on ``mesh``'s platform."""
+  if model is None or model.cpu_compiler_options != "tuned":
+    return None
+  return model_step_options(model.name, mesh.devices.flat[0].platform)

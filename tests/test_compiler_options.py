@@ -10,6 +10,7 @@ from resmem_jax import models
 from resmem_jax.settings import ModelSettings, TrainSettings
 from resmem_jax.training import optimizer
 from resmem_jax.training import state as state_lib
+from resmem_jax.training import provenance
 from resmem_jax.training import steps
 
 
@@ -38,7 +39,10 @@ def test_options_only_for_convolutional_models_on_cpu_under_the_measured_jaxlib(
 
 def test_tuned_resnet_step_computes_what_the_default_step_computes():
   mesh = mesh_lib.data_mesh()
-  options = compiler_options.for_model("cifar_resnet", mesh)
+  options = compiler_options.for_model(
+      ModelSettings(name="cifar_resnet", cpu_compiler_options="tuned"), mesh)
+  assert compiler_options.for_model(ModelSettings(name="cifar_resnet"), mesh) is None  # default
+  assert compiler_options.for_model(None, mesh) is None  # a model of your own
   if options is None:
     pytest.skip(f"no compiler options on this platform / jaxlib {jax.__version__}")
   module = models.build_model(ModelSettings(name="cifar_resnet", depth=8, width=0.5), 10)
@@ -61,3 +65,11 @@ def test_tuned_resnet_step_computes_what_the_default_step_computes():
                          tuned_state.params, default_state.params)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                          tuned_state.batch_stats, default_state.batch_stats)
+
+
+def test_a_run_recorded_before_the_field_existed_reads_as_xla_defaults():
+  before_session_6 = {"model.name": "cnn"}
+  current = {"model.name": "cnn", "model.cpu_compiler_options": "xla_default"}
+  assert provenance.differences(before_session_6, current) == []  # reruns as before
+  assert provenance.differences(before_session_6, {**current, "model.cpu_compiler_options": "tuned"}
+                                ) == ["model.cpu_compiler_options: 'xla_default' -> 'tuned'"]

@@ -58,8 +58,8 @@ def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "f
                          conv_impl: str = "xla", compiler_options: str = "tuned") -> dict:
   """Images/s and FLOP/s of the CIFAR ResNet training step on the default device(s).
 
-  ``compiler_options``: "tuned" compiles the step as training does
-  (``compiler_options.for_model``), "xla_default" with XLA's defaults.
+  ``compiler_options``: ``model.cpu_compiler_options``, "tuned" or "xla_default"
+  (``resmem_jax/compiler_options.py``).
   """
   if compiler_options not in COMPILER_OPTIONS:
     raise ValueError(f"compiler_options must be one of {COMPILER_OPTIONS}, got {compiler_options!r}")
@@ -74,7 +74,8 @@ def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "f
   state = state_lib.init_state(module, tx, batch["inputs"][:1], 0, mesh)
   batch = mesh_lib.shard_batch(batch, mesh)
   replicated = mesh_lib.replicated(mesh)
-  options = compiler_options_lib.for_model(model.name, mesh) if compiler_options == "tuned" else None
+  options = compiler_options_lib.for_model(
+      dataclasses.replace(model, cpu_compiler_options=compiler_options), mesh)
   step = jax.jit(steps_lib.make_train_step(module, tx, 0.0, jax.random.key(0)),
                  out_shardings=(replicated, replicated), donate_argnums=0,
                  compiler_options=options)

@@ -131,7 +131,7 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   workdir = pathlib.Path(workdir)
   trained = training.train_model(settings, dataset, workdir, start_over=start_over,
                                  progress=progress)
-  model = _base_model(trained, info.num_classes, settings.model.name)
+  model = _base_model(trained, info.num_classes, settings.model)
   passes = Passes(dataset, model, settings.resmem.eval_batch_size, progress)
 
   memory, choice, tuning, reused = _memory(settings, passes, workdir)
@@ -167,7 +167,7 @@ def _check_before_training(settings, dataset) -> None:
           "partitioned index, or unset resmem.tune_recall")
 
 
-def _base_model(trained, num_classes: int, model_name: str) -> BaseModel:
+def _base_model(trained, num_classes: int, model_settings) -> BaseModel:
   from resmem_jax import models  # pylint: disable=g-import-not-at-top
   module = trained.module
   mesh = mesh_lib.data_mesh()
@@ -176,7 +176,7 @@ def _base_model(trained, num_classes: int, model_name: str) -> BaseModel:
                    step=int(trained.step), digest=trained.digest,
                    num_params=models.count_params(trained.variables),
                    num_classes=int(num_classes),
-                   compiler_options=compiler_options.for_model(model_name, mesh))
+                   compiler_options=compiler_options.for_model(model_settings, mesh))
 
 
 # ----------------------------------------------------------------------------- memory + selection

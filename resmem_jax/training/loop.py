@@ -101,7 +101,7 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
 
   dropout_key = jax.random.fold_in(jax.random.key(seed), 1)
   replicated = mesh_lib.replicated(mesh)
-  options = compiler_options.for_model(model.name, mesh)
+  options = compiler_options.for_model(model, mesh)
   train_step = jax.jit(steps.make_train_step(module, tx, train.label_smoothing, dropout_key),
                        out_shardings=(replicated, replicated), donate_argnums=0,
                        compiler_options=options)

@@ -121,8 +121,13 @@ def move_aside(workdir: pathlib.Path) -> pathlib.Path | None:
   return target
 
 
+# What a field absent from an older run.json stood for: the behaviour before the field existed.
+VALUE_BEFORE_FIELD = {"model.cpu_compiler_options": "xla_default"}
+
+
 def differences(recorded: dict, current: dict) -> list[str]:
   """``"field: old -> new"`` for every model field that differs."""
+  recorded = {**{n: v for n, v in VALUE_BEFORE_FIELD.items() if n in current}, **recorded}
   names = sorted(set(recorded) | set(current))
   return [f"{n}: {recorded.get(n, '(absent)')!r} -> {current.get(n, '(absent)')!r}"
           for n in names if recorded.get(n) != current.get(n)]
