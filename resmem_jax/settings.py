@@ -21,6 +21,7 @@ SELECT_BY = ("squared_loss", "accuracy", "log_loss")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+CPU_COMPILER_OPTIONS = ("xla_default", "tuned")  # model.cpu_compiler_options
 
 
 class SettingsError(ValueError):
@@ -385,7 +386,7 @@ def validate_values(settings: Settings) -> None:
   _positive("model.width", m.width)
   _require(m.depth >= 1, f"model.depth must be >= 1, got {m.depth}")
   _choice("model.conv_impl", m.conv_impl, ("xla", "im2col"))
-  _choice("model.cpu_compiler_options", m.cpu_compiler_options, ("tuned", "xla_default"))
+  _choice("model.cpu_compiler_options", m.cpu_compiler_options, CPU_COMPILER_OPTIONS)
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
 
   _require(t.num_steps > 0 or t.num_epochs > 0,

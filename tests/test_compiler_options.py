@@ -9,8 +9,8 @@ from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
 from resmem_jax.settings import ModelSettings, TrainSettings
 from resmem_jax.training import optimizer
-from resmem_jax.training import state as state_lib
 from resmem_jax.training import provenance
+from resmem_jax.training import state as state_lib
 from resmem_jax.training import steps
 
 

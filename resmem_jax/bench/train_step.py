@@ -16,13 +16,10 @@ import numpy as np
 from resmem_jax import compiler_options as compiler_options_lib
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
-from resmem_jax.settings import ModelSettings, TrainSettings
+from resmem_jax.settings import CPU_COMPILER_OPTIONS, ModelSettings, TrainSettings
 from resmem_jax.training import optimizer
 from resmem_jax.training import state as state_lib
 from resmem_jax.training import steps as steps_lib
-
-
-COMPILER_OPTIONS = ("tuned", "xla_default")
 
 
 def forward_matmul_flops(fn: Callable, *args) -> int:
@@ -61,8 +58,9 @@ def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "f
   ``compiler_options``: ``model.cpu_compiler_options``, "tuned" or "xla_default"
   (``resmem_jax/compiler_options.py``).
   """
-  if compiler_options not in COMPILER_OPTIONS:
-    raise ValueError(f"compiler_options must be one of {COMPILER_OPTIONS}, got {compiler_options!r}")
+  if compiler_options not in CPU_COMPILER_OPTIONS:
+    raise ValueError(f"compiler_options must be one of {CPU_COMPILER_OPTIONS}, got "
+                     f"{compiler_options!r}")
   model = ModelSettings(name="cifar_resnet", depth=depth, width=1.0, conv_impl=conv_impl)
   module = models.build_model(model, 10, dtype=dtype)
   mesh = mesh_lib.data_mesh()

@@ -167,7 +167,8 @@ def _check_before_training(settings, dataset) -> None:
           "partitioned index, or unset resmem.tune_recall")
 
 
-def _base_model(trained, num_classes: int, model_settings) -> BaseModel:
+def _base_model(trained, num_classes: int,
+                model_settings: settings_lib.ModelSettings) -> BaseModel:
   from resmem_jax import models  # pylint: disable=g-import-not-at-top
   module = trained.module
   mesh = mesh_lib.data_mesh()
