@@ -74,6 +74,9 @@ def apply_function(model, variables) -> tuple[Callable, Any]:
 
 def _resmem_settings(options: dict) -> settings_lib.ResMemSettings:
   defaults = {"backend": "exact", "evaluate_train": False, "timing_repeats": 1}
+  for name in options:
+    if f"resmem.{name}" in settings_lib.REMOVED_FIELDS:
+      raise ValueError(settings_lib.REMOVED_FIELDS[f"resmem.{name}"].replace("resmem.", ""))
   try:
     r = settings_lib.ResMemSettings(**{**defaults, **options})
   except TypeError as err:
@@ -86,8 +89,10 @@ def _resmem_settings(options: dict) -> settings_lib.ResMemSettings:
   return r
 
 
-def _base_model(apply_fn, variables, splits: user.UserSplits, batch_size: int) -> engine.BaseModel:
-  """The model on the mesh; its class count from one forward pass over a first batch."""
+def _base_model(apply_fn, variables, splits: user.UserSplits,
+                batch_size: int) -> tuple[engine.BaseModel, int]:
+  """The model on the mesh (its class count from one forward pass over a first batch) and the
+  rows per example (a label per token: the sequence length)."""
   from resmem_jax import models  # pylint: disable=g-import-not-at-top
   from resmem_jax.training import provenance  # pylint: disable=g-import-not-at-top
   first = next(iter(splits.eval_batches("train", 1)))
@@ -101,7 +106,7 @@ def _base_model(apply_fn, variables, splits: user.UserSplits, batch_size: int) -
   return engine.BaseModel(
       apply_fn=apply_fn, variables=mesh_lib.replicate(variables, mesh), step=0,
       digest=provenance.variables_digest(variables), num_params=models.count_params(variables),
-      num_classes=int(logits.shape[-1]))
+      num_classes=int(logits.shape[-1])), int(np.prod(first["labels"].shape[1:], dtype=np.int64))
 
 
 def fit(model, variables=None, *, train, validation=None, batch_size: int = 1024,
@@ -118,8 +123,8 @@ def fit(model, variables=None, *, train, validation=None, batch_size: int = 1024
                      "validation=(inputs, labels), or fix k, sigma, temperature and base_mix")
   apply_fn, variables = apply_function(model, variables)
   splits = user.UserSplits({"train": train, "validation": validation})
-  base = _base_model(apply_fn, variables, splits, batch_size)
-  passes = engine.Passes(splits, base, batch_size, progress)
+  base, rows_per_example = _base_model(apply_fn, variables, splits, batch_size)
+  passes = engine.Passes(splits, base, batch_size, progress, fold_block=rows_per_example)
   memory, choice, tuning = engine.build_and_select(r, passes, "user data")
   return ResMem(memory=memory, choice=choice, settings=r, base=base, batch_size=batch_size,
                 tuning=tuning)
@@ -137,8 +142,16 @@ class ResMem:
 
   @property
   def hparams(self) -> dict:
-    """What was chosen: ``k``, ``sigma``, ``temperature``, ``base_mix``, ``memorize``, ..."""
+    """What was chosen: ``k``, ``sigma``, ``temperature``, ``base_mix`` and their validation
+    scores."""
     return dict(self.choice.resmem)
+
+  @property
+  def gate(self) -> dict | None:
+    """The opt-in gate's decision (``fit(..., gate_alpha=0.05)``), or None. ResMem's predictions
+    memorize whatever it says; a gated deployment serves the base model where ``gate["memorize"]``
+    is False."""
+    return self.choice.gate
 
   def _rows(self, data, progress: bool = False):
     splits = user.UserSplits({"data": data})
@@ -154,7 +167,7 @@ class ResMem:
     return [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(3)]
 
   def predict_scores(self, inputs) -> np.ndarray:
-    """ResMem's vector ``p + r`` per example (``p`` alone where it declined to memorize)."""
+    """ResMem's vector ``p + r`` per example."""
     return self._predictions(inputs)[1]
 
   def predict(self, inputs) -> np.ndarray:
@@ -162,7 +175,8 @@ class ResMem:
     return np.argmax(self.predict_scores(inputs), axis=-1)
 
   def predict_proba(self, inputs) -> np.ndarray:
-    """ResMem's probability output per example (rows sum to 1)."""
+    """ResMem's probability output per example: rows sum to 1 and each row's argmax is
+    :meth:`predict`'s class (``core/predictor.py: resmem_probabilities``)."""
     return self._predictions(inputs)[2]
 
   def evaluate(self, inputs, labels=None, *, progress: bool = False) -> dict:

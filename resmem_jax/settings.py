@@ -147,16 +147,16 @@ class ResMemSettings:
   sigma_relative: bool = _f(True, "sigma_grid values are multiples of the median distance to the "
                             "nearest memory key")
   temperature_grid: tuple[float, ...] = _f((0.5, 1.0, 2.0, 4.0), "candidate T")
-  select_by: str = _f("squared_loss", "validation criterion: squared_loss | accuracy | log_loss")
+  select_by: str = _f("accuracy", "validation criterion: accuracy | squared_loss | log_loss "
+                      "(ties: lower log loss, then smaller k)")
   base_mix: Optional[float] = _f(None, "ResMem's probabilities are (1 - mix) * normalize(max(p + "
                                  "r, 0)) + mix * p_base (None: mix chosen on validation log loss)")
   base_mix_grid: tuple[float, ...] = _f((0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
                                         "candidate mixes (1: the base model itself)")
-  memorize_if_p_below: Optional[float] = _f(0.05, "keep the memory only when choosing on one "
-                                             "half of validation beats the base model on the "
-                                             "other half (select_by, both ways) with a one-sided"
-                                             " p-value at most this (1 or None: always "
-                                             "memorize, the paper's rule)")
+  gate_alpha: Optional[float] = _f(None, "opt-in memorization gate, reported beside ResMem (which "
+                                    "always memorizes): choose on half of validation, test the "
+                                    "gain over the best temperature-scaled base on the other half "
+                                    "at this level (None: no gate)")
   knnlm: bool = _f(False, "also report kNN-LM (the neighbours' labels mixed into p)")
   knn_lambda: Optional[float] = _f(None, "kNN-LM mixture weight (None: chosen on validation)")
   knn_lambda_grid: tuple[float, ...] = _f((0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
@@ -256,8 +256,18 @@ def _convert(path: str, value, hint):
   raise TypeError(f"unsupported settings type {hint} for {path}")
 
 
+# Fields that were removed, with what replaces them.
+REMOVED_FIELDS = {
+    "resmem.memorize_if_p_below": (
+        "resmem.memorize_if_p_below was removed: ResMem now always memorizes (the paper's rule); "
+        "for the opt-in significance gate, reported beside ResMem, set resmem.gate_alpha=0.05"),
+}
+
+
 def unknown_field_message(path: str) -> str:
   """``unknown config field <path> (did you mean ...?); <section> fields are: ...``."""
+  if path in REMOVED_FIELDS:
+    return REMOVED_FIELDS[path]
   section, _, name = path.rpartition(".")
   if section in SECTIONS:
     fields = sorted(f.name for f in dataclasses.fields(SECTIONS[section]))
@@ -421,8 +431,8 @@ def validate_values(settings: Settings) -> None:
   _grid("resmem.knn_lambda_grid", r.knn_lambda_grid, high=1.0)
   _require(len(r.base_mix_grid) > 0 and all(0 <= v <= 1 for v in r.base_mix_grid),
            f"resmem.base_mix_grid values must lie in [0, 1], got {r.base_mix_grid}")
-  _require(r.memorize_if_p_below is None or 0 < r.memorize_if_p_below <= 1,
-           f"resmem.memorize_if_p_below must be in (0, 1] or None, got {r.memorize_if_p_below}")
+  _require(r.gate_alpha is None or 0 < r.gate_alpha < 1,
+           f"resmem.gate_alpha must be in (0, 1) or None, got {r.gate_alpha}")
   _require(r.base_mix is None or 0 <= r.base_mix <= 1,
            f"resmem.base_mix must be in [0, 1] or None, got {r.base_mix}")
   _require(r.knn_lambda is None or 0 < r.knn_lambda <= 1,
@@ -457,9 +467,17 @@ def check(settings: Settings) -> None:
     raise SettingsError(f"resmem.tune_recall tunes ScaNN's query settings; resmem.backend is "
                         f"{r.backend!r} (set resmem.backend=scann or unset resmem.tune_recall)")
   if settings.data.val_fraction == 0 and needs_validation(r):
-    raise SettingsError("choosing k, sigma and temperature needs a validation split: set "
-                        "data.val_fraction > 0, or fix resmem.k, resmem.sigma, resmem.temperature"
-                        ", resmem.base_mix (and resmem.knn_lambda when resmem.knnlm is on)")
+    raise SettingsError(validation_needed_message(r))
+
+
+def validation_needed_message(r: ResMemSettings) -> str:
+  """Why the settings need a validation split, and how to do without one."""
+  if r.gate_alpha is not None:
+    return ("resmem.gate_alpha tests the memory on validation rows: give a validation split "
+            "(data.val_fraction > 0) or unset resmem.gate_alpha")
+  return ("choosing k, sigma and temperature needs a validation split: set data.val_fraction > 0,"
+          " or fix resmem.k, resmem.sigma, resmem.temperature, resmem.base_mix (and "
+          "resmem.knn_lambda when resmem.knnlm is on)")
 
 
 def needs_validation(r: ResMemSettings) -> bool:
@@ -467,4 +485,5 @@ def needs_validation(r: ResMemSettings) -> bool:
   resmem_fixed = (r.k is not None and r.sigma is not None and r.temperature is not None
                   and r.base_mix is not None)
   knn_fixed = not r.knnlm or r.knn_lambda is not None
-  return not (resmem_fixed and knn_fixed) or r.tune_recall is not None
+  return (not (resmem_fixed and knn_fixed) or r.tune_recall is not None
+          or r.gate_alpha is not None)

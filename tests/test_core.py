@@ -226,24 +226,20 @@ def test_sweep_matches_numpy_reference(sparse):
     assert point.squared_loss == pytest.approx(
         np.mean(np.sum((pred - onehot[val_labels]) ** 2, -1)), rel=1e-4)
     if point.knn_lambda is None:  # the probability output, at its best mix with the base
-      positive = np.maximum(pred, 0)
-      losses = {mix: np.mean(_floor_log_loss(
-          (1 - mix) * positive / positive.sum(-1, keepdims=True) + mix * _softmax(val_logits),
-          val_labels)) for mix in (0.0, 0.3, 1.0)}
+      losses = {mix: np.mean(_floor_log_loss(_np_probabilities(pred, _softmax(val_logits), mix),
+                                             val_labels)) for mix in (0.0, 0.3, 1.0)}
       assert point.base_mix == min(losses, key=losses.get)
       assert point.log_loss == pytest.approx(min(losses.values()), rel=1e-4)
-      base = _softmax(val_logits)
-      hit_diff = (pred.argmax(-1) == val_labels).astype(float) - (base.argmax(-1) == val_labels)
-      sq_diff = (np.sum((pred - onehot[val_labels]) ** 2, -1)
-                 - np.sum((base - onehot[val_labels]) ** 2, -1))
-      assert point.diff_squares[0] == pytest.approx(np.mean(hit_diff ** 2), abs=1e-6)
-      assert point.diff_squares[1] == pytest.approx(np.mean(sq_diff ** 2), rel=1e-3, abs=1e-6)
     else:
       assert point.log_loss == pytest.approx(np.mean(_floor_log_loss(pred, val_labels)), rel=1e-4)
   base = sweep.base_scores()
   assert base["accuracy"] == pytest.approx(np.mean(val_logits.argmax(-1) == val_labels))
   assert base["log_loss"] == pytest.approx(np.mean(_floor_log_loss(_softmax(val_logits), val_labels)),
                                            rel=1e-4)
+  for t in stores:  # the base model scored at every temperature of the grid
+    p = _softmax(val_logits / t)
+    assert sweep.base_scores(temperature=t)["squared_loss"] == pytest.approx(
+        np.mean(np.sum((p - onehot[val_labels]) ** 2, -1)), rel=1e-4)
   assert sweep.count == 13
 
 
@@ -274,33 +270,44 @@ def test_sweep_rejects_bad_input():
     sweep.points()
 
 
-def test_probability_output_is_a_distribution_and_mix_1_is_the_base():
+def _np_probabilities(pred, base, mix):
+  """The probability output's rule in NumPy (core/predictor.py: resmem_probabilities)."""
+  out = np.zeros_like(np.asarray(pred, np.float64))
+  for i, (s, p) in enumerate(zip(np.asarray(pred, np.float64), np.asarray(base, np.float64))):
+    a = int(np.argmax(s))
+    positive = np.maximum(s, 0)
+    n = positive / positive.sum() if positive.sum() > 0 else np.eye(len(s))[a]
+    m = mix
+    for j in range(len(s)):
+      dn, dp = n[a] - n[j], p[a] - p[j]
+      if dp <= 0 and dn > dp:  # the base would tie j with a at mix dn / (dn - dp)
+        m = min(m, 0.5 * dn / (dn - dp))
+    out[i] = (1 - m) * n + m * p
+  return out
+
+
+def test_probability_output_keeps_resmem_class_and_matches_numpy():
   rng = np.random.default_rng(4)
-  pred = rng.normal(size=(6, 5)).astype(np.float32)  # leaves the simplex
-  base = _softmax(rng.normal(size=(6, 5)))
-  probs = np.asarray(predictor.resmem_probabilities(pred, base, 0.2))
-  assert np.all(probs >= 0) and np.allclose(probs.sum(-1), 1.0, atol=1e-6)
-  np.testing.assert_allclose(predictor.resmem_probabilities(pred, base, 1.0), base, atol=1e-6)
-  positive = np.maximum(pred, 0)
-  np.testing.assert_allclose(predictor.resmem_probabilities(pred, base, 0.0),
+  q, c = 500, 6
+  base = _softmax(3 * rng.normal(size=(q, c)))
+  residual = 0.4 * rng.normal(size=(q, c))
+  pred = (base + residual - residual.mean(-1, keepdims=True)).astype(np.float32)
+  pred[0] = [0.5, 0.5, 0, 0, 0, 0]          # a tie: argmax takes the lower index
+  base[0] = [0.1, 0.8, 0.1, 0, 0, 0]        # whose base prefers the other
+  pred[1] = -0.1                            # no positive entry: one-hot on argmax
+  for mix in (0.0, 0.3, 1.0):
+    probs = np.asarray(predictor.resmem_probabilities(pred, base, mix))
+    assert np.all(probs >= 0) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(-1), pred.argmax(-1))
+    np.testing.assert_allclose(probs, _np_probabilities(pred, base, mix), atol=2e-6)
+  # Where the base agrees with ResMem's class, mix = 1 is the base model itself; mix = 0 is n.
+  agree = base.argmax(-1) == pred.argmax(-1)
+  assert 0.2 < agree.mean() < 0.98
+  probs = np.asarray(predictor.resmem_probabilities(pred, base, 1.0))
+  np.testing.assert_allclose(probs[agree], base[agree], atol=1e-6)
+  positive = np.maximum(pred[2:], 0)
+  np.testing.assert_allclose(predictor.resmem_probabilities(pred, base, 0.0)[2:],
                              positive / positive.sum(-1, keepdims=True), atol=1e-6)
-
-
-def test_gain_p_value_is_a_one_sided_paired_z_test():
-  from scipy import stats
-  rng = np.random.default_rng(6)
-  base_loss = rng.random(400)
-  point_loss = base_loss - 0.01 + 0.05 * rng.normal(size=400)
-  d = point_loss - base_loss
-  point = selection.GridPoint(4, 1.0, 1.0, accuracy=0.9, squared_loss=point_loss.mean(),
-                              log_loss=0.5, diff_squares=(0.0, float(np.mean(d ** 2)), 0.0))
-  base = {"accuracy": 0.9, "squared_loss": base_loss.mean(), "log_loss": 0.5}
-  z = -d.mean() / (d.std() / np.sqrt(400))
-  assert selection.gain_p_value(point, base, "squared_loss", 400) == pytest.approx(stats.norm.sf(z))
-  assert selection.gain_p_value(point, base, "accuracy", 400) == 1.0  # a tie is no gain
-  assert selection.gain_p_value(point, base, "log_loss", 400) == 1.0
-  worse = dataclasses.replace(point, squared_loss=base["squared_loss"] + 0.01)
-  assert selection.gain_p_value(worse, base, "squared_loss", 400) == 1.0
 
 
 def test_paired_comparison_matches_its_definition():
@@ -324,60 +331,59 @@ def test_paired_comparison_matches_its_definition():
     metrics.paired_comparison(base, base[:10])
 
 
-def test_held_out_p_value_chooses_on_one_fold_and_tests_on_the_other():
-  """Folds are alternate validation rows (whatever the chunking); each fold's points and base
-  scores are those of its rows alone, and the gate's p-value is a paired z-test over every row's
-  score under the point chosen on the other fold."""
+def test_rows_for_significance_and_p_value_format():
   from scipy import stats
+  assert metrics.rows_for_significance(2, 0, 360) > 360  # 2 of 2 discordant: p = 0.5
+  needed = metrics.rows_for_significance(3, 1, 360)
+  scaled = lambda m: stats.binomtest(round(3 * m / 360), round(4 * m / 360)).pvalue
+  assert scaled(needed) < 0.05 <= scaled(0.8 * needed)  # about the smallest such count
+  assert metrics.rows_for_significance(90, 30, 2000) == 2000  # already significant
+  assert metrics.rows_for_significance(1, 1, 100) is None  # no gain to detect
+  assert metrics.format_p_value(0.0) == "< 1e-300" and metrics.format_p_value(0.0312) == "0.031"
+
+
+# ----------------------------------------------------------------------------- folds
+
+
+def test_folds_are_blocks_of_rows_and_held_out_scores_cross_fit():
+  """Rows go to folds in blocks (a sequence's tokens together), whatever the chunking; a rule's
+  held-out score is the point chosen on one fold scored on the other, both ways."""
+  np.testing.assert_array_equal(selection.fold_of(np.arange(10), 3), [0, 0, 0, 1, 1, 1, 0, 0, 0, 1])
   rng = np.random.default_rng(0)
-  train_labels, val_logits, val_labels, d, ids, stores = _sweep_problem(rng)
+  train_labels, val_logits, val_labels, d, ids, stores = _sweep_problem(rng, q=40)
   c = val_logits.shape[1]
   rows = lambda t, nb: (stores[t][nb], None)
   grids = dict(k_grid=(1, 3, 5), sigma_grid=(0.05, 0.5, 5.0), temperature_grid=tuple(stores),
-               num_classes=c, mix_grid=(0.0, 0.3, 1.0))
+               num_classes=c, mix_grid=(0.0, 0.3, 1.0), fold_block=4)
   sweep = selection.SelectionSweep(**grids, max_elements=64)
-  sweep.add(d[:7], ids[:7], val_logits[:7], val_labels[:7], rows)  # an odd chunk: folds continue
+  sweep.add(d[:7], ids[:7], val_logits[:7], val_labels[:7], rows)  # blocks continue over chunks
   sweep.add(d[7:], ids[7:], val_logits[7:], val_labels[7:], rows)
-  assert sweep.fold_counts.tolist() == [7, 6]
-  gains, squares = [], []
-  for fold, other in ((0, 1), (1, 0)):
-    alone = selection.SelectionSweep(**grids)
-    alone.add(d[fold::2], ids[fold::2], val_logits[fold::2], val_labels[fold::2], rows)
-    for a, b in zip(sweep.points(fold)[0], alone.points()[0]):
+  folds = selection.fold_of(np.arange(40), 4)
+  assert sweep.fold_counts.tolist() == [20, 20]
+  alone = {}
+  for fold in (0, 1):
+    alone[fold] = selection.SelectionSweep(**grids)
+    where = folds == fold
+    alone[fold].add(d[where], ids[where], val_logits[where], val_labels[where], rows)
+    for a, b in zip(sweep.points(fold)[0], alone[fold].points()[0]):
       assert (a.k, a.sigma, a.temperature, a.base_mix) == (b.k, b.sigma, b.temperature, b.base_mix)
       assert a.squared_loss == pytest.approx(b.squared_loss, rel=1e-5)
-      assert a.diff_squares == pytest.approx(b.diff_squares, rel=1e-4, abs=1e-7)
-    assert sweep.base_scores(fold) == pytest.approx(alone.base_scores(), rel=1e-5)
-    chosen = selection.best(alone.points()[0], "squared_loss")
-    tested = selection.SelectionSweep(**{**grids, "k_grid": (chosen.k,),
-                                         "sigma_grid": (chosen.sigma,),
-                                         "temperature_grid": (chosen.temperature,),
-                                         "mix_grid": (chosen.base_mix,)})
-    tested.add(d[other::2], ids[other::2], val_logits[other::2], val_labels[other::2], rows)
-    held, base = tested.points()[0][0], tested.base_scores()
-    share = sweep.fold_counts[other] / 13
-    gains.append(share * (base["squared_loss"] - held.squared_loss))
-    squares.append(share * held.diff_squares[1])
-  gain = sum(gains)  # cross-fitted: every row's held-out difference, one paired z-test
-  want = 1.0 if gain <= 0 else stats.norm.sf(gain / np.sqrt((sum(squares) - gain ** 2) / 13))
-  assert sweep.held_out_p_value("squared_loss") == pytest.approx(want, rel=1e-4)
-
-
-def test_held_out_gate_declines_pure_noise_that_the_in_sample_test_would_keep():
-  """Residuals of pure noise: the best of a large grid looks significant on the rows it was
-  chosen on, but not on held-out rows."""
-  rng = np.random.default_rng(3)
-  n, c, q = 400, 4, 2000
-  train_labels = rng.integers(0, c, n)
-  val_labels = rng.integers(0, c, q)
-  val_logits = rng.normal(size=(q, c)).astype(np.float32)
-  stores = {1.0: (np.eye(c)[train_labels] - 0.25).astype(np.float32)}
-  ids = np.stack([rng.permutation(n)[:16] for _ in range(q)])  # neighbours unrelated to labels
-  d = np.sort(rng.random((q, 16)), axis=1).astype(np.float32)
-  sweep = selection.SelectionSweep(k_grid=(1, 2, 4, 8, 16), sigma_grid=(0.01, 0.1, 1.0, 10.0),
-                                   temperature_grid=(1.0,), num_classes=c,
-                                   mix_grid=(0.0, 0.5, 1.0))
-  sweep.add(d, ids, val_logits, val_labels, lambda t, nb: (stores[t][nb], None))
-  chosen = selection.best(sweep.points()[0], "accuracy")
-  assert selection.gain_p_value(chosen, sweep.base_scores(), "accuracy", sweep.count) < 0.05
-  assert sweep.held_out_p_value("accuracy") > 0.05
+    for t in (1.0, *stores):
+      assert sweep.base_scores(fold, t) == pytest.approx(alone[fold].base_scores(temperature=t))
+  held = sweep.held_out_scores("squared_loss")
+  want = {"accuracy": 0.0, "base_accuracy": 0.0}
+  for chosen_on, tested_on in ((0, 1), (1, 0)):
+    chosen = selection.best(sweep.points(chosen_on)[0], "squared_loss")
+    scored = [p for p in alone[tested_on].points()[0]
+              if (p.k, p.sigma, p.temperature) == (chosen.k, chosen.sigma, chosen.temperature)]
+    # the held-out log loss keeps the chosen mix; accuracy does not depend on it
+    want["accuracy"] += 0.5 * scored[0].accuracy
+    want["base_accuracy"] += 0.5 * alone[tested_on].base_scores()["accuracy"]
+  assert held["accuracy"] == pytest.approx(want["accuracy"])
+  assert held["base_accuracy"] == pytest.approx(want["base_accuracy"])
+  only_half = sweep.held_out_scores("accuracy", temperatures=(0.5,))
+  assert all(p["temperature"] == 0.5 for p in only_half["chosen"])
+  with pytest.raises(ValueError, match="not all in the sweep's grid"):
+    sweep.held_out_scores("accuracy", temperatures=(8.0,))
+  with pytest.raises(ValueError, match="fold_block"):
+    selection.SelectionSweep(**{**grids, "fold_block": 0})

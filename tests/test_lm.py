@@ -55,12 +55,16 @@ def test_subword_lm_end_to_end_on_mock_data(tmp_path):
   from resmem_jax.configs import lm1b
   cfg = lm1b.get_config("tiny")
   cfg.data.data_dir = str(tmp_path / "tfds")
+  cfg.resmem.gate_alpha = 0.05
   s = settings_lib.from_config(cfg)
   with tfds.testing.mock_data(num_examples=12):
     results = engine.run(s, tmp_path / "work", progress=False)
   saved = _check_lm_results(results, tmp_path / "work")
   assert saved["hparams"]["k"] in (1, 4) and saved["hparams"]["knnlm"]["lambda"] in (0.1, 0.5)
   assert saved["num_rows"]["train"] == saved["memory"]["size"] > 0
+  # The gate's folds and test units are whole sequences of tokens, not single tokens.
+  held = saved["gate"]["held_out"]
+  assert held["units"] == -(-held["rows"] // s.data.seq_len) and "t-test" in held["test"]
 
 
 def _tiny_shakespeare_command(workdir, tfds_dir, *flags):

@@ -19,6 +19,7 @@ def test_colab_example_runs_verbatim_in_a_fresh_jupyter_kernel(tmp_path, monkeyp
   check = ("assert report['comparison']['rows'] == 1000 and probabilities.shape == (1000, 5)\n"
            "assert abs(probabilities.sum(-1) - 1).max() < 1e-5 and pred.shape == (1000, 5)\n"
            "assert (resmem.predict(x_test) == classes).all() and ids.shape == (1000, 16)\n"
+           "assert (probabilities.argmax(-1) == classes).all() and resmem.gate is None\n"
            "print('README-OK', report['base']['test_accuracy'] > 0.5)")
   notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code),
                                              nbformat.v4.new_code_cell(check)])

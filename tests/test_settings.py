@@ -9,8 +9,8 @@ from resmem_jax import settings
 
 VARIANTS = {
     "digits": ["", "tiny"],
-    "mnist": ["", "serving", "resnet", "mlp", "tiny"],
-    "fashion_mnist": ["", "serving", "resnet", "mlp", "tiny"],
+    "mnist": ["", "serving", "resnet", "mlp", "small_mlp", "tiny"],
+    "fashion_mnist": ["", "serving", "resnet", "mlp", "small_mlp", "tiny"],
     "cifar10": ["", "tiny"],
     "cifar100": ["", "tiny"],
     "imagenet": ["", "tiny"],
@@ -49,6 +49,7 @@ def test_unknown_variant_is_rejected(module_name):
     ("resmem.sigma", -1.0, "resmem.sigma must be a positive"),
     ("resmem.knn_lambda_grid", (0.5, 2.0), "resmem.knn_lambda_grid values"),
     ("resmem.tune_recall", 1.5, "resmem.tune_recall"),
+    ("resmem.gate_alpha", 1.0, r"resmem.gate_alpha must be in \(0, 1\)"),
     ("train.optimizer", "lamb", "train.optimizer='lamb'"),
     ("train.schedule", "linear", "train.schedule"),
     ("train.dtype", "int8", "train.dtype"),
@@ -74,6 +75,13 @@ def test_unknown_fields_get_a_suggestion():
     settings.from_config(values)
   with pytest.raises(settings.SettingsError, match="must be an integer"):
     settings.replace_field(settings.Settings(), "model.depth", 2.5)
+
+
+def test_the_removed_gate_field_says_what_replaces_it():
+  values = _config().to_dict()
+  values["resmem"]["memorize_if_p_below"] = 1.0
+  with pytest.raises(settings.SettingsError, match=r"ResMem now always memorizes.*gate_alpha"):
+    settings.from_config(values)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -104,6 +112,10 @@ def test_choosing_needs_a_validation_split():
     settings.check(settings.from_config(cfg))
   cfg.resmem.base_mix = 0.5
   settings.check(settings.from_config(cfg))  # all fixed: nothing to choose
+  cfg.resmem.gate_alpha = 0.05  # the gate tests on validation rows
+  with pytest.raises(settings.SettingsError, match="gate_alpha tests the memory on validation"):
+    settings.check(settings.from_config(cfg))
+  cfg.resmem.gate_alpha = None
   cfg.resmem.tune_recall = 0.9
   cfg.resmem.backend = "exact"
   with pytest.raises(settings.SettingsError, match="tune_recall"):

@@ -65,6 +65,31 @@ def log_loss(pred, labels, mask=None):
 
 
 BOOTSTRAP_RESAMPLES = 10_000
+SIGNIFICANCE = 0.05
+
+
+def format_p_value(p: float) -> str:
+  """A p-value for print: two significant digits, or ``< 1e-300`` where it underflowed to 0."""
+  return "< 1e-300" if p < 1e-300 else f"{p:.2g}"
+
+
+def rows_for_significance(gained: int, lost: int, rows: int, level: float = SIGNIFICANCE):
+  """About how many rows, gained and lost at the observed rates, would make the two-sided McNemar
+  test significant at ``level``; None when nothing was gained on balance."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  if gained <= lost or rows <= 0:
+    return None
+  p = lambda m: stats.binomtest(round(gained * m / rows), max(1, round((gained + lost) * m / rows)),
+                                0.5).pvalue
+  if p(rows) < level:
+    return rows
+  low, high = rows, 2 * rows
+  while p(high) >= level:
+    low, high = high, 2 * high
+  while high - low > max(1, low // 100):  # to 1%
+    middle = (low + high) // 2
+    low, high = (low, middle) if p(middle) < level else (middle, high)
+  return int(high)
 
 
 def paired_comparison(hits, base_hits, *, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -95,5 +120,6 @@ def paired_comparison(hits, base_hits, *, resamples: int = BOOTSTRAP_RESAMPLES,
   p_value = float(stats.binomtest(gained, discordant, 0.5).pvalue) if discordant else 1.0
   return {"test_accuracy_gain": (gained - lost) / n, "ci95": [float(low), float(high)],
           "p_value": p_value, "rows": n, "gained": gained, "lost": lost,
+          "rows_for_significance": rows_for_significance(gained, lost, n),
           "method": (f"paired bootstrap over test rows ({resamples} resamples, percentile CI); "
                      "exact two-sided McNemar test on the rows where exactly one is right")}

@@ -10,9 +10,10 @@ holding residuals ``r_i``:
   kNN-LM            lam * p_knn + (1 - lam) * p,  p_knn(v) = sum_i w_i [label_i == v]
 
 ResMem's class is argmax(p + r(x)), as in the paper. The vector p + r(x) can leave the simplex, so
-its probability output is (1 - mix) * normalize(max(p + r(x), 0)) + mix * p_1, with p_1 the base
-model's own prediction (T = 1) and ``mix`` chosen on validation log loss: mix = 1 is exactly the
-base model, so ResMem's validation log loss is never worse than the base's.
+its probability output mixes n = normalize(max(p + r(x), 0)) with p_1, the base model's own
+prediction (T = 1): (1 - m) * n + m * p_1, ``mix`` chosen on validation log loss. A row whose base
+model ranks another class above ResMem's takes a smaller m, so that ResMem's class stays the
+probability output's argmax on every row (:func:`resmem_probabilities`).
 
 Subtracting each row's smallest distance leaves the softmax unchanged but keeps it finite for any
 positive finite sigma (the nearest neighbour always gets exp(0)). Residual rows come dense
@@ -23,6 +24,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+PROBABILITY_RULE = ("(1 - m) * normalize(max(p + r, 0)) + m * p_base, m = base_mix, lowered per row "
+                    "to half the mix at which p_base would overturn ResMem's class")
 
 
 def base_prediction(logits, temperature=1.0):
@@ -104,13 +109,34 @@ def knnlm_mixture(p_knn, base, lam):
 
 
 def resmem_probabilities(prediction, base_1, mix):
-  """ResMem's probability output ``(1 - mix) * normalize(max(p + r, 0)) + mix * p_1``.
+  """ResMem's probability output: ``(1 - m) * n + m * p_1``, whose argmax is ResMem's class.
 
-  ``prediction`` is ``p + r`` ``[q, C]``, ``base_1`` the base model's ``softmax(z)`` (T = 1).
-  A row whose positive part is empty (not reachable from residuals that sum to 0) is uniform.
+  ``prediction`` is ``p + r`` ``[q, C]``, ``base_1`` the base model's ``softmax(z)`` (T = 1),
+  ``n = normalize(max(p + r, 0))`` (one-hot on ResMem's class if no entry is positive). Per row,
+  ``m = min(mix, m_tie / 2)``, where ``m_tie`` is the mix at which the base model would first tie
+  another class with ResMem's class ``a = argmax(p + r)`` (ties to the lowest index, as argmax):
+  where the base agrees with ResMem nothing changes, where it disagrees the row keeps at least
+  half of ``n``'s margin for ``a``. Each row is a distribution with argmax ``a``.
   """
-  positive = jnp.maximum(jnp.asarray(prediction, jnp.float32), 0.0)
+  prediction = jnp.asarray(prediction, jnp.float32)
+  base_1 = jnp.asarray(base_1, jnp.float32)
+  num_classes = prediction.shape[-1]
+  chosen = jnp.argmax(prediction, axis=-1)
+  onehot = jax.nn.one_hot(chosen, num_classes, dtype=jnp.float32)
+  positive = jnp.maximum(prediction, 0.0)
   total = jnp.sum(positive, axis=-1, keepdims=True)
-  uniform = jnp.full_like(positive, 1.0 / positive.shape[-1])
-  normalized = jnp.where(total > 0, positive / jnp.where(total > 0, total, 1.0), uniform)
-  return (1.0 - mix) * normalized + mix * jnp.asarray(base_1, jnp.float32)
+  normalized = jnp.where(total > 0, positive / jnp.where(total > 0, total, 1.0), onehot)
+  pick = lambda x: jnp.take_along_axis(x, chosen[..., None], axis=-1)
+  # The margin of a over class j, q_a - q_j = dn + m (dp - dn), is linear in m; it reaches 0 for
+  # some m in [0, 1] only where the base ranks j at least as high as a (dp <= 0).
+  dn = pick(normalized) - normalized
+  dp = pick(base_1) - base_1
+  # a's own column is excluded by index: under jit its dn can come out as a rounding error
+  # rather than 0.
+  overturns = (dp <= 0) & (dn > dp) & (onehot == 0)
+  tie = jnp.where(overturns, dn / jnp.where(overturns, dn - dp, 1.0), jnp.inf)
+  m = jnp.minimum(jnp.asarray(mix, jnp.float32), 0.5 * jnp.min(tie, axis=-1, keepdims=True))
+  mixed = (1.0 - m) * normalized + m * base_1
+  # Float rounding can still tie a row whose margins are near 1e-7: it becomes (onehot(a) + n) / 2.
+  kept = jnp.argmax(mixed, axis=-1) == chosen
+  return jnp.where(kept[..., None], mixed, 0.5 * onehot + 0.5 * normalized)

@@ -9,17 +9,17 @@ accumulates sums, so the result does not depend on how the rows were chunked.
 
 ResMem's accuracy and squared loss are those of the vector p + r; its log loss is that of its
 probability output (``predictor.resmem_probabilities``), at the base-model mix of ``mix_grid`` that
-gives each grid point its lowest validation log loss.
+gives each grid point its lowest validation log loss. The base model is scored at every T of the
+grid too (temperature scaling alone, without a memory).
 
-Criteria (``best(points, by)``): ``squared_loss`` (lowest; a proper scoring rule that varies
-smoothly with the grid, less noisy than 0-1 accuracy), ``accuracy`` (highest; ties: lower log
+Criteria (``best(points, by)``): ``squared_loss`` (lowest), ``accuracy`` (highest; ties: lower log
 loss) or ``log_loss`` (lowest). Remaining ties go to the smaller k (cheaper queries).
-:func:`gain_p_value` says how significantly a point beats the base model itself on the criterion.
-The p-value of the *chosen* point on the rows it was chosen on is optimistic (the best of many grid
-points looks better than it is), so :meth:`SelectionSweep.held_out_p_value` splits the validation
-rows into two folds (alternate rows), chooses on each and scores the choice on the other, and tests
-the gain over the base model on those held-out scores of every row (cross-fitting). Where that is
-not significant the engine declines to memorize and ResMem is the base model.
+
+Sums are kept per fold: validation rows are dealt to two folds in blocks of ``fold_block``
+consecutive rows (1 for images; a sequence's tokens for a language model, so that the folds share
+no sequence). The folds serve the opt-in gate (``core/gate.py``: choose on one, test on the other)
+and :meth:`SelectionSweep.held_out_scores`, which scores a selection rule on rows it did not
+choose on (how the defaults are compared without a test split).
 """
 from __future__ import annotations
 
@@ -35,11 +35,6 @@ from resmem_jax.core import metrics
 from resmem_jax.core import predictor
 
 CRITERIA = ("squared_loss", "accuracy", "log_loss")
-CRITERIA_COLUMN = {"accuracy": 0, "squared_loss": 1, "log_loss": 2}  # in GridPoint.diff_squares
-# The rule that decides whether to memorize, in words; part of a saved choice's key, so a saved
-# choice made under another rule is made again.
-GATE_RULE = ("cross-fitted: choose on one half of validation (alternate rows), score on the other, "
-             "both ways; one paired z-test on all held-out rows")
 _SUMS = ("hit", "squared_loss", "log_loss")
 
 
@@ -54,9 +49,11 @@ class GridPoint:
   log_loss: float
   knn_lambda: float | None = None  # set on kNN-LM points
   base_mix: float | None = None  # ResMem points: the probability output's mix with the base
-  # ResMem points: mean squared per-row difference from the base model of (hit, squared loss,
-  # log loss), for the significance of a gain (:func:`gain_p_value`).
-  diff_squares: tuple[float, float, float] | None = None
+
+
+def fold_of(rows: np.ndarray, fold_block: int) -> np.ndarray:
+  """The fold (0 or 1) of validation rows numbered ``rows`` in stream order."""
+  return (np.asarray(rows, np.int64) // int(fold_block)) % 2
 
 
 def _row_sums(pred, labels, mask):
@@ -67,31 +64,27 @@ def _row_sums(pred, labels, mask):
 @functools.partial(jax.jit, static_argnames=("k_grid", "num_classes"))
 def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_labels,
                  temperature, sigmas, mixes, lambdas, *, k_grid, num_classes):
-  """Sums over the chunk's rows, per fold (``mask`` ``[2, q]``: each fold's real rows). ResMem
-  ``[len(k_grid), S, 2, 2 * (2 + M)]``: hits and squared loss of p + r, the log loss of the
-  probability output at each base mix, then the same values' squared differences from the base
-  model's; kNN-LM (when ``lambdas`` is given) ``[len(k_grid), S, L, 3]`` over both folds: hits,
-  squared loss, log loss."""
+  """Sums over the chunk's rows, per fold (``mask`` ``[2, q]``: each fold's real rows): ResMem
+  ``[len(k_grid), S, 2, 2 + M]`` (hits and squared loss of p + r, then the log loss of the
+  probability output at each base mix); kNN-LM (when ``lambdas`` is given) ``[len(k_grid), S, L,
+  3]`` over both folds (hits, squared loss, log loss); the base model at this temperature
+  ``[2, 3]``."""
   both = mask.sum(axis=0)
   base = predictor.base_prediction(logits, temperature)
   base_1 = predictor.base_prediction(logits, 1.0)
-  base_rows = metrics.per_row(base_1, labels)
   resmem_out, knn_out = [], []
   for k in k_grid:
     d, v = distances[:, :k], values[:, :k]
     c = None if columns is None else columns[:, :k]
 
-    def per_sigma(sigma, d=d, v=v, c=c, k=k):
+    def per_sigma(sigma, d=d, v=v, c=c):
       w = predictor.neighbour_weights(d, sigma)
       pred = predictor.resmem_prediction(base, w, v, c)
       rows = metrics.per_row(pred, labels)
       row_log_losses = jax.vmap(lambda mix: metrics.per_row(
           predictor.resmem_probabilities(pred, base_1, mix), labels)["log_loss"])(mixes)  # [M, q]
       values = jnp.concatenate([jnp.stack([rows["hit"], rows["squared_loss"]]), row_log_losses])
-      # Per-row differences from the base model, squared: their spread tests a gain's significance.
-      base_values = jnp.stack([base_rows["hit"], base_rows["squared_loss"]]
-                              + [base_rows["log_loss"]] * row_log_losses.shape[0])
-      resmem = jnp.concatenate([values @ mask.T, ((values - base_values) ** 2) @ mask.T]).T
+      resmem = (values @ mask.T).T
       if lambdas is None:
         return resmem, jnp.zeros((0, 3))
       p_knn = predictor.knn_distribution(w, neighbour_labels[:, :k], num_classes)
@@ -102,12 +95,13 @@ def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_lab
     resmem, knn = jax.vmap(per_sigma)(sigmas)
     resmem_out.append(resmem)
     knn_out.append(knn)
-  return jnp.stack(resmem_out), jnp.stack(knn_out)
+  base_sums = jax.vmap(lambda m: _row_sums(base, labels, m))(mask)
+  return jnp.stack(resmem_out), jnp.stack(knn_out), base_sums
 
 
 @jax.jit
-def _base_sums(logits, labels, mask):
-  """The base model's sums per fold, ``[2, 3]``."""
+def _base_1_sums(logits, labels, mask):
+  """The base model's own (T = 1) sums per fold, ``[2, 3]``."""
   base = predictor.base_prediction(logits, 1.0)
   return jax.vmap(lambda m: _row_sums(base, labels, m))(mask)
 
@@ -122,6 +116,12 @@ def _check_grid(name: str, values, high: float | None = None) -> tuple:
   return values
 
 
+def check_criterion(by: str) -> str:
+  if by not in CRITERIA:
+    raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
+  return by
+
+
 # neighbour_rows(temperature, ids [c, k]) -> (values [c, k, m], columns [c, k, m] or None)
 NeighbourRows = Callable[[float, np.ndarray], tuple]
 
@@ -132,26 +132,31 @@ class SelectionSweep:
   Args:
     k_grid, sigma_grid (absolute), temperature_grid: the ResMem grid.
     num_classes: C, the width of a prediction row.
+    mix_grid: candidate mixes of the probability output with the base model.
     lambda_grid: kNN-LM mixture weights; None scores ResMem only.
+    fold_block: consecutive validation rows dealt to the same fold (:func:`fold_of`).
     max_elements: bounds the floats held per jitted chunk (rows x grid x C).
   """
 
   def __init__(self, *, k_grid: Sequence[int], sigma_grid: Sequence[float],
                temperature_grid: Sequence[float], num_classes: int,
                mix_grid: Sequence[float] = (1.0,), lambda_grid: Sequence[float] | None = None,
-               max_elements: int = 1 << 24):
+               fold_block: int = 1, max_elements: int = 1 << 24):
     self.k_grid = tuple(sorted({int(k) for k in _check_grid("k_grid", k_grid)}))
     self.sigma_grid = _check_grid("sigma_grid", sigma_grid)
     self.temperature_grid = _check_grid("temperature_grid", temperature_grid)
     self.lambda_grid = None if lambda_grid is None else _check_grid("knn_lambda_grid", lambda_grid, 1.0)
     self.mix_grid = _check_mixes(mix_grid)
     self.num_classes = int(num_classes)
+    if int(fold_block) != fold_block or fold_block < 1:
+      raise ValueError(f"fold_block must be a positive integer, got {fold_block!r}")
+    self.fold_block = int(fold_block)
     self.max_elements = int(max_elements)
     shape = (len(self.temperature_grid), len(self.k_grid), len(self.sigma_grid))
-    # Sums per fold: validation row i belongs to fold i % 2 (see held_out_p_value).
-    self._resmem = np.zeros(shape + (2, 2 * (2 + len(self.mix_grid))))
+    self._resmem = np.zeros(shape + (2, 2 + len(self.mix_grid)))  # per fold
     self._knn = np.zeros(shape + (len(self.lambda_grid or ()), 3))
-    self._base = np.zeros((2, 3))
+    self._base = np.zeros((len(self.temperature_grid), 2, 3))  # per T and fold
+    self._base_1 = np.zeros((2, 3))  # T = 1, whether or not the grid holds it
     self.fold_counts = np.zeros(2, np.int64)
     self.count = 0
 
@@ -160,7 +165,7 @@ class SelectionSweep:
     return self.k_grid[-1]
 
   def _chunk_rows(self, q: int, width: int) -> int:
-    heads = len(self.sigma_grid) * (len(self.lambda_grid or ()) + len(self.mix_grid) + 2)
+    heads = len(self.sigma_grid) * (len(self.lambda_grid or ()) + len(self.mix_grid) + 1)
     per_row = self.k_max * width + heads * self.num_classes
     rows = max(8, self.max_elements // max(1, per_row))
     return int(min(rows, -(-q // 8) * 8))
@@ -191,55 +196,56 @@ class SelectionSweep:
     sigmas = jnp.asarray(self.sigma_grid, jnp.float32)
     mixes = jnp.asarray(self.mix_grid, jnp.float32)
     lambdas = None if self.lambda_grid is None else jnp.asarray(self.lambda_grid, jnp.float32)
+    folds = fold_of(self.count + np.arange(q), self.fold_block)
     # Chunk size from one row's width (dense C or sparse m); every chunk is padded to it, so
     # each shape compiles once.
     probe_values, _ = neighbour_rows(self.temperature_grid[0], ids[:1])
     chunk = self._chunk_rows(q, np.shape(probe_values)[-1])
     for start in range(0, q, chunk):
+      rows = slice(start, min(q, start + chunk))
+      pad = lambda x: None if x is None else _pad(np.asarray(x), chunk)
+      mask = np.stack([pad((folds[rows] == f).astype(np.float32)) for f in (0, 1)])
+      nb_labels = None if lambdas is None else pad(np.asarray(neighbour_labels)[rows, :self.k_max])
+      self._base_1 += np.asarray(_base_1_sums(pad(logits[rows]), pad(labels[rows]), mask))
       for t_index, temperature in enumerate(self.temperature_grid):
-        rows = slice(start, min(q, start + chunk))
         values, columns = neighbour_rows(temperature, ids[rows])
-        pad = lambda x: None if x is None else _pad(np.asarray(x), chunk)
-        nb_labels = None if lambdas is None else pad(np.asarray(neighbour_labels)[rows, :self.k_max])
-        fold = (self.count + np.arange(rows.start, rows.stop)) % 2
-        mask = np.stack([pad((fold == f).astype(np.float32)) for f in (0, 1)])
-        resmem, knn = _score_chunk(
+        resmem, knn, base = _score_chunk(
             pad(distances[rows]), pad(np.asarray(values, np.float32)),
             None if columns is None else pad(np.asarray(columns, np.int32)),
             pad(logits[rows]), pad(labels[rows]), mask, nb_labels, jnp.float32(temperature),
             sigmas, mixes, lambdas, k_grid=self.k_grid, num_classes=self.num_classes)
         self._resmem[t_index] += np.asarray(resmem, np.float64)
+        self._base[t_index] += np.asarray(base, np.float64)
         if lambdas is not None:
           self._knn[t_index] += np.asarray(knn, np.float64)
-        if t_index == 0:
-          self._base += np.asarray(_base_sums(pad(logits[rows]), pad(labels[rows]), mask))
-    self.fold_counts += np.bincount((self.count + np.arange(q)) % 2, minlength=2)
+    self.fold_counts += np.bincount(folds, minlength=2)
     self.count += q
 
-  def _folds(self, fold: int | None) -> tuple[slice | int, int]:
+  def _rows(self, fold: int | None) -> tuple[slice | int, int]:
+    if self.count == 0:
+      raise ValueError("the validation sweep saw no rows")
     if fold is None:
       return slice(None), self.count
+    if fold not in (0, 1):
+      raise ValueError(f"fold must be 0, 1 or None, got {fold!r}")
     return fold, int(self.fold_counts[fold])
 
   def _point(self, ti: int, ki: int, si: int, fold: int | None, mix: int | None = None):
     """The ResMem grid point on ``fold`` (None: all rows), at base mix index ``mix`` (None: the
     one with the lowest log loss on those rows)."""
-    where, count = self._folds(fold)
-    sums, squares = np.split(np.sum(np.atleast_2d(self._resmem[ti, ki, si, where]), axis=0)
-                             / max(count, 1), 2)
-    hits, squared, *log_losses = sums
+    where, count = self._rows(fold)
+    hits, squared, *log_losses = (np.sum(np.atleast_2d(self._resmem[ti, ki, si, where]), axis=0)
+                                  / max(count, 1))
     if mix is None:
       mix = int(np.argmin(log_losses))  # ties: the first, i.e. the least base
-    diff_squares = (float(squares[0]), float(squares[1]), float(squares[2 + mix]))
     return GridPoint(self.k_grid[ki], self.sigma_grid[si], self.temperature_grid[ti],
                      float(hits), float(squared), float(log_losses[mix]),
-                     base_mix=self.mix_grid[mix], diff_squares=diff_squares)
+                     base_mix=self.mix_grid[mix])
 
   def points(self, fold: int | None = None) -> tuple[list[GridPoint], list[GridPoint]]:
     """(ResMem points, kNN-LM points) with mean scores over all rows (or one fold's, ResMem
     only); kNN-LM's list is empty without lambdas."""
-    if self.count == 0:
-      raise ValueError("the validation sweep saw no rows")
+    self._rows(fold)
     resmem, knn = [], []
     for ti, t in enumerate(self.temperature_grid):
       for ki, k in enumerate(self.k_grid):
@@ -250,39 +256,56 @@ class SelectionSweep:
                                  knn_lambda=lam))
     return resmem, knn
 
-  def base_scores(self, fold: int | None = None) -> dict:
-    """The base model's (T = 1) validation accuracy, squared loss and log loss (all rows or one
-    fold's)."""
-    if self.count == 0:
-      raise ValueError("the validation sweep saw no rows")
-    where, count = self._folds(fold)
-    hit, squared, log_loss = np.sum(np.atleast_2d(self._base[where]), axis=0) / max(count, 1)
+  def base_scores(self, fold: int | None = None, temperature: float = 1.0) -> dict:
+    """The base model's validation accuracy, squared loss and log loss at ``temperature`` (one of
+    the grid's, or 1), on all rows or one fold's."""
+    where, count = self._rows(fold)
+    t = float(temperature)
+    if t == 1.0:
+      sums = self._base_1[where]
+    elif t in self.temperature_grid:
+      sums = self._base[self.temperature_grid.index(t)][where]
+    else:
+      raise ValueError(f"temperature {t} is not in the sweep's grid {self.temperature_grid}")
+    sums = np.sum(np.atleast_2d(sums), axis=0)
+    hit, squared, log_loss = sums / max(count, 1)
     return {"accuracy": float(hit), "squared_loss": float(squared), "log_loss": float(log_loss)}
 
-  def held_out_p_value(self, by: str = "squared_loss") -> float:
-    """How significantly choosing by ``by`` beats the base model on rows it was not chosen on.
+  def base_points(self, fold: int | None = None) -> list[GridPoint]:
+    """The base model at every temperature of the grid (``k = 0``: no memory)."""
+    return [GridPoint(0, 0.0, t, **self.base_scores(fold, t)) for t in self.temperature_grid]
 
-    Cross-fitting: the point chosen on fold 0 is scored on fold 1's rows and the point chosen on
-    fold 1 on fold 0's, so every validation row gives one held-out difference from the base
-    model; the one-sided paired z-test of :func:`gain_p_value` runs on all of them. 1 when a fold
-    is empty or the held-out gain is not positive.
+  def held_out_scores(self, by: str, temperatures: Sequence[float] | None = None) -> dict:
+    """How a selection rule does on rows it did not choose on (cross-fitting).
+
+    The point chosen by ``by`` on one fold (among the points whose T is in ``temperatures``,
+    default all) is scored on the other fold's rows, both ways; each fold's scores weigh by its
+    rows. Returns ResMem's held-out ``accuracy`` / ``squared_loss`` / ``log_loss``, the same for
+    the base model (T = 1) as ``base_*``, and the two choices.
     """
+    check_criterion(by)
+    allowed = self.temperature_grid if temperatures is None else tuple(map(float, temperatures))
+    if not set(allowed) <= set(self.temperature_grid):
+      raise ValueError(f"temperatures {allowed} are not all in the sweep's grid "
+                       f"{self.temperature_grid}")
     if min(self.fold_counts) == 0:
-      return 1.0
-    if by not in CRITERIA:
-      raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
-    column = CRITERIA_COLUMN[by]
-    sign = 1.0 if by == "accuracy" else -1.0  # improvement per row: more hits, less loss
-    gain = squares = 0.0
+      raise ValueError("held-out scores need validation rows in both folds")
+    out = {name: 0.0 for name in ("accuracy", "squared_loss", "log_loss", "base_accuracy",
+                                  "base_squared_loss", "base_log_loss")}
+    chosen = []
     for chosen_on, tested_on in ((0, 1), (1, 0)):
-      chosen = best(self.points(chosen_on)[0], by)
-      index = (self.temperature_grid.index(chosen.temperature), self.k_grid.index(chosen.k),
-               self.sigma_grid.index(chosen.sigma))
-      held = self._point(*index, tested_on, mix=self.mix_grid.index(chosen.base_mix))
+      point = best([p for p in self.points(chosen_on)[0] if p.temperature in allowed], by)
+      index = (self.temperature_grid.index(point.temperature), self.k_grid.index(point.k),
+               self.sigma_grid.index(point.sigma))
+      held = self._point(*index, tested_on, mix=self.mix_grid.index(point.base_mix))
+      base = self.base_scores(tested_on, 1.0)
       share = self.fold_counts[tested_on] / self.count
-      gain += share * sign * (getattr(held, by) - self.base_scores(tested_on)[by])
-      squares += share * held.diff_squares[column]
-    return _paired_z_p_value(gain, squares, self.count)
+      for name in ("accuracy", "squared_loss", "log_loss"):
+        out[name] += share * getattr(held, name)
+        out[f"base_{name}"] += share * base[name]
+      chosen.append(point)
+    out["chosen"] = [dataclasses.asdict(p) for p in chosen]
+    return out
 
 
 def _check_mixes(values) -> tuple:
@@ -301,35 +324,11 @@ def best(points: Sequence[GridPoint], by: str = "squared_loss") -> GridPoint:
   """The grid point chosen by criterion ``by`` (see the module docstring)."""
   if not points:
     raise ValueError("no grid points to choose from")
+  check_criterion(by)
   r = lambda x: round(float(x), 9)
   keys = {
       "squared_loss": lambda p: (r(p.squared_loss), -r(p.accuracy), p.k),
       "accuracy": lambda p: (-r(p.accuracy), r(p.log_loss), p.k),
       "log_loss": lambda p: (r(p.log_loss), -r(p.accuracy), p.k),
   }
-  if by not in keys:
-    raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
   return min(points, key=keys[by])
-
-
-def _paired_z_p_value(gain: float, mean_square: float, rows: int) -> float:
-  """One-sided p-value of a mean per-row improvement ``gain`` whose per-row differences have mean
-  square ``mean_square`` (normal approximation; 1 when there is no improvement at all)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  if round(gain, 12) <= 0:
-    return 1.0
-  variance = max(mean_square - gain * gain, 0.0)
-  if variance == 0.0:
-    return 0.0
-  return float(stats.norm.sf(gain / np.sqrt(variance / rows)))
-
-
-def gain_p_value(point: GridPoint, base: dict, by: str, rows: int) -> float:
-  """One-sided p-value that ``point`` beats the base model on criterion ``by`` over ``rows``
-  validation rows: a paired z-test on the per-row differences (normal approximation; 1 when the
-  point is not better at all)."""
-  if by not in CRITERIA:
-    raise ValueError(f"selection criterion must be one of {CRITERIA}, got {by!r}")
-  sign = 1.0 if by == "accuracy" else -1.0  # improvement per row: more hits, less loss
-  return _paired_z_p_value(sign * (getattr(point, by) - base[by]),
-                           point.diff_squares[CRITERIA_COLUMN[by]], rows)

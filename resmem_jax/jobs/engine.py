@@ -37,9 +37,11 @@ from resmem_jax import jsonio
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import resmem as resmem_lib
 from resmem_jax import settings as settings_lib
+from resmem_jax.core import gate
 from resmem_jax.core import metrics
 from resmem_jax.core import predictor
 from resmem_jax.core import selection
+from resmem_jax.jobs import report
 
 # Floats of one chunk's vocabulary-wide arrays (logits, predictions) held at once: 2^26 is 256 MB.
 CHUNK_ELEMENTS = 1 << 26
@@ -65,21 +67,28 @@ class BaseModel:
 @dataclasses.dataclass
 class Choice:
   """The chosen hyperparameters and how they were chosen (saved with the memory)."""
-  resmem: dict                    # k, sigma, temperature (+ validation scores)
+  resmem: dict                    # k, sigma, temperature, base_mix (+ validation scores)
   knnlm: dict | None              # k, sigma, temperature, lambda (+ validation scores)
   chosen_on: str                  # "validation" or "fixed"
   sigma_scale: float | None       # the unit of a relative sigma grid
   validation_base: dict | None    # the base model's validation scores
   validation_rows: int
   grid: list                      # every grid point's validation scores
+  gate: dict | None = None        # the opt-in gate's decision (core/gate.py), None when off
 
 
 class Passes:
-  """Inference passes of the base model over the data set's splits."""
+  """Inference passes of the base model over the data set's splits.
 
-  def __init__(self, dataset, model: BaseModel, batch_size: int, progress: bool):
+  ``fold_block``: rows per example (1 for images, a sequence's tokens for text); the validation
+  folds and the gate's test units are made of whole blocks.
+  """
+
+  def __init__(self, dataset, model: BaseModel, batch_size: int, progress: bool,
+               fold_block: int = 1):
     self.dataset = dataset
     self.model = model
+    self.fold_block = int(fold_block)
     self.mesh = mesh_lib.data_mesh()
     self.batch_size = mesh_lib.pad_to_multiple(int(batch_size), mesh_lib.num_data_shards(self.mesh))
     self.progress = progress
@@ -98,6 +107,11 @@ class Passes:
                               total_batches=total, progress=self.progress, local=local)
 
 
+def rows_per_example(info) -> int:
+  """Rows one example gives: a row per token of a text sequence, one per image."""
+  return int(np.prod(info.input_shape)) if info.input_dtype == "int32" else 1
+
+
 def chunk_rows(num_classes: int, low: int = 256, high: int = 65536) -> int:
   """Rows per chunk so that a chunk's ``[rows, C]`` arrays stay near CHUNK_ELEMENTS floats."""
   return int(min(high, max(low, CHUNK_ELEMENTS // max(1, num_classes))))
@@ -114,26 +128,10 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   record (a model trained with other settings is refused; ``start_over`` moves that run to
   WORKDIR/superseded/ first).
   """
-  from resmem_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from resmem_jax import training  # pylint: disable=g-import-not-at-top
-
-  settings_lib.check(settings)
-  mesh_lib.initialize_distributed(settings.train)
-  dataset = data_lib.get_dataset(settings.data)
-  info = dataset.info
-  _check_before_training(settings, dataset)
-  sizes = ", ".join(f"{dataset.num_examples(split):,} {split}" for split in ("train", "validation",
-                                                                            "test"))
-  log.info("data: %s, %s %s, %d %s", info.name, sizes,
-           "sequences" if info.input_dtype == "int32" else "examples", info.num_classes,
-           "tokens" if info.input_dtype == "int32" else "classes")
-
   workdir = pathlib.Path(workdir)
-  trained = training.train_model(settings, dataset, workdir, start_over=start_over,
-                                 progress=progress)
-  model = _base_model(trained, info.num_classes, settings.model)
-  passes = Passes(dataset, model, settings.resmem.eval_batch_size, progress)
-
+  info, trained, passes = trained_passes(settings, workdir, progress=progress,
+                                         start_over=start_over)
+  model = passes.model
   memory, choice, tuning, reused = _memory(settings, passes, workdir)
   start = time.perf_counter()
   evaluation = evaluate(passes, memory, choice, settings.resmem, "test", timed=True)
@@ -148,13 +146,37 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   return results
 
 
+def trained_passes(settings: settings_lib.Settings, workdir: pathlib.Path, *, progress: bool,
+                   start_over: bool = False):
+  """``(data set info, trained model, Passes)``: the settings and data checked, the model trained
+  into ``workdir`` (or resumed, or reused when finished)."""
+  from resmem_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from resmem_jax import training  # pylint: disable=g-import-not-at-top
+
+  settings_lib.check(settings)
+  mesh_lib.initialize_distributed(settings.train)
+  dataset = data_lib.get_dataset(settings.data)
+  info = dataset.info
+  _check_before_training(settings, dataset)
+  sizes = ", ".join(f"{dataset.num_examples(split):,} {split}" for split in ("train", "validation",
+                                                                            "test"))
+  log.info("data: %s, %s %s, %d %s", info.name, sizes,
+           "sequences" if info.input_dtype == "int32" else "examples", info.num_classes,
+           "tokens" if info.input_dtype == "int32" else "classes")
+  trained = training.train_model(settings, dataset, workdir, start_over=start_over,
+                                 progress=progress)
+  model = _base_model(trained, info.num_classes, settings.model)
+  passes = Passes(dataset, model, settings.resmem.eval_batch_size, progress,
+                  fold_block=rows_per_example(info))
+  return info, trained, passes
+
+
 def _check_before_training(settings, dataset) -> None:
   """What can only be checked once the data set's size is known, still before training."""
   r = settings.resmem
   if settings_lib.needs_validation(r) and dataset.num_examples("validation") == 0:
     raise settings_lib.SettingsError(
-        "the validation split is empty: set data.val_fraction > 0, or fix resmem.k, resmem.sigma "
-        "and resmem.temperature")
+        f"the validation split is empty; {settings_lib.validation_needed_message(r)}")
   if r.tune_recall is not None:
     from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
     options = memory_lib.parse_backend_options(r.backend_options)
@@ -200,9 +222,10 @@ def memory_signature(settings: settings_lib.Settings, model_digest: str) -> dict
       "resmem": settings_lib.json_ready({name: getattr(r, name) for name in (
           "backend", "backend_options", "residual_format", "top_m", "k", "sigma", "temperature",
           "k_grid", "sigma_grid", "sigma_relative", "temperature_grid", "select_by", "base_mix",
-          "base_mix_grid", "memorize_if_p_below", "knnlm", "knn_lambda", "knn_lambda_grid",
+          "base_mix_grid", "gate_alpha", "knnlm", "knn_lambda", "knn_lambda_grid",
           "max_validation_rows", "tune_recall")}),
-      "gate_rule": selection.GATE_RULE,
+      "gate_rule": gate.GATE_RULE if r.gate_alpha is not None else None,
+      "probability_rule": predictor.PROBABILITY_RULE,
       # A memory split across hosts is one part per process: reusable by as many processes only.
       "memory_hosts": jax.process_count() if settings.resmem.memory_across_hosts else 1,
   }
@@ -262,8 +285,10 @@ def _saved_memory(mem_dir: pathlib.Path, signature: dict, across_hosts: bool):
     return None
 
 
-def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_name: str):
-  """The memory at the chosen temperature, the choice, and the ScaNN query tuning (or None)."""
+def build_memory(r: settings_lib.ResMemSettings, passes: Passes, dataset_name: str):
+  """The memory of the training split: ``(memory with the first temperature's residuals,
+  {temperature: residual store}, metadata)``; one inference pass gives the keys and the residual
+  rows at every candidate temperature, one index serves them all."""
   from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
   from resmem_jax.memory import store as store_lib  # pylint: disable=g-import-not-at-top
   from resmem_jax.memory import hosts  # pylint: disable=g-import-not-at-top
@@ -289,8 +314,13 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
   del train
   log.info("memory: %s rows of dimension %d (%s, %s residuals) in %.1f s", f"{memory.size:,}", dim,
            r.backend, r.residual_format, time.perf_counter() - start)
-  start = time.perf_counter()
+  return memory, stores, metadata
 
+
+def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_name: str):
+  """The memory at the chosen temperature, the choice, and the ScaNN query tuning (or None)."""
+  memory, stores, metadata = build_memory(r, passes, dataset_name)
+  start = time.perf_counter()
   if settings_lib.needs_validation(r):
     by_temperature = {t: memory.with_store(store) for t, store in stores.items()}
     choice, validation_queries = select_on_validation(r, passes, memory, by_temperature)
@@ -301,12 +331,11 @@ def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_nam
   res = choice.resmem
   chosen = (f"k={res['k']} sigma={res['sigma']:.4g} T={res['temperature']:g}"
             + (f" base_mix={res['base_mix']:g}" if res.get("base_mix") is not None else ""))
-  if not res.get("memorize", True):
-    chosen = (f"declined to memorize (the held-out validation gain on {r.select_by} has "
-              f"p = {res['validation_gain_p_value']:.2g})")
-  how = (f"chosen on {choice.validation_rows:,} validation rows" if choice.validation_rows
+  how = (f"chosen on {choice.validation_rows:,} validation rows" if choice.chosen_on == "validation"
          else "fixed in the config")
   log.info("selection: %s, %s in %.1f s", chosen, how, time.perf_counter() - start)
+  if choice.gate is not None:
+    log.info("gate (opt-in): %s", report.gate_sentence(choice.gate))
   tuning = None
   if r.tune_recall is not None:
     # ScaNN's query settings on the real query distribution (validation embeddings) at the
@@ -324,7 +353,7 @@ def fixed_choice(r: settings_lib.ResMemSettings) -> Choice:
   if r.knnlm:
     knn = {"k": r.k, "sigma": r.sigma, "temperature": r.temperature, "lambda": r.knn_lambda}
   return Choice(resmem={"k": r.k, "sigma": r.sigma, "temperature": r.temperature,
-                        "base_mix": r.base_mix, "memorize": True}, knnlm=knn,
+                        "base_mix": r.base_mix}, knnlm=knn,
                 chosen_on="fixed", sigma_scale=None, validation_base=None, validation_rows=0,
                 grid=[])
 
@@ -340,13 +369,15 @@ def sigma_scale(nearest_distances: np.ndarray) -> float:
   return scale
 
 
-def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
-                         by_temperature: dict):
-  """Streams the validation rows through the selection sweep (``by_temperature``: the memory with
-  each temperature's residuals).
+def _validation_chunks(r: settings_lib.ResMemSettings, passes: Passes) -> Iterator[inference.Rows]:
+  return inference.rechunk(passes.rows("validation", passes.forward(with_logits=True)),
+                           chunk_rows(passes.model.num_classes), limit=r.max_validation_rows)
 
-  Returns the choice and the first chunk's embeddings (the queries ScaNN's settings are tuned on).
-  """
+
+def validation_sweep(r: settings_lib.ResMemSettings, passes: Passes, memory, by_temperature: dict):
+  """Streams the validation rows through the selection sweep (``by_temperature``: the memory with
+  each temperature's residuals). Returns the sweep, the sigma grid's unit (or None) and the first
+  chunk's embeddings (the queries ScaNN's settings are tuned on)."""
   num_classes = passes.model.num_classes
   k_grid = (r.k,) if r.k is not None else tuple(k for k in r.k_grid if k <= memory.size)
   if not k_grid:
@@ -357,11 +388,8 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
   lambda_grid = None
   if r.knnlm:
     lambda_grid = (r.knn_lambda,) if r.knn_lambda is not None else r.knn_lambda_grid
-  validation = inference.rechunk(
-      passes.rows("validation", passes.forward(with_logits=True)), chunk_rows(num_classes),
-      limit=r.max_validation_rows)
   sweep, scale, tuning_queries = None, None, None
-  for chunk in validation:
+  for chunk in _validation_chunks(r, passes):
     if sweep is None:
       tuning_queries = chunk.embeddings
       if r.tune_recall is not None:
@@ -369,8 +397,8 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
         # choice is made on neighbours as good as the ones served.
         tuned = memory.tune_search(chunk.embeddings, k_max, r.tune_recall)
         log.debug("ScaNN settings for the k=%d selection query: leaves %s, reorder %s, "
-                     "recall %.4f", k_max, tuned["leaves_to_search"], tuned["reorder"],
-                     tuned["recall"])
+                  "recall %.4f", k_max, tuned["leaves_to_search"], tuned["reorder"],
+                  tuned["recall"])
       distances, ids = memory.search(chunk.embeddings, k_max)
       if r.sigma is not None:
         sigma_grid, scale = (r.sigma,), None
@@ -385,7 +413,7 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
           k_grid=k_grid, sigma_grid=sigma_grid, temperature_grid=_temperatures(r),
           num_classes=num_classes,
           mix_grid=(r.base_mix,) if r.base_mix is not None else r.base_mix_grid,
-          lambda_grid=lambda_grid)
+          lambda_grid=lambda_grid, fold_block=passes.fold_block)
     else:
       distances, ids = memory.search(chunk.embeddings, k_max)
     sweep.add(distances, ids, chunk.logits, chunk.labels,
@@ -393,36 +421,69 @@ def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
               neighbour_labels=None if lambda_grid is None else memory.labels_of(ids))
   if sweep is None:
     raise ValueError("the validation split produced no rows")
+  return sweep, scale, tuning_queries
+
+
+def select_on_validation(r: settings_lib.ResMemSettings, passes: Passes, memory,
+                         by_temperature: dict):
+  """ResMem's (and kNN-LM's) choice on the validation split, and the gate's decision when asked.
+
+  Returns the choice and the first chunk's embeddings (the queries ScaNN's settings are tuned on).
+  """
+  sweep, scale, tuning_queries = validation_sweep(r, passes, memory, by_temperature)
   resmem_points, knn_points = sweep.points()
   best = selection.best(resmem_points, r.select_by)
   fixed = r.k is not None and r.sigma is not None and r.temperature is not None
-  # Never worse than the base, as a method: unless choosing on validation beats the base model
-  # significantly on validation rows the choice was not made on, ResMem declines to memorize
-  # and is the base model.
-  p_value = sweep.held_out_p_value(r.select_by)
-  memorize = fixed or r.memorize_if_p_below is None or p_value <= r.memorize_if_p_below
   chosen = {"k": best.k, "sigma": best.sigma, "temperature": best.temperature,
-            "base_mix": best.base_mix, "memorize": bool(memorize),
-            "validation_gain_p_value": p_value,
-            "validation_accuracy": best.accuracy, "validation_squared_loss": best.squared_loss,
-            "validation_log_loss": best.log_loss}
-  if not memorize:
-    base = sweep.base_scores()
-    chosen.update(validation_accuracy=base["accuracy"],
-                  validation_squared_loss=base["squared_loss"],
-                  validation_log_loss=base["log_loss"])
+            "base_mix": best.base_mix, "validation_accuracy": best.accuracy,
+            "validation_squared_loss": best.squared_loss, "validation_log_loss": best.log_loss}
   knn = None
-  if lambda_grid is not None:
+  if sweep.lambda_grid is not None:
     best_knn = selection.best(knn_points, r.select_by)
     knn = {"k": best_knn.k, "sigma": best_knn.sigma, "temperature": best_knn.temperature,
            "lambda": best_knn.knn_lambda, "validation_accuracy": best_knn.accuracy,
            "validation_squared_loss": best_knn.squared_loss,
            "validation_log_loss": best_knn.log_loss}
+  gate_block = (gate_on_validation(r, passes, by_temperature, sweep)
+                if r.gate_alpha is not None else None)
   log.debug("chosen on %d validation rows: ResMem %s; kNN-LM %s", sweep.count, chosen, knn)
   return Choice(resmem=chosen, knnlm=knn, chosen_on="fixed" if fixed else "validation",
                 sigma_scale=scale, validation_base=sweep.base_scores(),
                 validation_rows=sweep.count,
-                grid=[dataclasses.asdict(p) for p in resmem_points + knn_points]), tuning_queries
+                grid=[dataclasses.asdict(p) for p in resmem_points + knn_points],
+                gate=gate_block), tuning_queries
+
+
+def gate_on_validation(r: settings_lib.ResMemSettings, passes: Passes, by_temperature: dict,
+                       sweep: selection.SelectionSweep) -> dict:
+  """The opt-in gate (``core/gate.py``): the choice on the sweep's fold 0, then a second pass over
+  the validation rows scores that choice and the comparator on fold 1's rows."""
+  half = gate.choose_on_selection_half(sweep, r.select_by)
+  memory = by_temperature[half.point.temperature]
+  parts = {"resmem": [], "comparator": [], "units": []}
+  seen = 0
+  for chunk in _validation_chunks(r, passes):
+    index = seen + np.arange(chunk.size)
+    seen += chunk.size
+    test = selection.fold_of(index, sweep.fold_block) == 1
+    if not test.any():
+      continue
+    distances, ids = memory.search(chunk.embeddings, int(half.point.k))
+    values, columns = memory.residual_rows(ids)
+    resmem, comparator = gate.score_rows(half, chunk.logits, chunk.labels, distances, values,
+                                         columns)
+    parts["resmem"].append({n: v[test] for n, v in resmem.items()})
+    parts["comparator"].append({n: v[test] for n, v in comparator.items()})
+    parts["units"].append(index[test] // sweep.fold_block)
+  if not parts["units"]:
+    raise ValueError("resmem.gate_alpha: the validation split has no rows in the gate's test half "
+                     "(it needs at least two units of rows); give more validation rows or unset "
+                     "resmem.gate_alpha")
+  joined = {name: {n: np.concatenate([p[n] for p in parts[name]]) for n in parts[name][0]}
+            for name in ("resmem", "comparator")}
+  test = gate.held_out_test(joined["resmem"], joined["comparator"],
+                            np.concatenate(parts["units"]), r.select_by)
+  return gate.decision(r.gate_alpha, r.select_by, half, test)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -470,23 +531,16 @@ class _Totals:
 
 def predict_rows(memory, choice: Choice, chunk: inference.Rows):
   """``(p_base, ResMem's p + r, ResMem's probabilities, kNN-LM's prediction or None)`` for one chunk
-  of rows; one neighbour query serves both heads. A ResMem that declined to memorize is the base
-  model."""
+  of rows; one neighbour query serves both heads."""
   res = choice.resmem
   base_1 = _base_prediction(chunk.logits, np.float32(1.0))
-  memorize = res.get("memorize", True)
-  k_query = max(int(res["k"]) if memorize else 0,
-                int(choice.knnlm["k"]) if choice.knnlm else 0)
-  distances = ids = None
-  if k_query:
-    distances, ids = memory.search(chunk.embeddings, k_query)
-  resmem_pred = resmem_prob = base_1
-  if memorize:
-    k = int(res["k"])
-    base_t = _base_prediction(chunk.logits, np.float32(res["temperature"]))
-    resmem_pred = resmem_lib.combine(base_t, distances[:, :k], memory.residual_rows(ids[:, :k]),
-                                     res["sigma"])
-    resmem_prob = _probabilities(resmem_pred, base_1, np.float32(res["base_mix"]))
+  k = int(res["k"])
+  k_query = max(k, int(choice.knnlm["k"]) if choice.knnlm else 0)
+  distances, ids = memory.search(chunk.embeddings, k_query)
+  base_t = _base_prediction(chunk.logits, np.float32(res["temperature"]))
+  resmem_pred = resmem_lib.combine(base_t, distances[:, :k], memory.residual_rows(ids[:, :k]),
+                                   res["sigma"])
+  resmem_prob = _probabilities(resmem_pred, base_1, np.float32(res["base_mix"]))
   knn_pred = None
   if choice.knnlm:
     knn = choice.knnlm
@@ -540,8 +594,6 @@ def _time_prediction(passes, memory, choice, split, forward, rows_per_chunk, rep
     spent_forward = spent_query = 0.0
     for chunk in inference.rechunk(passes.rows(split, forward), rows_per_chunk):
       spent_forward += chunk.seconds
-      if not res.get("memorize", True):
-        continue  # ResMem is the base model: nothing beyond the forward pass
       start = time.perf_counter()
       distances, ids = memory.search(chunk.embeddings, int(res["k"]))
       base_t = _base_prediction(chunk.logits, np.float32(res["temperature"]))
@@ -577,11 +629,11 @@ def assemble_results(settings, info, model: BaseModel, memory, choice: Choice, t
       block["train_accuracy"] = train_eval[head]["train_accuracy"]
     blocks[head] = block
   res = choice.resmem
+  # ResMem always memorizes (the paper's rule): every figure under "resmem" is the memory's. The
+  # opt-in gate's decision is its own block.
   hparams = {"k": int(res["k"]), "sigma": float(res["sigma"]),
              "temperature": float(res["temperature"]), "base_mix": res.get("base_mix"),
-             "memorize": bool(res.get("memorize", True)),
-             "validation_gain_p_value": res.get("validation_gain_p_value"),
-             "chosen_on": choice.chosen_on,
+             "memorize": True, "chosen_on": choice.chosen_on,
              "select_by": settings.resmem.select_by, "sigma_scale": choice.sigma_scale}
   if choice.knnlm:
     hparams["knnlm"] = {name: choice.knnlm[name] for name in ("k", "sigma", "temperature", "lambda")}
@@ -593,6 +645,7 @@ def assemble_results(settings, info, model: BaseModel, memory, choice: Choice, t
                    "test": int(evaluation["rows"])},
       **blocks,
       "hparams": hparams,
+      "gate": choice.gate if choice.gate is not None else {"enabled": False},
       "memory": {"backend": memory.backend, "residual_format": memory.residual_format,
                  "top_m": settings.resmem.top_m if memory.residual_format == "sparse" else None,
                  "size": int(memory.size), "dim": int(memory.dim), "reused": bool(reused),
@@ -605,8 +658,8 @@ def assemble_results(settings, info, model: BaseModel, memory, choice: Choice, t
          if "knnlm" in evaluation["hits"] else {}),
       "timing": evaluation["timing"],
       "training": {k: v for k, v in training_metrics.items() if isinstance(v, (int, float))},
-      "log_loss_rule": (f"{metrics.LOG_LOSS_RULE}; ResMem's is that of its probability output "
-                        "(1 - base_mix) * normalize(max(p + r, 0)) + base_mix * p_base"),
+      "log_loss_rule": (f"{metrics.LOG_LOSS_RULE}; ResMem's is that of its probability output, "
+                        f"{predictor.PROBABILITY_RULE}"),
       "config": settings_lib.to_dict(settings),
   }
   return results

@@ -1,6 +1,8 @@
 """The printed tables of a run's ``results.json`` (the binaries print; the library only formats)."""
 from __future__ import annotations
 
+from resmem_jax.core import metrics
+
 
 def _heads(results: dict) -> list[str]:
   return [h for h in ("base", "resmem", "knnlm") if h in results]
@@ -29,19 +31,17 @@ def format_table(results: dict) -> str:
       value = results[head].get(key)
       cells.append(f"{'-':>11s} " if value is None else f"{value * scale:11.3f}{unit}")
     lines.append(f"{label:22s}" + "".join(cells))
-  if hp.get("memorize", True):
-    mix = hp.get("base_mix")
-    lines.append(f"ResMem: k={hp['k']} sigma={hp['sigma']:.4g} T={hp['temperature']:g}"
-                 + (f" base_mix={mix:g}" if mix is not None else "")
-                 + f" ({hp['chosen_on']}, by validation {hp['select_by']})")
-  else:
-    p = hp.get("validation_gain_p_value")
-    lines.append(f"ResMem declined to memorize: (k, sigma, T) chosen on half of validation did "
-                 f"not beat the base model significantly on the other half ({hp['select_by']}"
-                 + (f", p = {p:.2g}" if p is not None else "") + "), so ResMem is the base model")
+  mix = hp.get("base_mix")
+  lines.append(f"ResMem: k={hp['k']} sigma={hp['sigma']:.4g} T={hp['temperature']:g}"
+               + (f" base_mix={mix:g}" if mix is not None else "")
+               + f" ({hp['chosen_on']}, by validation {hp['select_by']})")
   for key, name in (("comparison", "ResMem"), ("comparison_knnlm", "kNN-LM")):
     if key in results:
       lines.append(format_comparison(results[key], name))
+  gate = results.get("gate", {})
+  if gate.get("enabled"):
+    lines.append(f"gate (opt-in, reported beside ResMem): {gate_sentence(gate)}"
+                 + ("" if gate["memorize"] else "; a gated deployment would serve the base model"))
   if "knnlm" in hp:
     knn = hp["knnlm"]
     lines.append(f"kNN-LM: k={knn['k']} sigma={knn['sigma']:.4g} T={knn['temperature']:g} "
@@ -55,10 +55,13 @@ def format_table(results: dict) -> str:
 
 def format_sweep(out: dict, field: str) -> str:
   """One line per swept value: parameters, base and ResMem test accuracy and the gain (means over
-  seeds), the gain's spread over seeds and how many seeds' gains were significant."""
+  seeds), the gain's spread over seeds, how many seeds' gains were significant (and, where the
+  opt-in gate ran, how many seeds it let memorize), then the trend of the gain over the range."""
   seeds = out.get("seeds", 1)
+  gated = all("gate_memorized_seeds" in row for row in out["variants"])
   lines = [f"{field:>20s}{'params':>12s}{'base':>9s}{'resmem':>9s}{'gain':>8s}{'+- std':>8s}"
-           f"{'p<0.05':>8s}{'resmem train':>14s}   (means over {seeds} seed{'s' * (seeds > 1)})"]
+           f"{'p<0.05':>8s}{'resmem train':>14s}" + (f"{'gate kept':>11s}" if gated else "")
+           + f"   (means over {seeds} seed{'s' * (seeds > 1)})"]
   for row in out["variants"]:
     train = row.get("resmem_train_accuracy")
     lines.append(f"{row[field]!s:>20s}{row['num_params']:>12,}"
@@ -67,14 +70,48 @@ def format_sweep(out: dict, field: str) -> str:
                  f"{100 * row['gain_test_accuracy']['mean']:>+8.2f}"
                  f"{100 * row['gain_test_accuracy']['std']:>8.2f}"
                  f"{row['significant_seeds']:>5d}/{seeds:<2d}"
-                 + (f"{100 * train['mean']:>13.2f}%" if train is not None else f"{'-':>14s}"))
+                 + (f"{100 * train['mean']:>13.2f}%" if train is not None else f"{'-':>14s}")
+                 + (f"{row['gate_memorized_seeds']:>8d}/{seeds:<2d}" if gated else ""))
+  trend = out.get("trend")
+  if trend:
+    low, high = trend["ci95"]
+    lines.append(f"trend of the gain over the whole range: {trend['slope_points_per_decade']:+.2f} "
+                 f"points per tenfold {trend['x']} (95% CI {low:+.2f} to {high:+.2f}, p = "
+                 f"{metrics.format_p_value(trend['p_value'])}, {trend['runs']} runs)")
   return "\n".join(lines)
 
 
+def gate_sentence(block: dict) -> str:
+  """The gate's decision in one line (the log and the printed table)."""
+  held = block["held_out"]
+  if block["select_by"] == "accuracy":
+    show = lambda x: f"{100 * x:+.2f}"
+    unit = " points"
+  else:
+    show = lambda x: f"{x:+.4f}"
+    unit = ""
+  low, high = held["ci95"]
+  return (f"{'memorize' if block['memorize'] else 'decline'} at alpha = {block['alpha']:g}: on "
+          f"{held['rows']:,} held-out validation rows ResMem's {block['select_by']} gain over the "
+          f"base at its best temperature (T = {block['comparator']['temperature']:g}) is "
+          f"{show(held['gain'])}{unit} (95% CI {show(low)} to {show(high)}), one-sided p = "
+          f"{metrics.format_p_value(held['p_value'])}")
+
+
 def format_comparison(c: dict, name: str = "ResMem") -> str:
-  """``ResMem - base: +0.56 points (95% CI +0.28 to +0.83), McNemar p = 0.0003 (significant)``."""
+  """``ResMem - base test accuracy: +0.56 points (95% CI ...), McNemar p = 0.0003 (significant
+  ...)``, and where it is not significant, about how many test rows would make a gain of that size
+  significant."""
   low, high = c["ci95"]
-  verdict = "significant at 0.05" if c["p_value"] < 0.05 else "not significant at 0.05"
+  p = c["p_value"]
+  if p < 0.05:
+    verdict = "significant at 0.05"
+  else:
+    verdict = "not significant at 0.05"
+    needed = c.get("rows_for_significance")
+    if needed is not None and needed > c["rows"]:
+      verdict += (f": {c['rows']:,} test rows are too few to call a gain of this size "
+                  f"significant; at these rates it would take about {needed:,}")
   return (f"{name} - base test accuracy: {100 * c['test_accuracy_gain']:+.2f} points (95% CI "
           f"{100 * low:+.2f} to {100 * high:+.2f}; {c['gained']} rows gained, {c['lost']} lost), "
-          f"McNemar p = {c['p_value']:.2g} ({verdict})")
+          f"McNemar p = {metrics.format_p_value(p)} ({verdict})")

@@ -5,6 +5,11 @@ every run resumes and reuses its memory independently); the sweep keeps every se
 one JSON, summarises each value over seeds (mean, standard deviation, min, max) and draws one PNG:
 accuracy and the gain against the swept quantity, mean with error bars (one standard deviation
 over seeds) and a point per seed, each seed's gain with its paired-bootstrap 95% interval.
+
+The gains are always ResMem's (it always memorizes); where the opt-in gate ran, its decisions are
+counted in a column of their own. ``trend`` is the least-squares slope of every run's gain against
+log10 of the swept quantity, with its 95% interval and the two-sided p-value of "no trend": the
+direction over the whole measured range, not over a chosen part of it.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ def _seed_row(seed: int, results: dict) -> dict:
       "seed": seed, "num_params": results["num_params"], "hparams": results["hparams"],
       "base": results["base"], "resmem": results["resmem"],
       "gain_test_accuracy": results["comparison"]["test_accuracy_gain"],
-      "comparison": results["comparison"], "timing": results["timing"],
+      "comparison": results["comparison"], "gate": results.get("gate", {"enabled": False}),
+      "timing": results["timing"],
   }
 
 
@@ -41,6 +47,8 @@ def _summary(field: str, value, seed_rows: list) -> dict:
          "resmem_test_accuracy": _spread(pick(lambda r: r["resmem"]["test_accuracy"])),
          "gain_test_accuracy": _spread(pick(lambda r: r["gain_test_accuracy"])),
          "significant_seeds": sum(r["comparison"]["p_value"] < 0.05 for r in seed_rows)}
+  if all(r["gate"].get("enabled") for r in seed_rows):
+    row["gate_memorized_seeds"] = sum(bool(r["gate"]["memorize"]) for r in seed_rows)
   if all("train_accuracy" in r["resmem"] for r in seed_rows):
     row["base_train_accuracy"] = _spread(pick(lambda r: r["base"]["train_accuracy"]))
     row["resmem_train_accuracy"] = _spread(pick(lambda r: r["resmem"]["train_accuracy"]))
@@ -66,6 +74,23 @@ def run_sweep(settings, workdir, field: str, values: Sequence, label: str, *, se
   return rows
 
 
+def gain_trend(rows: list, x_key: str) -> dict | None:
+  """Slope of every run's test-accuracy gain (points) against log10 of ``x_key``, by least
+  squares over all runs, with its 95% interval and two-sided p-value; None with fewer than three
+  runs at two or more values."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  xs = np.asarray([np.log10(float(r[x_key])) for r in rows for _ in r["seeds"]])
+  gains = np.asarray([100 * s["gain_test_accuracy"] for r in rows for s in r["seeds"]])
+  if gains.size < 3 or np.unique(xs).size < 2:
+    return None
+  fit = stats.linregress(xs, gains)
+  half = float(stats.t.ppf(0.975, gains.size - 2)) * fit.stderr
+  return {"x": x_key, "slope_points_per_decade": float(fit.slope),
+          "ci95": [float(fit.slope - half), float(fit.slope + half)],
+          "p_value": float(fit.pvalue), "runs": int(gains.size),
+          "method": "least squares over every run's gain, Student t interval (n - 2 df)"}
+
+
 def model_size_sweep(settings, workdir, field: str, values: Sequence, *, seeds: int = 1,
                      progress: bool = True) -> dict:
   """Runs the engine for each ``<field> = value`` (e.g. ``model.width``) and seed."""
@@ -74,7 +99,7 @@ def model_size_sweep(settings, workdir, field: str, values: Sequence, *, seeds: 
   rows = run_sweep(settings, workdir, field, values, field.split(".")[-1], seeds=seeds,
                    progress=progress)
   out = {"dataset": settings.data.name, "model": settings.model.name, "sweep": field,
-         "seeds": seeds, "variants": rows}
+         "seeds": seeds, "variants": rows, "trend": gain_trend(rows, "num_params")}
   path = pathlib.Path(workdir)
   jsonio.write_json_atomic(path / "model_size_sweep.json", out)
   plot_sweep(rows, "num_params", "parameters", path / "model_size_sweep.png",
@@ -90,7 +115,8 @@ def sample_size_sweep(settings, workdir, fractions: Sequence[float], *, seeds: i
   rows = run_sweep(settings, workdir, "data.train_fraction", [float(f) for f in fractions],
                    "fraction", seeds=seeds, progress=progress)
   out = {"dataset": settings.data.name, "model": settings.model.name,
-         "sweep": "data.train_fraction", "seeds": seeds, "variants": rows}
+         "sweep": "data.train_fraction", "seeds": seeds, "variants": rows,
+         "trend": gain_trend(rows, "data.train_fraction")}
   path = pathlib.Path(workdir)
   jsonio.write_json_atomic(path / "sample_size_sweep.json", out)
   plot_sweep(rows, "data.train_fraction", "fraction of the training set",
@@ -135,6 +161,12 @@ def plot_sweep(rows, x_key: str, x_label: str, path: pathlib.Path, title: str, *
                      fmt=".", color="gray", alpha=0.7, capsize=2)
   right.plot([], [], ".", color="gray", label="one seed, paired-bootstrap 95% CI")
   right.axhline(0.0, color="black", linewidth=0.8)
+  trend = gain_trend(rows, x_key)
+  if trend:
+    low, high = trend["ci95"]
+    right.set_title(f"trend over the whole range: {trend['slope_points_per_decade']:+.2f} points "
+                    f"per tenfold {x_label}\n(95% CI {low:+.2f} to {high:+.2f}, least squares "
+                    f"over {trend['runs']} runs)", fontsize=9)
   right.set_ylabel("ResMem - base test accuracy (points)")
   left.set_ylabel("accuracy (%)")
   for ax in (left, right):
