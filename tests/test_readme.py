@@ -20,6 +20,7 @@ def test_colab_example_runs_verbatim_in_a_fresh_jupyter_kernel(tmp_path, monkeyp
            "assert abs(probabilities.sum(-1) - 1).max() < 1e-5 and pred.shape == (1000, 5)\n"
            "assert (resmem.predict(x_test) == classes).all() and ids.shape == (1000, 16)\n"
            "assert (probabilities.argmax(-1) == classes).all() and resmem.gate is None\n"
+           "assert report['comparison']['test_accuracy_gain'] > 0  # the example shows the method\n"
            "print('README-OK', report['base']['test_accuracy'] > 0.5)")
   notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code),
                                              nbformat.v4.new_code_cell(check)])
