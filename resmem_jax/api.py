@@ -18,10 +18,14 @@ a notebook give the same numbers for the same model and data.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import inspect
 import json
+import logging
 import os
 import pathlib
+import re
 from typing import Any, Callable
 
 import jax
@@ -121,9 +125,20 @@ def fit(model, variables=None, *, train, validation=None, batch_size: int = 1024
   if validation is None and settings_lib.needs_validation(r):
     raise ValueError("choosing k, sigma and temperature needs validation data: pass "
                      "validation=(inputs, labels), or fix k, sigma, temperature and base_mix")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+      or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
   apply_fn, variables = apply_function(model, variables)
   splits = user.UserSplits({"train": train, "validation": validation})
+  example = splits.example_shape("train")
+  if example is not None:  # a padded batch of this many examples must fit in memory
+    settings_lib.check_batch_fits("batch_size", int(batch_size), *example)
   base, rows_per_example = _base_model(apply_fn, variables, splits, batch_size)
+  # Every split's labels against the model's logits (arrays now, iterables as they are read),
+  # and k against the rows the memory will hold, before the first pass.
+  splits.set_num_classes(base.num_classes)
+  if splits.num_examples("train") is not None:
+    settings_lib.check_neighbours(r, splits.num_examples("train") * rows_per_example, prefix="")
   passes = engine.Passes(splits, base, batch_size, progress, fold_block=rows_per_example)
   memory, choice, tuning = engine.build_and_select(r, passes, "user data")
   return ResMem(memory=memory, choice=choice, settings=r, base=base, batch_size=batch_size,
@@ -161,8 +176,13 @@ class ResMem:
     return passes, inference.rechunk(passes.rows("data", forward), rows)
 
   def _predictions(self, inputs):
-    labels = np.zeros(np.shape(inputs)[:1], np.int32)  # not used: predictions only
-    _, chunks = self._rows((np.asarray(inputs), labels))
+    inputs = np.asarray(inputs)
+    if inputs.ndim == 0:
+      raise ValueError(f"inputs must be an array with one row per example, got a scalar {inputs!r}")
+    if inputs.shape[0] == 0:  # no examples: no predictions (the pass needs at least one row)
+      return [np.zeros((0, self.base.num_classes), np.float32)] * 3
+    labels = np.zeros(inputs.shape[:1], np.int32)  # not used: predictions only
+    _, chunks = self._rows((inputs, labels))
     parts = [engine.predict_rows(self.memory, self.choice, chunk) for chunk in chunks]
     return [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(3)]
 
@@ -183,7 +203,8 @@ class ResMem:
     """Base and ResMem accuracy, squared loss, log loss on ``(inputs, labels)`` (or a split as
     :func:`fit` takes), and ``comparison``: the paired bootstrap interval and McNemar test."""
     data = inputs if labels is None else (np.asarray(inputs), np.asarray(labels))
-    splits = user.UserSplits({"test": data})
+    # Labels are checked against the model's classes where they enter (arrays at once).
+    splits = user.UserSplits({"test": data}, num_classes=self.base.num_classes)
     passes = engine.Passes(splits, self.base, self.batch_size, progress)
     out = engine.evaluate(passes, self.memory, self.choice, self.settings, "test", timed=False)
     result = {head: out[head] for head in ("base", "resmem", "knnlm") if head in out}
@@ -193,39 +214,218 @@ class ResMem:
 
   def save(self, path: str | os.PathLike) -> None:
     """The memory and what was chosen, in folder ``path`` (the model's variables are not saved:
-    :meth:`load` takes them and checks they are the ones this memory was built from)."""
-    path = pathlib.Path(path)
-    self.memory.save(path / MEMORY_DIR)
-    jsonio.write_json_atomic(path / STATE_FILE, {
-        "choice": dataclasses.asdict(self.choice),
-        "settings": settings_lib.json_ready(dataclasses.asdict(self.settings)),
-        "model_digest": self.base.digest, "num_classes": self.base.num_classes,
-        "batch_size": self.batch_size, "tuning": self.tuning})
+    :meth:`load` takes them and checks they are the ones this memory was built from).
+
+    ``path/memory`` and ``path/resmem.json`` are written into one new folder swapped in at once: a
+    kill at any write leaves the earlier save or this one, never a mix. ``resmem.json`` names the
+    memory's manifest digest, the variables' digest and the model's architecture, all checked by
+    :meth:`load`. ``path`` must be missing, an empty folder or an earlier ResMem save; a folder
+    holding anything else is refused (ValueError) and left untouched.
+    """
+    from resmem_jax.memory import atomic_dir  # pylint: disable=g-import-not-at-top
+    from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+    path = os.path.abspath(os.fspath(path))
+
+    def write(folder):
+      memory_dir = os.path.join(folder, MEMORY_DIR)
+      self.memory.save(memory_dir)
+      architecture = model_architecture(self.base.apply_fn)
+      state = {
+          "format_version": SAVE_VERSION,
+          "choice": dataclasses.asdict(self.choice),
+          "settings": settings_lib.json_ready(dataclasses.asdict(self.settings)),
+          "model_digest": self.base.digest, "num_classes": self.base.num_classes,
+          "model_architecture": architecture,
+          "model_architecture_sha256": hashlib.sha256(architecture.encode()).hexdigest(),
+          "memory_manifest_sha256": memory_io.manifest_digest(memory_dir),
+          "batch_size": self.batch_size, "tuning": self.tuning}
+      with open(os.path.join(folder, STATE_FILE), "w") as f:  # last: it completes the save
+        json.dump(state, f, indent=2, sort_keys=True)
+
+    atomic_dir.replace_folder(path, write, _check_save_replaceable, _save_complete)
 
   @classmethod
   def load(cls, path: str | os.PathLike, model, variables=None) -> "ResMem":
-    """A saved ResMem for ``model`` / ``variables``; ValueError unless they are the same model
-    (content digest) the memory was built from."""
+    """A saved ResMem for ``model`` / ``variables``; ValueError unless they are the model the
+    memory was built from (the variables' content digest and the model's architecture: a Linen
+    module's class and fields, an NNX graph definition, a function's name) and unless the memory
+    beside ``resmem.json`` is the one it names (its manifest digest)."""
     from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
+    from resmem_jax.memory import atomic_dir  # pylint: disable=g-import-not-at-top
+    from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
     from resmem_jax.training import provenance  # pylint: disable=g-import-not-at-top
-    path = pathlib.Path(path)
-    try:
-      state = json.loads((path / STATE_FILE).read_text())
-      choice = engine.Choice(**state["choice"])
-      settings = settings_lib.ResMemSettings(**{
-          k: tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()})
-    except (OSError, ValueError, KeyError, TypeError) as err:
-      raise ValueError(f"{path / STATE_FILE} cannot be read ({err}); save the ResMem again") from None
-    apply_fn, variables = apply_function(model, variables)
-    digest = provenance.variables_digest(variables)
-    if digest != state["model_digest"]:
-      raise ValueError(f"the memory in {path} was built from another model (content digest "
-                       f"{state['model_digest'][:12]}..., these variables {digest[:12]}...): load "
-                       "it with the model it was fitted for, or fit again")
+    path = pathlib.Path(os.path.abspath(os.fspath(path)))
+    if not os.path.lexists(path) and atomic_dir.interrupted(path):
+      atomic_dir.restore(path, _save_complete)  # a save killed between its two renames
+    with atomic_dir.reading(path):
+      try:
+        state = _read_save_state(path)
+        choice = engine.Choice(**state["choice"])
+        settings = settings_lib.ResMemSettings(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()})
+      except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path / STATE_FILE} cannot be read ({err}); save the ResMem "
+                         "again") from None
+      apply_fn, variables = apply_function(model, variables)
+      digest = provenance.variables_digest(variables)
+      if digest != state["model_digest"]:
+        raise ValueError(f"the memory in {path} was built from another model (content digest "
+                         f"{str(state['model_digest'])[:12]}..., these variables {digest[:12]}...): "
+                         "load it with the model it was fitted for, or fit again")
+      older = state.get("format_version") is None
+      if older:
+        logging.getLogger("resmem_jax").warning(
+            "%s was saved by an older resmem_jax: its memory, state and model architecture "
+            "cannot be cross-checked; save it again to have them checked", path)
+        memory = memory_lib.load_memory(path / MEMORY_DIR)
+      else:
+        architecture = model_architecture(apply_fn)
+        if (hashlib.sha256(architecture.encode()).hexdigest()
+            != state.get("model_architecture_sha256")):
+          raise ValueError(
+              f"the memory in {path} was built from another model architecture "
+              f"({_difference(str(state.get('model_architecture')), architecture)}): load it "
+              "with the model it was fitted for, or fit again")
+        try:
+          parts, manifest = memory_io.read(path / MEMORY_DIR)
+        except FileNotFoundError as err:
+          raise ValueError(f"{err}; save the ResMem again") from None
+        if manifest != state.get("memory_manifest_sha256"):
+          raise ValueError(
+              f"the memory in {path / MEMORY_DIR} is not the one {path / STATE_FILE} names "
+              f"(manifest digest {manifest[:12]}..., recorded "
+              f"{str(state.get('memory_manifest_sha256'))[:12]}...): it was replaced or copied "
+              "from another save; save the ResMem again")
+        keys, labels, store, backend, index, metadata = parts
+        memory = memory_lib.Memory(keys, store, backend, index, labels, metadata)
     from resmem_jax import models  # pylint: disable=g-import-not-at-top
     base = engine.BaseModel(
         apply_fn=apply_fn, variables=mesh_lib.replicate(variables, mesh_lib.data_mesh()), step=0,
         digest=digest, num_params=models.count_params(variables),
         num_classes=int(state["num_classes"]))
-    return cls(memory=memory_lib.load_memory(path / MEMORY_DIR), choice=choice, settings=settings,
+    return cls(memory=memory, choice=choice, settings=settings,
                base=base, batch_size=int(state["batch_size"]), tuning=state.get("tuning"))
+
+
+# -- ResMem.save's folder: one unit, cross-checked ------------------------------------------------
+# 2: memory/ and resmem.json swapped in as one folder; resmem.json names the memory's manifest
+# digest and the model's architecture. Older saves (no format_version) load unchecked.
+SAVE_VERSION = 2
+_SAVE_FIELDS = ("choice", "settings", "model_digest", "num_classes", "batch_size")
+
+
+def _read_save_state(path) -> dict:
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  with memory_io._open_regular(os.path.join(path, STATE_FILE)) as f:  # pylint: disable=protected-access
+    state = jsonio.loads(f.read())
+  if not isinstance(state, dict) or any(name not in state for name in _SAVE_FIELDS):
+    raise ValueError(f"it is not a ResMem save's state (it lacks {', '.join(_SAVE_FIELDS)})")
+  version = state.get("format_version")
+  if version not in (None, SAVE_VERSION):
+    raise ValueError(f"format_version {version!r}, this code reads {SAVE_VERSION}")
+  return state
+
+
+def _save_complete(folder) -> bool:
+  """Whether ``folder`` is a whole ResMem save (what a killed save's copy must be to be put back)."""
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  try:
+    state = _read_save_state(folder)
+    memory_dir = os.path.join(folder, MEMORY_DIR)
+    return (state.get("format_version") == SAVE_VERSION and memory_io.is_complete(memory_dir)
+            and memory_io.manifest_digest(memory_dir) == state.get("memory_manifest_sha256"))
+  except (OSError, ValueError):
+    return False
+
+
+def _check_save_replaceable(path: str) -> None:
+  """ValueError unless ``path`` is missing, an empty folder or an earlier ResMem save (its state
+  readable as one, its memory a saved memory, nothing else in it)."""
+  from resmem_jax.memory import atomic_dir  # pylint: disable=g-import-not-at-top
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  if not os.path.lexists(path):
+    return
+  if os.path.islink(path) or not os.path.isdir(path):
+    raise ValueError(f"cannot save a ResMem to {path}: it is a "
+                     f"{'symbolic link' if os.path.islink(path) else 'file'}, not a folder; "
+                     "choose another path")
+  names = sorted(os.listdir(path))
+  if not names:
+    return
+  memory_dir = os.path.join(path, MEMORY_DIR)
+  foreign = [name for name in names if name not in (STATE_FILE, MEMORY_DIR)
+             and not atomic_dir.is_own_entry(memory_dir, name)]
+  ours = not foreign and STATE_FILE in names
+  if ours:
+    try:
+      _read_save_state(path)
+    except (OSError, ValueError):
+      ours = False
+  if ours and MEMORY_DIR in names:
+    ours = not os.path.islink(memory_dir) and memory_io.is_saved_memory(memory_dir)
+  if not ours:
+    shown = ", ".join((foreign or names)[:3]) + (", ..." if len(foreign or names) > 3 else "")
+    raise ValueError(f"cannot save a ResMem to {path}: the folder holds {shown}, which no earlier "
+                     "ResMem.save wrote; save to a new or empty folder")
+
+
+def model_architecture(apply_fn) -> str:
+  """A description of the model behind ``apply_fn`` (as :func:`apply_function` returns it) that
+  is the same in every process: a Linen module's class and fields (submodules, activations,
+  widths), an NNX module's graph definition, else the function's name. Memory addresses are left
+  out. What a module's code does beyond its fields is not seen."""
+  code = getattr(apply_fn, "__code__", None)
+  if code is not None and getattr(apply_fn, "__module__", None) == __name__ and apply_fn.__closure__:
+    captured = dict(zip(code.co_freevars, (c.cell_contents for c in apply_fn.__closure__)))
+    if "graphdef" in captured:
+      return "nnx:" + _ADDRESS.sub("", repr(captured["graphdef"]))
+    if "model" in captured:
+      return _describe(captured["model"])
+  return _describe(apply_fn)
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(value, depth: int = 0) -> str:
+  if depth > 30:
+    return "..."
+  if value is None or isinstance(value, (bool, int, float, str, bytes)):
+    return repr(value)
+  if isinstance(value, (list, tuple)):
+    inner = ", ".join(_describe(v, depth + 1) for v in value)
+    return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+  if isinstance(value, dict):
+    return "{" + ", ".join(f"{k!r}: {_describe(v, depth + 1)}"
+                           for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))) + "}"
+  if isinstance(value, functools.partial):
+    return (f"partial({_describe(value.func, depth + 1)}, {_describe(value.args, depth + 1)}, "
+            f"{_describe(value.keywords, depth + 1)})")
+  if isinstance(value, type):
+    return value.__qualname__
+  if isinstance(value, np.dtype):
+    return str(value)
+  if dataclasses.is_dataclass(value):  # a Linen module and its submodules are dataclasses
+    fields = [f.name for f in dataclasses.fields(value) if f.name not in ("parent", "name")]
+    inner = ", ".join(f"{n}={_describe(getattr(value, n, None), depth + 1)}" for n in fields)
+    return f"{type(value).__qualname__}({inner})"
+  for attribute in ("fun", "__wrapped__"):  # jax.custom_jvp (relu), jit-wrapped functions
+    inner = getattr(value, attribute, None)
+    if callable(inner) and inner is not value:
+      return _describe(inner, depth + 1)
+  if callable(value) and hasattr(value, "__qualname__"):
+    return value.__qualname__
+  return f"{type(value).__qualname__}:{_ADDRESS.sub('', repr(value))}"
+
+
+def _difference(saved: str, current: str, context: int = 40) -> str:
+  """Where two descriptions first differ: "saved ...X..., this model ...Y..."."""
+  first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b),
+               min(len(saved), len(current)))
+  start = max(0, first - context)
+
+  def cut(text):
+    return ("..." if start else "") + text[start:first + context] + (
+        "..." if len(text) > first + context else "")
+
+  return f"saved {cut(saved)}, this model {cut(current)}"

@@ -1,9 +1,11 @@
-"""Writing result files so that a kill never leaves a half-written one, with the user's umask."""
+"""Reading and writing state and result files: a kill never leaves a half-written one, files get
+the user's umask, and any damaged file reads as one ``json.JSONDecodeError`` (a ``ValueError``)."""
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import sys
 import tempfile
 from typing import Any
 
@@ -40,3 +42,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def loads(text: str | bytes) -> Any:
+  """``json.loads``, except that input nested too deeply for Python's parser (which raises
+  RecursionError) is a ``json.JSONDecodeError`` too, like any other damaged JSON, so callers
+  that set an unreadable cache aside, or name an unreadable file, do so for this one as well."""
+  try:
+    return json.loads(text)
+  except RecursionError:
+    if isinstance(text, bytes):
+      text = text.decode("utf-8", "replace")
+    raise json.JSONDecodeError(f"nested too deeply to read (more levels than Python's "
+                               f"recursion limit of {sys.getrecursionlimit()})", text, 0) from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON value in ``path``; OSError when it cannot be read, json.JSONDecodeError (a
+  ValueError) when it is not JSON, nested too deeply included."""
+  return loads(pathlib.Path(path).read_text())

@@ -33,9 +33,10 @@ def combine(base, distances, rows, sigma) -> np.ndarray:
 
 def _float_rows(name: str, array, width: int | None = None) -> np.ndarray:
   array = np.asarray(array)
-  if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-    raise ValueError(f"{name} must be a numeric [n, d] array, got shape {array.shape} "
-                     f"dtype {array.dtype}")
+  # Complex numbers are refused: the cast to float32 below would drop their imaginary part.
+  if array.ndim != 2 or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+    raise ValueError(f"{name} must be a real-valued numeric [n, d] array, got shape "
+                     f"{array.shape} dtype {array.dtype}")
   if width is not None and array.shape[1] != width:
     raise ValueError(f"{name} has {array.shape[1]} columns, expected {width}")
   array = array.astype(np.float32, copy=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import typing
 from typing import Any, Optional
@@ -22,6 +23,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 CPU_COMPILER_OPTIONS = ("xla_default", "tuned")  # model.cpu_compiler_options
+MAX_SEED = 2**31 - 1  # seed, data.split_seed: a 32-bit seed for every generator, with room for + 1
 
 
 class SettingsError(ValueError):
@@ -380,9 +382,21 @@ def _grid(path: str, values, integer: bool = False, high: float | None = None) -
     _require(ok, f"{path} values must be {'integers ' if integer else ''}{bound}, got {values!r}")
 
 
+def _finite(path: str, value, low: float = 0.0) -> None:
+  _require(math.isfinite(value) and value >= low,
+           f"{path} must be a finite number >= {low:g}, got {value!r}")
+
+
+def _seed(path: str, value: int) -> None:
+  _require(0 <= value <= MAX_SEED, f"{path} must be an integer in [0, 2**31 - 1] (a 32-bit seed "
+           f"for NumPy, JAX and TensorFlow, with room for the + 1 or + i added to it), got {value}")
+
+
 def validate_values(settings: Settings) -> None:
   """Ranges and fixed choices of every field (no registry lookups; see :func:`check`)."""
   d, m, t, r = settings.data, settings.model, settings.train, settings.resmem
+  _seed("seed", settings.seed)
+  _seed("data.split_seed", d.split_seed)
   _require(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
   _require(0.0 < d.train_fraction <= 1.0,
            f"data.train_fraction must be in (0, 1], got {d.train_fraction}")
@@ -399,6 +413,7 @@ def validate_values(settings: Settings) -> None:
   _choice("model.cpu_compiler_options", m.cpu_compiler_options, CPU_COMPILER_OPTIONS)
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
 
+  _finite("train.num_epochs", t.num_epochs)
   _require(t.num_steps > 0 or t.num_epochs > 0,
            f"train.num_epochs (or train.num_steps) must be positive, got {t.num_epochs} / {t.num_steps}")
   _positive("train.batch_size", t.batch_size, integer=True)
@@ -410,12 +425,13 @@ def validate_values(settings: Settings) -> None:
   _require(0.0 <= t.momentum < 1.0, f"train.momentum must be in [0, 1), got {t.momentum}")
   _require(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0,
            f"train.b1 and train.b2 must be in [0, 1), got {t.b1} and {t.b2}")
-  _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-  _require(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+  _finite("train.weight_decay", t.weight_decay)
+  _finite("train.warmup_epochs", t.warmup_epochs)
+  _positive("train.step_factor", t.step_factor)
   _require(all(0 < b < 1 for b in t.step_boundaries),
            f"train.step_boundaries must lie in (0, 1), got {t.step_boundaries}")
   _require(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-  _require(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0, got {t.grad_clip_norm}")
+  _finite("train.grad_clip_norm", t.grad_clip_norm)
   for name in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
     _positive(f"train.{name}", getattr(t, name), integer=True)
   _require(t.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}")
@@ -487,3 +503,138 @@ def needs_validation(r: ResMemSettings) -> bool:
   knn_fixed = not r.knnlm or r.knn_lambda is not None
   return (not (resmem_fixed and knn_fixed) or r.tune_recall is not None
           or r.gate_alpha is not None)
+
+
+# ----------------------------------------------------------------------------- against the data
+
+
+def memory_rows(info) -> int:
+  """The most rows a memory of the training split can hold: one per example, or one per token of
+  a text sequence (padding tokens are left out, so a text memory can hold fewer)."""
+  per_example = math.prod(info.input_shape) if info.input_dtype == "int32" else 1
+  return int(info.split_sizes.get("train", 0)) * int(per_example)
+
+
+def check_neighbours(r: ResMemSettings, rows: int, prefix: str = "resmem.") -> None:
+  """SettingsError unless the fixed ``k``, or some ``k`` of the grid, fits a memory of ``rows``
+  rows (larger grid values are skipped when choosing)."""
+  if r.k is not None and r.k > rows:
+    raise SettingsError(f"{prefix}k={r.k} is larger than the memory: the training split gives "
+                        f"{rows:,} rows; set {prefix}k <= {rows}")
+  if r.k is None and min(r.k_grid) > rows:
+    raise SettingsError(f"{prefix}k_grid={r.k_grid} has no k <= the {rows:,} rows of the "
+                        f"training split; add smaller values (e.g. 1)")
+
+
+def memory_bytes() -> tuple[int, str]:
+  """``(bytes, what)``: one device's memory (accelerators report it) or else the host's RAM."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # backends without memory statistics
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"memory of one {device.platform} device"
+  return host_memory_bytes(), "this host's memory"
+
+
+def host_memory_bytes() -> int:
+  """The host's physical memory in bytes (os.sysconf)."""
+  import os  # pylint: disable=g-import-not-at-top
+  return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_batch_fits(path: str, batch: int, example_shape, itemsize: int = 4) -> None:
+  """SettingsError when one batch of inputs alone outgrows the host's memory (the host pads and
+  holds every batch whole); ``path`` names the batch-size field or argument."""
+  shape = tuple(int(n) for n in example_shape)
+  need = int(batch) * math.prod(shape) * int(itemsize)
+  available = host_memory_bytes()
+  if need > available:
+    raise SettingsError(
+        f"{path}={batch:,} cannot fit: {batch:,} examples x {shape} x {itemsize} bytes = "
+        f"{need / 1e9:.3g} GB of inputs per batch, more than this host's {available / 1e9:.3g} "
+        f"GB; lower {path}")
+
+
+# Optimizer states kept per parameter beside it (sgd: the momentum, unless 0).
+def _optimizer_slots(t: TrainSettings) -> int:
+  return 2 if t.optimizer in ("adam", "adamw") else int(t.momentum > 0)
+
+
+def parameter_count(model: ModelSettings, info) -> int:
+  """The model's parameter count from its shapes alone (nothing is allocated)."""
+  return _parameter_count(model, int(info.num_classes), tuple(info.input_shape),
+                          str(info.input_dtype))
+
+
+@functools.lru_cache(maxsize=16)  # the engine and the training loop both ask, once per run
+def _parameter_count(model: ModelSettings, num_classes: int, input_shape: tuple,
+                     input_dtype: str) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from resmem_jax import models  # pylint: disable=g-import-not-at-top
+  module = models.build_model(model, num_classes)
+  sample = np.zeros((1,) + input_shape, np.dtype(input_dtype))
+  shapes = jax.eval_shape(
+      lambda key: module.init({"params": key, "dropout": key}, sample, train=False),
+      jax.random.key(0))
+  shapes = shapes.get("params", shapes)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
+
+
+def check_training_fits(model: ModelSettings, train: TrainSettings, info) -> None:
+  """Before training: a training split that is not empty, and a model and batches that can fit
+  in memory (lower bounds: parameters, gradients and optimizer slots at 4 bytes each; a batch's
+  inputs). ``info`` is the data set's ``DatasetInfo``. Raises SettingsError."""
+  if info.split_sizes.get("train", 0) == 0:
+    raise SettingsError(f"the training split of {info.name} is empty (data.val_fraction or "
+                        f"data.train_fraction leave no example to train on); lower "
+                        f"data.val_fraction")
+  try:
+    params = parameter_count(model, info)
+  except (OverflowError, MemoryError) as err:
+    raise SettingsError(f"model.width={model.width:g}, model.depth={model.depth} give a model too "
+                        f"large to describe ({err}); lower model.width") from None
+  copies = 2 + _optimizer_slots(train)
+  need = params * 4 * copies
+  available, where = memory_bytes()
+  if need > available:
+    slots = f", {copies - 2} optimizer slot{'s' * (copies > 3)}" if copies > 2 else ""
+    count = f"{params:,}" if params < 10**12 else f"{params:.3g}"
+    raise SettingsError(
+        f"model.width={model.width:g}, model.depth={model.depth}: the {model.name} has {count} "
+        f"parameters, x 4 bytes x {copies} (parameters, gradients{slots}) = {need / 1e9:.3g} GB, "
+        f"more than the {available / 1e9:.3g} GB of {where}; lower model.width or model.depth")
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  itemsize = np.dtype(info.input_dtype).itemsize
+  for path, batch in (("train.batch_size", train.batch_size),
+                      ("train.eval_batch_size", train.eval_batch_size)):
+    check_batch_fits(path, batch, info.input_shape, itemsize)
+
+
+def check_against_data(settings: Settings, info) -> None:
+  """What only the data set's shape and sizes tell, still before training (seconds): a training
+  split that is not empty and large enough for k (or some k of the grid), a model and batches
+  that can fit in memory, a ScaNN index that can be trained on the rows. ``info`` is the data
+  set's ``DatasetInfo``. Raises SettingsError."""
+  d, r = settings.data, settings.resmem
+  sizes = info.split_sizes
+  if sizes.get("train", 0) == 0:
+    given = sizes.get("train", 0) + sizes.get("validation", 0)
+    raise SettingsError(
+        f"the training split is empty: data.val_fraction={d.val_fraction:g} leaves "
+        f"{sizes.get('validation', 0):,} of the {given:,} training examples for validation and "
+        f"none to train on; lower data.val_fraction")
+  rows = memory_rows(info)
+  check_neighbours(r, rows)
+  from resmem_jax import memory  # pylint: disable=g-import-not-at-top
+  try:
+    memory.check_size(r.backend, rows, r.backend_options)
+  except ValueError as err:
+    raise SettingsError(f"resmem.backend_options={r.backend_options!r}: {err}") from None
+  check_training_fits(settings.model, settings.train, info)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  check_batch_fits("resmem.eval_batch_size", r.eval_batch_size, info.input_shape,
+                   np.dtype(info.input_dtype).itemsize)

@@ -94,3 +94,18 @@ def test_console_scripts_point_at_tools():
     module, function = script.split(" = ")[1].split(":")
     source = pathlib.Path(importlib.util.find_spec(module).origin).read_text()
     assert f"\ndef {function}():" in source, script
+
+
+@pytest.mark.parametrize("where,expected", [
+    ("file", "file error: the path exists and is not a folder: {w}; choose another --workdir"),
+    ("file/run", "file error: a part of the path is a file, not a folder: {w}; choose another "
+                 "--workdir"),
+])
+def test_a_workdir_the_os_refuses_is_one_line(tmp_path, where, expected):
+  (tmp_path / "file").write_text("a user's file")
+  workdir = tmp_path / where
+  proc = _tool("--config=digits:tiny", f"--workdir={workdir}")
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert len(lines) == 1 and lines[0].startswith(expected.format(w=workdir)), proc.stderr[-2000:]
+  assert (tmp_path / "file").read_text() == "a user's file"

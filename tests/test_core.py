@@ -1,7 +1,4 @@
 """resmem_jax.core, the pure math, against a few lines of NumPy each."""
-import dataclasses
-
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,5 +1,4 @@
 """The one inference pass: every row (example or token) exactly once, on 1 and 8 devices."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -325,3 +325,19 @@ def test_with_residuals_shares_the_index_and_swaps_values(backend, residual_form
     first.with_residuals(np.zeros((300, 4), np.float32))
   with pytest.raises(ValueError, match="0 rows"):
     first.with_residuals([])
+
+
+def test_degenerate_shapes_are_refused_in_one_line():
+  rng = np.random.default_rng(11)
+  keys = rng.normal(size=(10, 4)).astype(np.float32)
+  residuals = rng.normal(size=(10, 3)).astype(np.float32)
+  with pytest.raises(ValueError, match=r"keys has 0 columns \(shape \(10, 0\)\); give at least "
+                                       r"one dimension"):
+    build_memory(np.zeros((10, 0), np.float32), residuals)
+  for residual_format in ("dense", "sparse"):
+    with pytest.raises(ValueError, match=r"residuals has 0 columns \(shape \(10, 0\)\); give at "
+                                         r"least one output"):
+      build_memory(keys, residuals[:, :0], residual_format=residual_format)
+  memory = build_memory(keys, residuals)
+  with pytest.raises(ValueError, match="residuals has 0 columns"):
+    memory.add(keys[:2], residuals[:2, :0])

@@ -36,6 +36,27 @@ def test_same_neighbours_as_exact_and_recall_on_clustered_data():
                              resmem.residual_estimate(exact, queries, 10, 0.5))
 
 
+@pytest.mark.parametrize("case", ["clusters at +-1000", "outlier at 1e6"])
+def test_exact_where_the_expansion_cancels(case):
+  """Far clusters and an outlier (see test_memory_numerics.py): the rounding certificate makes
+  approx (exact selection on CPU) return the float64 brute force's neighbours."""
+  rng = np.random.default_rng(4)
+  if case == "clusters at +-1000":
+    sign = np.where(rng.random(800) < 0.5, -1.0, 1.0)[:, None]
+    keys = (1000.0 * sign + 0.01 * rng.normal(size=(800, 8))).astype(np.float32)
+    queries = (keys[:150] + 0.003 * rng.normal(size=(150, 8))).astype(np.float32)
+  else:
+    keys = (1e-3 * rng.normal(size=(800, 8))).astype(np.float32)
+    keys[3] = 1e6
+    queries = (keys[10:160] + 3e-4 * rng.normal(size=(150, 8))).astype(np.float32)
+  memory = memory_lib.build_memory(keys, np.zeros((800, 1), np.float32), backend="approx")
+  distances, ids = memory.search(queries, 10)
+  true = np.sqrt(((queries[:, None].astype(np.float64) - keys[None].astype(np.float64)) ** 2)
+                 .sum(-1))
+  np.testing.assert_array_equal(ids, np.argsort(true, axis=1, kind="stable")[:, :10])
+  np.testing.assert_allclose(distances, np.take_along_axis(true, ids, axis=1), rtol=1e-6)
+
+
 def test_edit_save_load(tmp_path):
   rng = np.random.default_rng(1)
   keys = rng.normal(size=(500, 8)).astype(np.float32)

@@ -233,3 +233,43 @@ def test_missing(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="manifest"):
     load_memory(tmp_path / "empty")
+
+
+def test_a_fifo_in_place_of_a_memory_file_is_refused_without_blocking(tmp_path):
+  import signal
+  path = tmp_path / "mem"
+  _memory("exact").save(path)
+  (path / "residuals.npy").unlink()
+  os.mkfifo(path / "residuals.npy")
+  signal.alarm(30)  # a regression would block on the FIFO's open: fail instead of hanging
+  try:
+    with pytest.raises(ValueError, match=r"residuals.npy is not a regular file"):
+      load_memory(path)
+    os.unlink(path / "manifest.json")
+    os.mkfifo(path / "manifest.json")
+    with pytest.raises((ValueError, FileNotFoundError)):
+      load_memory(path)
+  finally:
+    signal.alarm(0)
+
+
+def test_a_full_disk_is_named_even_when_the_serializer_says_only_io_error(tmp_path, monkeypatch):
+  import errno
+  from resmem_jax.memory import io as memory_io
+  memory = _memory("exact")
+
+  def failing_save(directory):
+    raise RuntimeError("INTERNAL: I/O error")
+
+  monkeypatch.setattr(memory.index, "save", failing_save)
+  real_statvfs = os.statvfs
+  with pytest.raises(RuntimeError, match="I/O error"):  # space left: the error as it came
+    memory.save(tmp_path / "a")
+  full = lambda p: os.statvfs_result((4096, 4096, 100, 0, 0, 100, 0, 0, 0, 255))
+  monkeypatch.setattr(memory_io.os, "statvfs", full)
+  with pytest.raises(OSError, match=r"disk full: no space left to save the memory in .*I/O error"
+                     ) as caught:
+    memory.save(tmp_path / "b")
+  assert caught.value.errno == errno.ENOSPC
+  monkeypatch.setattr(memory_io.os, "statvfs", real_statvfs)
+  assert sorted(os.listdir(tmp_path)) == []  # nothing left behind

@@ -1,10 +1,17 @@
 """Search numerics on every backend: huge and tiny magnitudes, shared offsets, the input limit,
-ScaNN's padding of short results at large k, duplicate keys (ties) and k = size."""
+ScaNN's padding of short results at large k, duplicate keys (ties) and k = size; ``exact``'s
+certificate against the expansion's cancellation (far clusters, an outlier), its error bound,
+widening and direct fallback, on one device and on eight."""
+import json
+
+import jax
 import numpy as np
 import pytest
+from conftest import run_python
 
-from resmem_jax.memory import build_memory, memory_from_store
-from resmem_jax.memory import store as store_lib
+from resmem_jax import mesh as mesh_lib
+from resmem_jax.memory import build_memory, exact as exact_lib, memory_from_store
+from resmem_jax.memory import scaling, store as store_lib
 
 BACKENDS = {
     "exact": {"backend": "exact"},
@@ -172,3 +179,134 @@ def test_two_stage_selection_equals_top_k(width, count):
   neg, want = lax.top_k(-jnp.asarray(score), count)
   np.testing.assert_array_equal(np.asarray(positions), np.asarray(want))
   np.testing.assert_array_equal(np.asarray(values), -np.asarray(neg))
+
+
+def far_clusters(offset, seed=20, size=2000, dim=8, spread=0.01, noise=0.003):
+  """Keys in two clusters at +-offset (spread 0.01, d = 8) and queries = keys + small noise: the
+  expansion's rounding (~ offset**2 * 2**-24) dwarfs the neighbours' distances."""
+  rng = np.random.default_rng(seed)
+  sign = np.where(rng.random(size) < 0.5, -1.0, 1.0)[:, None]
+  keys = (offset * sign + spread * rng.normal(size=(size, dim))).astype(np.float32)
+  return keys, (keys + noise * rng.normal(size=keys.shape)).astype(np.float32)
+
+
+def one_outlier(seed=21, size=2000, dim=8):
+  """Keys of scale 1e-3 and one key at 1e6 (which drags the mean to ~500)."""
+  rng = np.random.default_rng(seed)
+  keys = (1e-3 * rng.normal(size=(size, dim))).astype(np.float32)
+  keys[17] = 1e6
+  return keys, (keys + 3e-4 * rng.normal(size=keys.shape)).astype(np.float32)
+
+
+def exact_recall(ids, keys, queries):
+  """Recall@k against a float64 brute force, where a returned id counts if its true distance is
+  within float32 rounding (1e-6 relative) of the true k-th: distances float32 cannot tell apart
+  are ties."""
+  true = _true_distances(keys, queries)
+  kth = np.sort(true, axis=1)[:, ids.shape[1] - 1:ids.shape[1]]
+  return np.mean(np.take_along_axis(true, ids, axis=1) <= kth * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("case", ["clusters at +-1", "clusters at +-1000", "outlier at 1e6"])
+def test_exact_is_exact_where_the_expansion_cancels(case):
+  keys, queries = {"clusters at +-1": lambda: far_clusters(1.0),
+                   "clusters at +-1000": lambda: far_clusters(1000.0),
+                   "outlier at 1e6": one_outlier}[case]()
+  memory = build_memory(keys, np.zeros((len(keys), 1), np.float32))
+  distances, ids = _check_search(memory, keys, queries, 10, exact_ids=False)
+  assert exact_recall(ids, keys, queries) == 1.0
+  true = np.sort(_true_distances(keys, queries), axis=1)[:, :10]
+  np.testing.assert_allclose(distances, true, rtol=1e-6)  # the k smallest, in float32 rounding
+  order = np.argsort(_true_distances(keys, queries), axis=1, kind="stable")[:, :10]
+  rows = np.ones(len(keys), bool)
+  if case == "outlier at 1e6":  # every other key lies 2.8e6 away within 1e-3: float32 ties
+    rows[17] = False
+  np.testing.assert_array_equal(ids[rows], order[rows])
+
+
+def test_lower_bounds_bracket_the_true_scores():
+  """The device's lower bound is below the true score and within 3 error bounds of it (what the
+  certificate assumes), on data made to cancel, scaled data and an ordinary cloud."""
+  rng = np.random.default_rng(22)
+  cases = [far_clusters(1000.0, size=600), one_outlier(size=600),
+           far_clusters(1e25, size=600, spread=1e22, noise=1e21),
+           (rng.normal(size=(600, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)),
+           (rng.normal(size=(600, 8)).astype(np.float32), 1e20 * rng.normal(size=(40, 8)).astype(np.float32))]
+  mesh = mesh_lib.data_mesh(jax.local_devices()[:1])
+  for keys, queries in cases:
+    queries = queries[:40]
+    layout = exact_lib.ShardedKeys.place(keys, mesh, len(keys))
+    part = layout.queries(queries, len(queries))
+    qnorms, etas = layout._query_terms(part[:, :-2])  # pylint: disable=protected-access
+    low = np.asarray(exact_lib.lower_bounds(part, layout.keys)[:, :len(keys)],
+                     np.float64) - etas[:, None]
+    centred, _, _ = layout._scaled(queries)  # pylint: disable=protected-access
+    m = scaling.query_exponents(centred, layout.exponent)
+    unit = np.ldexp(1.0, m + layout.exponent)[:, None]
+    exact_keys = keys.astype(np.float64) - layout.center.astype(np.float64)
+    wide = centred.astype(np.float64)
+    # |q - k|^2 - |q|^2 as |k|^2 - 2 q.k: float64 without cancelling |q|^2 (1e40 for 1e20 queries)
+    true = ((exact_keys ** 2).sum(-1)[None] - 2 * wide @ exact_keys.T) / unit
+    weights = np.ldexp(1.0, layout.exponent - m)[:, None]
+    errors = layout.kappa * (weights * layout.sqnorms + 2 * qnorms[:, None] * layout.norms) + etas[:, None]
+    assert np.all(low <= true)
+    assert np.all(true <= low + 3 * errors + 2 ** -23 * np.abs(low))
+
+
+def test_the_certificate_widens_only_where_rounding_could_drop_a_neighbour(monkeypatch):
+  counts = []
+  original = exact_lib.certified_candidates
+
+  def recording(search, *args):
+    return original(lambda rows, count: counts.append((len(rows), count)) or search(rows, count),
+                    *args)
+
+  monkeypatch.setattr(exact_lib, "certified_candidates", recording)
+  keys, queries = far_clusters(0.01, size=1000)  # one cluster: the first list is certified
+  build_memory(keys, np.zeros((1000, 1), np.float32)).search(queries, 10)
+  assert counts == [(1000, 18)]
+  counts.clear()
+  keys, queries = far_clusters(1000.0, size=1000)  # a cluster's 500 keys tie within the rounding
+  _, ids = build_memory(keys, np.zeros((1000, 1), np.float32)).search(queries, 10)
+  assert counts[0] == (1000, 18) and counts[-1][1] > 500
+  assert exact_recall(ids, keys, queries) == 1.0
+
+
+def test_direct_fallback_past_the_widest_search(monkeypatch):
+  monkeypatch.setattr(exact_lib, "MAX_CANDIDATES", 100)  # clusters of ~500: past it at once
+  keys, queries = far_clusters(1000.0, size=1000)
+  calls = []
+  original = exact_lib.direct_nearest
+  monkeypatch.setattr(exact_lib, "direct_nearest",
+                      lambda q, *args: calls.append(len(q)) or original(q, *args))
+  memory = build_memory(keys, np.zeros((1000, 1), np.float32))
+  distances, ids = _check_search(memory, keys, queries[:300], 10)
+  assert calls == [300]
+  np.testing.assert_array_equal(exact_lib.direct_nearest(queries[:300], keys, 10), ids)
+
+
+def test_far_clusters_on_eight_devices():
+  """Keys split over 8 fake devices (1,001 rows: uneven) give the float64 brute force's ids."""
+  code = """
+import json, jax, numpy as np
+from resmem_jax.memory import build_memory
+assert jax.device_count() == 8
+rng = np.random.default_rng(23)
+sign = np.where(rng.random(1001) < 0.5, -1.0, 1.0)[:, None]
+keys = (1000.0 * sign + 0.01 * rng.normal(size=(1001, 8))).astype(np.float32)
+queries = (keys[:200] + 0.003 * rng.normal(size=(200, 8))).astype(np.float32)
+out = {}
+for name, backend in (("exact", "exact"), ("approx", "approx")):
+  memory = build_memory(keys, np.zeros((1001, 1), np.float32), backend=backend)
+  assert memory.index.mesh.size == 8
+  out[name] = memory.search(queries, 10)[1].tolist()
+print("RESULT" + json.dumps(out))
+"""
+  out = json.loads(run_python(code, devices=8, timeout=300).stdout.split("RESULT", 1)[1])
+  rng = np.random.default_rng(23)
+  sign = np.where(rng.random(1001) < 0.5, -1.0, 1.0)[:, None]
+  keys = (1000.0 * sign + 0.01 * rng.normal(size=(1001, 8))).astype(np.float32)
+  queries = (keys[:200] + 0.003 * rng.normal(size=(200, 8))).astype(np.float32)
+  order = np.argsort(_true_distances(keys, queries), axis=1, kind="stable")[:, :10]
+  np.testing.assert_array_equal(out["exact"], order)
+  np.testing.assert_array_equal(out["approx"], order)

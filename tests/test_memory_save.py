@@ -323,3 +323,22 @@ def test_files_and_folders_follow_the_umask(tmp_path, umask):
   for rel, mode in modes.items():
     want = 0o777 & ~umask if os.path.isdir(tmp_path / rel) else 0o666 & ~umask
     assert mode == want, (rel, oct(mode), oct(want))
+
+
+@pytest.mark.parametrize("kind", ["the memory's file names", "a memory and a user's file"])
+def test_a_folder_is_replaced_only_when_its_manifest_proves_a_memory(tmp_path, kind):
+  path = tmp_path / "target"
+  if kind == "the memory's file names":
+    path.mkdir()
+    (path / "manifest.json").write_text('{"name": "my web app", "files": {}}')
+    (path / "keys.npy").write_bytes(b"my keys")
+    (path / "index").mkdir()
+    (path / "index" / "notes.txt").write_text("mine")
+  else:
+    _memory(0).save(path)
+    (path / "index" / "notes.txt").write_text("mine")  # not listed in the manifest
+  before = _tree_digest(tmp_path)
+  with pytest.raises(ValueError, match=f"^cannot save a memory to {path}: the folder is not a "
+                                       "saved memory.*no manifest of this library lists its files"):
+    _memory(1).save(path)
+  assert _tree_digest(tmp_path) == before

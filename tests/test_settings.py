@@ -3,6 +3,7 @@ import dataclasses
 import importlib
 import time
 
+import numpy as np
 import pytest
 
 from resmem_jax import settings
@@ -139,3 +140,100 @@ def test_serving_variant_is_the_narrow_embedding_tree_ah_setup():
   assert s.model.name == "cnn" and s.model.embed_dim == 32
   assert memory.parse_backend_options(s.resmem.backend_options)["mode"] == "tree_ah"
   assert s.resmem.tune_recall == 0.97
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("seed", -1, r"seed must be an integer in \[0, 2\*\*31 - 1\]"),
+    ("seed", 2**70, r"seed must be an integer in \[0, 2\*\*31 - 1\].*got 1180591620717411303424"),
+    ("data.split_seed", -1, r"data.split_seed must be an integer in \[0, 2\*\*31 - 1\]"),
+    ("data.split_seed", 2**40, r"data.split_seed must be an integer in \[0, 2\*\*31 - 1\]"),
+    ("train.num_epochs", float("inf"), "train.num_epochs must be a finite number >= 0, got inf"),
+    ("train.weight_decay", float("inf"), "train.weight_decay must be a finite number >= 0"),
+    ("train.warmup_epochs", float("inf"), "train.warmup_epochs must be a finite number"),
+    ("train.grad_clip_norm", float("nan"), "train.grad_clip_norm must be a finite number"),
+    ("train.step_factor", 0.0, "train.step_factor must be a positive finite number"),
+    ("train.learning_rate", float("inf"), "train.learning_rate must be a positive finite number"),
+])
+def test_values_that_used_to_fail_later_are_refused_at_once(field, value, message):
+  with pytest.raises(settings.SettingsError, match=message):
+    settings.replace_field(settings.Settings(), field, value)
+
+
+@dataclasses.dataclass
+class _Info:
+  """A data set's shape and sizes, as ``DatasetInfo``."""
+  name: str = "digits"
+  num_classes: int = 10
+  input_shape: tuple = (8, 8, 1)
+  input_dtype: str = "float32"
+  split_sizes: dict = dataclasses.field(
+      default_factory=lambda: {"train": 1293, "validation": 144, "test": 360})
+
+
+def _with(**fields):
+  s = settings.Settings()
+  for path, value in fields.items():
+    s = settings.replace_field(s, path.replace("__", "."), value)
+  return s
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"resmem__k": 5000}, r"resmem.k=5000 is larger than the memory: the training split gives "
+                          r"1,293 rows; set resmem.k <= 1293"),
+    ({"resmem__k_grid": (5000,)}, r"resmem.k_grid=\(5000,\) has no k <= the 1,293 rows"),
+    ({"model__width": 1e9}, r"model.width=1e\+09, model.depth=2: the mlp has 1e\+18 parameters, "
+                            r"x 4 bytes x 3 \(parameters, gradients, 1 optimizer slot\) = "
+                            r"1.2e\+10 GB, more than the .* GB of"),
+    ({"model__width": 1e9, "train__optimizer": "adam"}, r"x 4 bytes x 4 \(parameters, gradients, "
+                                                        r"2 optimizer slots\)"),
+    ({"train__eval_batch_size": 10**9}, r"train.eval_batch_size=1,000,000,000 cannot fit: "
+                                        r"1,000,000,000 examples x \(8, 8, 1\) x 4 bytes = 256 GB"),
+    ({"resmem__eval_batch_size": 10**9}, r"resmem.eval_batch_size=1,000,000,000 cannot fit"),
+    ({"train__batch_size": 10**9}, r"train.batch_size=1,000,000,000 cannot fit"),
+])
+def test_settings_checked_against_the_data_before_training(fields, message):
+  with pytest.raises(settings.SettingsError, match=message):
+    settings.check_against_data(_with(**fields), _Info())
+
+
+def test_an_empty_training_split_and_a_tiny_tree_are_refused_before_training():
+  info = _Info(split_sizes={"train": 0, "validation": 1437, "test": 360})
+  with pytest.raises(settings.SettingsError, match=r"the training split is empty: "
+                     r"data.val_fraction=0.9999 leaves 1,437 of the 1,437 training examples"):
+    settings.check_against_data(_with(data__val_fraction=0.9999), info)
+  small = _Info(split_sizes={"train": 10, "validation": 5, "test": 5})
+  with pytest.raises(settings.SettingsError, match=r"scann mode tree_ah needs at least 16 keys"):
+    settings.check_against_data(_with(resmem__backend_options="mode=tree_ah", resmem__k_grid=(1,)),
+                                small)
+  # Text: a row per token, so k is compared with sequences x tokens.
+  text = _Info(num_classes=300, input_shape=(16,), input_dtype="int32",
+               split_sizes={"train": 10, "validation": 2, "test": 2})
+  settings.check_against_data(_with(resmem__k=160), text)
+  with pytest.raises(settings.SettingsError, match="resmem.k=161 .* 160 rows"):
+    settings.check_against_data(_with(resmem__k=161), text)
+  large = _Info(split_sizes={"train": 10000, "validation": 5, "test": 5})
+  with pytest.raises(settings.SettingsError, match=r"training_sample_size=1 is too small"):
+    settings.check_against_data(_with(resmem__backend_options="mode=ah,training_sample_size=1"),
+                                large)
+  with pytest.raises(settings.SettingsError, match=r"resmem.backend_options=.*"
+                     r"training_sample_size=64 is below the tree's 100 leaves"):
+    settings.check_against_data(_with(
+        resmem__backend_options="mode=tree_ah,num_leaves=100,training_sample_size=64"), large)
+  settings.check_against_data(settings.Settings(), _Info())  # the defaults fit
+
+
+def test_the_parameter_count_is_the_models():
+  import jax
+  from resmem_jax import models
+  model = settings.ModelSettings(width=32)
+  variables = models.build_model(model, 10).init(jax.random.key(0), np.zeros((1, 8, 8, 1)))
+  assert settings.parameter_count(model, _Info()) == models.count_params(variables)
+
+
+@pytest.mark.parametrize("options,message", [
+    ("num_threads=50000", r"num_threads must be at most 1024"),
+    ("reorder=2147483648", r"reorder must be at most 2\*\*31 - 1"),
+])
+def test_scann_option_ranges_are_checked_with_the_settings(options, message):
+  with pytest.raises(settings.SettingsError, match=message):
+    settings.check(_with(resmem__backend_options=options))

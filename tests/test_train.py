@@ -17,6 +17,7 @@ from resmem_jax import training
 from resmem_jax.settings import ModelSettings, TrainSettings
 from resmem_jax.training import optimizer
 from resmem_jax.training import steps
+from resmem_jax.training.loop import TrainingDiverged
 import train_fakes
 
 
@@ -260,3 +261,70 @@ def test_training_split_is_counted_only_when_epochs_matter():
   assert optimizer.schedule_lengths(train, sizes) == (9, 7) and sizes.asked == ["train"]
   train = dataclasses.replace(train, num_steps=-1, num_epochs=2.0)
   assert optimizer.schedule_lengths(train, sizes) == (9, 18)
+
+
+class _PoisonedFake(train_fakes.ImageFake):
+  """ImageFake whose training inputs turn NaN from step ``bad_step`` (1-based) on: the loss and,
+  after that update, the parameters become NaN, as in a run that diverges."""
+
+  def __init__(self, bad_step):
+    super().__init__()
+    self.bad_step = bad_step
+
+  def train_batches(self, global_batch_size, seed, start_step=0):
+    for step, batch in enumerate(super().train_batches(global_batch_size, seed, start_step),
+                                 start_step + 1):
+      if step >= self.bad_step:
+        batch = dict(batch, inputs=np.full_like(batch["inputs"], np.nan))
+      yield batch
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_diverging_run_stops_at_the_logged_step_and_keeps_its_finite_checkpoint(tmp_path):
+  model, train = _settings(num_steps=12, log_every_steps=1, checkpoint_every_steps=2,
+                           eval_every_steps=100)
+  with pytest.raises(TrainingDiverged,
+                     match=r"training diverged: the train loss is nan at step 3; set a smaller "
+                           r"train.learning_rate \(now 0.05\); the checkpoint of step 2"):
+    training.train_and_evaluate(_PoisonedFake(3), model, train, 0, tmp_path)
+  assert _checkpoint_steps(tmp_path) == [2]
+  _, variables, step = training.restore_model(tmp_path, model)
+  assert step == 2 and all(np.all(np.isfinite(np.asarray(leaf)))
+                           for leaf in jax.tree_util.tree_leaves(variables))
+
+
+def test_a_checkpoint_between_logging_points_is_not_replaced_by_a_diverged_state(tmp_path):
+  # Logged every 10 steps, checkpointed every 2: the NaN of step 3 is caught at the step-4
+  # checkpoint, which is not written.
+  model, train = _settings(num_steps=12, log_every_steps=10, checkpoint_every_steps=2,
+                           eval_every_steps=100, dtype="bfloat16")
+  with pytest.raises(TrainingDiverged,
+                     match=r"NaN or inf at step 4; .*train.dtype=float32 \(now bfloat16\); the "
+                           r"checkpoint of step 2 \(finite\) is kept"):
+    training.train_and_evaluate(_PoisonedFake(3), model, train, 0, tmp_path)
+  assert _checkpoint_steps(tmp_path) == [2]
+
+
+def test_a_huge_learning_rate_stops_with_one_line_naming_the_step(tmp_path):
+  model, train = _settings(num_steps=8, log_every_steps=2, learning_rate=1e30)
+  with pytest.raises(TrainingDiverged, match=r"at step [12]; set a smaller "
+                     r"train.learning_rate \(now 1e\+30\); no checkpoint was written") as err:
+    training.train_and_evaluate(train_fakes.ImageFake(), model, train, 0, tmp_path)
+  assert "\n" not in str(err.value)
+  assert not (tmp_path / "checkpoints").exists() or not _checkpoint_steps(tmp_path)
+
+
+def test_models_and_batches_that_cannot_fit_are_refused_before_any_allocation(tmp_path):
+  model, train = _settings()
+  with pytest.raises(ValueError, match=r"model.width=1e\+09.* parameters, x 4 bytes x 3 "
+                                       r"\(parameters, gradients, 1 optimizer slot\) = .* GB"):
+    training.train_and_evaluate(train_fakes.ImageFake(), dataclasses.replace(model, width=1e9),
+                                train, 0, tmp_path)
+  with pytest.raises(ValueError, match=r"train.eval_batch_size=1,000,000,000,000 cannot fit: "
+                                       r".* x \(4, 4, 1\) x 4 bytes"):
+    training.train_and_evaluate(train_fakes.ImageFake(), model,
+                                dataclasses.replace(train, eval_batch_size=10**12), 0, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()

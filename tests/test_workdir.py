@@ -4,8 +4,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
-import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
@@ -42,8 +42,9 @@ def copy(trained, tmp_path):
 
 
 def _snapshot(folder):
+  # run.lock names the run holding the workdir (workdir_lock.py): every run rewrites it.
   return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
-          for p in folder.rglob("*") if p.is_file()}
+          for p in folder.rglob("*") if p.is_file() and p.name != "run.lock"}
 
 
 def test_first_run_records_settings_versions_and_model_digest(trained):
@@ -189,3 +190,115 @@ def test_binary_refuses_a_changed_model_in_one_line(copy):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("workdir error: ") and "train.learning_rate" in last
+
+
+def test_a_checkpoint_from_another_run_is_refused_whatever_its_step(copy, tmp_path):
+  workdir, _ = copy
+  other = tmp_path / "other"
+  engine.run(_digits(train__num_epochs=3, train__learning_rate=0.01), other, progress=False)
+  steps = [p.name for p in (other / "checkpoints").iterdir() if p.name.isdigit()]
+  foreign = max(steps, key=int)
+  assert int(foreign) > max(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                            if p.name.isdigit())
+  shutil.copytree(other / "checkpoints" / foreign, workdir / "checkpoints" / foreign)
+  before = json.loads((workdir / "run.json").read_text())
+  with pytest.raises(provenance.WorkdirError,
+                     match=rf"checkpoints/{foreign} was not written by the run recorded in "
+                           r".*run.json.*move that folder out of .*checkpoints, or pass --start_over"):
+    engine.run(_digits(), workdir, progress=False)
+  assert json.loads((workdir / "run.json").read_text()) == before  # no digest re-recorded
+
+
+def test_the_record_holds_the_digest_of_every_checkpoint_written(trained):
+  workdir, results = trained
+  record = json.loads((workdir / "run.json").read_text())
+  on_disk = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert set(on_disk) <= set(record["checkpoints"])
+  assert record["checkpoints"][str(results["checkpoint_step"])] == results["model_digest"]
+
+
+def test_a_memory_copied_from_another_run_is_rebuilt_not_served(copy, tmp_path):
+  workdir, first = copy
+  other = tmp_path / "other"
+  shutil.copytree(workdir, other)
+  engine.run(_digits(resmem__temperature_grid=(2.0,)), other, progress=False)  # same model
+  shutil.rmtree(workdir / "memory" / "index")
+  shutil.copytree(other / "memory" / "index", workdir / "memory" / "index")
+  results = engine.run(_digits(), workdir, progress=False)
+  assert results["memory"]["reused"] is False  # the state names another memory: set aside
+  assert {h: results[h] for h in ("base", "resmem", "hparams")} == {
+      h: first[h] for h in ("base", "resmem", "hparams")}
+  assert list(workdir.glob("memory.unreadable-*"))
+
+
+def test_an_older_memory_unit_is_set_aside_and_rebuilt(copy):
+  workdir, first = copy
+  state_path = workdir / "memory" / "resmem.json"
+  state = json.loads(state_path.read_text())
+  del state["version"], state["memory"]
+  state_path.write_text(json.dumps(state))
+  results = engine.run(_digits(), workdir, progress=False)
+  assert results["memory"]["reused"] is False and results["resmem"] == first["resmem"]
+  assert list(workdir.glob("memory.older-*"))
+  assert engine.run(_digits(), workdir, progress=False)["memory"]["reused"]
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from resmem_jax.training import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+  print("held", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_one_writer_per_workdir_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+  from resmem_jax.training import workdir_lock
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path / "w")],
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(workdir_lock.WorkdirInUse,
+                       match=rf"w is in use by another run \(pid {holder.pid} on host .+ since "
+                             r".+\): one run per workdir; wait for it to finish, or use another"):
+      with workdir_lock.hold(tmp_path / "w"):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  with workdir_lock.hold(tmp_path / "w"):  # released by the OS with its process
+    with workdir_lock.hold(tmp_path / "w"):  # re-entrant within one process
+      pass
+  with workdir_lock.hold(tmp_path / "w", process_index=1):  # another process of the same job
+    pass
+
+
+def test_two_identical_commands_in_one_workdir_one_runs_one_refuses_at_once(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "experiments.resmem", "--config=digits:tiny",
+             f"--workdir={workdir}", "--config.resmem.backend=exact"]
+  first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=REPO_ROOT, env=env)
+  try:
+    deadline = time.time() + 120
+    while time.time() < deadline and not (workdir / "run.lock").is_file() or not (
+        workdir / "run.lock").read_text():
+      assert first.poll() is None, first.communicate()
+      time.sleep(0.05)
+    start = time.perf_counter()
+    second = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+                            timeout=120)
+    assert time.perf_counter() - start < 60
+    out, err = first.communicate(timeout=300)
+  finally:
+    first.kill()
+  lines = [l for l in second.stderr.splitlines() if l.strip()]
+  assert second.returncode != 0 and len(lines) == 1, second.stderr[-2000:]
+  assert lines[0].startswith(f"workdir error: {workdir} is in use by another run (pid "
+                             f"{first.pid} on host "), lines[0]
+  assert first.returncode == 0, err[-2000:]
+  records = [l for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(records) == len(set(records))  # no record written twice

@@ -217,6 +217,95 @@ def api_cases() -> list[tuple[str, Callable]]:
   ]
 
 
+def input_cases() -> list[tuple[str, Callable]]:
+  """Inputs checked where they enter (issue 24): labels of every split, empty splits, complex
+  arrays, degenerate memories, ScaNN option ranges, JSON nested too deeply."""
+  import resmem_jax
+  from resmem_jax import jsonio
+  rng = np.random.default_rng(2)
+  weights = rng.normal(size=(8, 5)).astype(np.float32)
+
+  def model(x):  # a fixed linear "model": logits and its inputs as the embedding
+    return x @ weights, x
+
+  x = rng.normal(size=(160, 8)).astype(np.float32)
+  y = rng.integers(0, 5, 160)
+  train, validation, test = (x[:80], y[:80]), (x[80:120], y[80:120]), (x[120:], y[120:])
+  grid = dict(k_grid=(1, 4), sigma_grid=(1.0,), temperature_grid=(1.0,), progress=False)
+  fitted = resmem_jax.fit(model, train=train, validation=validation, **grid)
+  keys = rng.normal(size=(300, 8)).astype(np.float32)
+  res = resmem_jax.residuals(rng.integers(0, 5, 300), rng.normal(size=(300, 5)).astype(np.float32))
+  memory = resmem_jax.build_memory(keys, res)
+  base = np.full((4, 5), 0.2, np.float32)
+  err = expect_error
+
+  def fit_with(**changes):
+    splits = {"train": train, "validation": validation, **changes}
+    return lambda: resmem_jax.fit(model, **splits, **grid)
+
+  def fit_options(**options):
+    return lambda: resmem_jax.fit(model, train=train, validation=validation, **{**grid, **options})
+
+  def scann(n=300, **options):
+    return lambda: resmem_jax.build_memory(keys[:n], res[:n], backend="scann", **options)
+
+  def wide_labels(labels):  # int64 ids past int32: a cast would wrap them to valid-looking ids
+    return labels.astype(np.int64) + 2**32
+
+  def empty_predict():
+    out = fitted.predict(x[:0])
+    assert out.shape == (0,), f"shape {out.shape}"
+    return "shape (0,): no rows, no predictions"
+
+  return [
+      ("fit: validation labels + 10", lambda: err(fit_with(
+          validation=(validation[0], validation[1] + 10)))),
+      ("fit: validation labels -1", lambda: err(fit_with(
+          validation=(validation[0], validation[1] * 0 - 1)))),
+      ("fit: int64 validation labels + 2**32", lambda: err(fit_with(
+          validation=(validation[0], wide_labels(validation[1]))))),
+      ("fit: train labels + 10", lambda: err(fit_with(train=(train[0], train[1] + 10)))),
+      ("fit: validation labels + 10 in batches", lambda: err(fit_with(
+          validation=[(validation[0], validation[1] + 10)]))),
+      ("fit: whole-number float labels", lambda: err(fit_with(train=(train[0], train[1] * 1.0)))),
+      ("fit: empty train", lambda: err(fit_with(train=(x[:0], y[:0])))),
+      ("fit: empty validation", lambda: err(fit_with(validation=(x[:0], y[:0])))),
+      ("fit: train batches all empty", lambda: err(fit_with(train=[(x[:0], y[:0])]))),
+      ("fit: k = 5000 (80 training rows)", lambda: err(fit_options(k=5000))),
+      ("fit: k_grid = (5000,)", lambda: err(fit_options(k_grid=(5000,)))),
+      ("fit: batch_size = 0", lambda: err(fit_options(batch_size=0))),
+      ("fit: batch_size = 10**12", lambda: err(fit_options(batch_size=10**12))),
+      ("fit: complex inputs", lambda: err(fit_with(train=(train[0] + 1j, train[1])))),
+      ("evaluate: labels + 10", lambda: err(lambda: fitted.evaluate(test[0], test[1] + 10))),
+      ("evaluate: labels -1", lambda: err(lambda: fitted.evaluate(test[0], test[1] * 0 - 1))),
+      ("evaluate: int64 labels + 2**32", lambda: err(
+          lambda: fitted.evaluate(test[0], wide_labels(test[1])))),
+      ("evaluate: empty", lambda: err(lambda: fitted.evaluate(x[:0], y[:0]))),
+      ("ResMem.predict: complex inputs", lambda: err(lambda: fitted.predict(test[0] + 1j))),
+      ("ResMem.predict: 0 rows", lambda: expect_works(empty_predict)),
+      ("predict: complex base", lambda: err(
+          lambda: resmem_jax.predict(memory, base + 1j, keys[:4], 2, 1.0))),
+      ("predict: complex queries", lambda: err(
+          lambda: resmem_jax.predict(memory, base, keys[:4] + 1j, 2, 1.0))),
+      ("predict: string queries", lambda: err(
+          lambda: resmem_jax.predict(memory, base, keys[:4].astype(str), 2, 1.0))),
+      ("regression residuals: complex targets", lambda: err(
+          lambda: resmem_jax.regression_residuals(np.ones(3) + 1j, np.ones(3)))),
+      ("build_memory: 0-dimensional keys", lambda: err(
+          lambda: resmem_jax.build_memory(np.zeros((10, 0), np.float32), res[:10]))),
+      ("build_memory: sparse residuals with 0 outputs", lambda: err(
+          lambda: resmem_jax.build_memory(keys, res[:, :0], residual_format="sparse"))),
+      ("scann: tree_ah over 5 keys", lambda: err(scann(5, mode="tree_ah"))),
+      ("scann: training_sample_size = 1", lambda: err(scann(mode="tree_ah",
+                                                            training_sample_size=1))),
+      ("scann: reorder = 2**31", lambda: err(scann(mode="tree_ah", reorder=2**31))),
+      ("scann: leaves_to_search = 2**40", lambda: err(scann(mode="tree_ah",
+                                                            leaves_to_search=2**40))),
+      ("scann: num_threads = 50000", lambda: err(scann(mode="tree_ah", num_threads=50_000))),
+      ("JSON state: 100k nested brackets", lambda: err(lambda: jsonio.loads("[" * 100_000))),
+  ]
+
+
 def save_cases(tmp: pathlib.Path) -> list[tuple[str, Callable]]:
   import resmem_jax
   rng = np.random.default_rng(1)
@@ -373,6 +462,42 @@ def binary_cases(tmp: pathlib.Path) -> list[tuple[str, Callable]]:
       workdir = tmp / f"badcfg{abs(hash(config))}"
       return classify_binary(_binary([f"--config={config}"], workdir), workdir)
     cases.append((f"--config={config}", case))
+  return cases
+
+
+# Settings that passed validation and failed later (issue 24): each must now end the tool with one
+# line before any work (the last two after training started: the workdir exists by then).
+BAD_SETTINGS = [
+    ("--config.train.weight_decay=inf",), ("--config.train.num_epochs=inf",),
+    ("--config.train.learning_rate=nan",), ("--config.seed=-1",),
+    ("--config.seed=1180591620717411303424",), ("--config.data.split_seed=-1",),
+    ("--config.data.split_seed=1099511627776",), ("--config.data.val_fraction=0.9999",),
+    ("--config.resmem.k=5000",), ("--config.resmem.k_grid=(5000,)",),
+    ("--config.model.width=1e9",), ("--config.train.eval_batch_size=1000000000",),
+    ("--config.resmem.eval_batch_size=1000000000",),
+    ("--config.resmem.backend_options=num_threads=50000",),
+    ("--config.resmem.backend_options=mode=tree_ah,reorder=2147483648",),
+    ("--config.resmem.backend_options=mode=tree_ah,training_sample_size=1",),
+]
+# Settings whose training diverges: stopped at the first logged NaN loss, in one line.
+DIVERGING = [
+    ("--config=digits:tiny", "--config.train.learning_rate=1e30"),
+    ("--config=digits", "--config.train.learning_rate=5", "--config.train.dtype=float16"),
+]
+
+
+def settings_cases(tmp: pathlib.Path) -> list[tuple[str, Callable]]:
+  cases = []
+  for flags in BAD_SETTINGS:
+    def case(flags=flags):
+      workdir = tmp / f"settings{abs(hash(flags))}"
+      return classify_binary(_binary([DIGITS, *flags], workdir), workdir)
+    cases.append((" ".join(flags), case))
+  for flags in DIVERGING:
+    def case(flags=flags):
+      workdir = tmp / f"diverging{abs(hash(flags))}"
+      return classify_binary(_binary(list(flags), workdir), prefix="training error: ")
+    cases.append((" ".join(flags), case))
   return cases
 
 
@@ -533,14 +658,229 @@ def kill_cases(tmp: pathlib.Path, count: int, seed: int = 0) -> list[tuple[str, 
   return [(f"SIGKILL of the main job after {d} s, rerun", lambda d=d: case(d)) for d in delays]
 
 
+def _tmpfs(folder: pathlib.Path, size_kb: int) -> bool:
+  """Mounts a ``size_kb`` tmpfs at ``folder`` (needs root); False where that is not allowed."""
+  folder.mkdir(parents=True, exist_ok=True)
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)],
+                        capture_output=True, check=False).returncode == 0
+
+
+def _unmount(folder: pathlib.Path) -> None:
+  subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+def state_cases(tmp: pathlib.Path) -> list[tuple[str, Callable]]:
+  """State written as one unit (issue 24): mixed or foreign parts, two writers, OS faults."""
+  import flax.linen as nn
+  import jax
+  import resmem_jax
+
+  reference = tmp / "state_reference"
+  if _binary([DIGITS], reference).returncode != 0:
+    raise RuntimeError("the reference run failed")
+  expected = _results(reference)
+  counter = iter(range(1000))
+
+  def fresh_copy() -> pathlib.Path:
+    target = tmp / f"state{next(counter)}"
+    shutil.copytree(reference, target)
+    return target
+
+  def two_at_once():
+    workdir = tmp / f"state{next(counter)}"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    first = subprocess.Popen([sys.executable, "-m", "experiments.resmem", DIGITS,
+                              f"--workdir={workdir}"], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = workdir / "run.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (
+        lock.is_file() and lock.read_text()):
+      time.sleep(0.05)
+    start = time.perf_counter()
+    second = _binary([DIGITS], workdir)
+    waited = time.perf_counter() - start
+    _, first_err = first.communicate(timeout=300)
+    if first.returncode != 0:
+      return "UNCLEAR", f"the first run failed: {first_err.strip()[-250:]}"
+    outcome, detail = classify_binary(second, prefix="workdir error: ")
+    return outcome, f"{detail} (after {waited:.0f} s)"
+
+  def foreign_checkpoint():
+    workdir, other = fresh_copy(), tmp / f"state{next(counter)}"
+    proc = _binary([DIGITS, "--config.train.num_epochs=3", "--config.train.learning_rate=0.01"],
+                   other)
+    assert proc.returncode == 0, proc.stderr[-300:]
+    step = max((p for p in (other / "checkpoints").iterdir() if p.name.isdigit()),
+               key=lambda p: int(p.name))
+    shutil.copytree(step, workdir / "checkpoints" / step.name)
+    return classify_binary(_binary([DIGITS], workdir), prefix="workdir error: ")
+
+  def memory_of_another_run():
+    workdir, other = fresh_copy(), fresh_copy()
+    proc = _binary([DIGITS, "--config.resmem.temperature_grid=(2.0,)"], other)
+    assert proc.returncode == 0, proc.stderr[-300:]
+    shutil.rmtree(workdir / "memory" / "index")  # the new memory beside the old state
+    shutil.copytree(other / "memory" / "index", workdir / "memory" / "index")
+    proc = _binary([DIGITS], workdir)
+    if proc.returncode != 0:
+      return classify_binary(proc)
+    if _results(workdir) != expected:
+      return "SILENT", "the other run's memory served with this run's choice"
+    return "recovered", "the state names another memory: set aside, rebuilt, identical results"
+
+  def fifo_in_memory():
+    workdir = fresh_copy()
+    (workdir / "memory" / "index" / "residuals.npy").unlink()
+    os.mkfifo(workdir / "memory" / "index" / "residuals.npy")
+    try:
+      proc = _binary([DIGITS], workdir, timeout=120)
+    except subprocess.TimeoutExpired:
+      return "UNCLEAR", "the run blocked on the FIFO"
+    if proc.returncode != 0:
+      return classify_binary(proc)
+    if _results(workdir) != expected:
+      return "SILENT", "results differ from the undamaged run"
+    return "recovered", "the memory with a FIFO was set aside and rebuilt, identical results"
+
+  def os_fault(workdir_of, *flags):
+    def case():
+      workdir = workdir_of()
+      return classify_binary(_binary([DIGITS, *flags], workdir), prefix="file error: ")
+    return case
+
+  def a_file(name):
+    def make():
+      path = tmp / f"{name}{next(counter)}"
+      path.write_text("a user's file")
+      return path
+    return make
+
+  def read_only():
+    mount = tmp / f"ro{next(counter)}"
+    if not _tmpfs(mount, 64 * 1024):
+      return "works", "skipped: mounting a file system needs root"
+    try:
+      shutil.copytree(reference, mount / "run")
+      subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+      return classify_binary(_binary([DIGITS], mount / "run"), prefix="file error: ")
+    finally:
+      _unmount(mount)
+
+  def disk_full(backend):
+    def case():
+      mount = tmp / f"full{next(counter)}"
+      size = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file()) // 1024
+      if not _tmpfs(mount, size + 512):
+        return "works", "skipped: mounting a file system needs root"
+      try:
+        shutil.copytree(reference, mount / "run")
+        info = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"\0" * max(0, info.f_bavail * info.f_frsize - 48 * 1024))
+        # A memory rebuild (the temperature grid changed) then finds no space for the memory.
+        return classify_binary(_binary([DIGITS, f"--config.resmem.backend={backend}",
+                                        "--config.resmem.temperature_grid=(2.0,)"], mount / "run"),
+                               prefix="file error: ")
+      finally:
+        _unmount(mount)
+    return case
+
+  class Net(nn.Module):
+    activation: Callable = nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+      hidden = self.activation(nn.Dense(8)(x))
+      return nn.Dense(3)(hidden), hidden
+
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(200, 5)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5)
+  model = Net()
+  variables = model.init(jax.random.key(0), x[:1])
+  fixed = dict(k=3, sigma=0.7, temperature=1.0, base_mix=0.0, progress=False)
+  fits = [resmem_jax.fit(model, variables, train=(x[:100], y[:100]), **fixed),
+          resmem_jax.fit(model, variables, train=(x[100:], y[100:]), **fixed)]
+
+  def saved(which=0):
+    path = tmp / f"resmem{next(counter)}"
+    fits[which].save(path)
+    return path
+
+  def load_other_architecture():
+    resmem_jax.ResMem.load(saved(), Net(activation=nn.tanh), variables)
+
+  def load_memory_of_another_fit():
+    path, other = saved(0), saved(1)
+    shutil.rmtree(path / "memory")
+    shutil.copytree(other / "memory", path / "memory")
+    resmem_jax.ResMem.load(path, model, variables)
+
+  def save_onto_users_folder():
+    path = tmp / f"user{next(counter)}"
+    path.mkdir()
+    (path / "resmem.json").write_text('{"my": "notes"}')
+    try:
+      fits[0].save(path)
+    finally:
+      assert (path / "resmem.json").read_text() == '{"my": "notes"}', "the user's file was touched"
+
+  def save_over_earlier_save():
+    path = saved(0)
+    fits[1].save(path)
+    loaded = resmem_jax.ResMem.load(path, model, variables)
+    assert np.array_equal(loaded.memory.keys, fits[1].memory.keys), "not the new save"
+    return "replaced as one unit; the new save loads"
+
+  def memory_onto_users_names():
+    path = tmp / f"user{next(counter)}"
+    (path / "index").mkdir(parents=True)
+    (path / "manifest.json").write_text('{"name": "my web app"}')
+    (path / "keys.npy").write_bytes(b"mine")
+    try:
+      fits[0].memory.save(path)
+    finally:
+      assert (path / "keys.npy").read_bytes() == b"mine", "the user's file was touched"
+
+  def fifo_load():
+    path = saved()
+    (path / "memory" / "residuals.npy").unlink()
+    os.mkfifo(path / "memory" / "residuals.npy")
+    resmem_jax.load_memory(path / "memory")
+
+  err = expect_error
+  return [
+      ("two identical commands in one workdir at once", two_at_once),
+      ("rerun: a later checkpoint copied from another run", foreign_checkpoint),
+      ("cache: memory/index from another run beside this state", memory_of_another_run),
+      ("cache: a FIFO in place of memory/index/residuals.npy", fifo_in_memory),
+      ("workdir is a file", os_fault(a_file("file"))),
+      ("workdir's parent is a file", os_fault(lambda: a_file("parent")() / "run")),
+      ("workdir on a read-only file system", read_only),
+      ("disk full during the memory save (exact)", disk_full("exact")),
+      ("disk full during the memory save (scann)", disk_full("scann")),
+      ("ResMem.load: same variables, tanh instead of relu", lambda: err(load_other_architecture)),
+      ("ResMem.load: memory/ copied from another fit", lambda: err(load_memory_of_another_fit)),
+      ("ResMem.save: onto a folder with the user's resmem.json", lambda: err(
+          save_onto_users_folder)),
+      ("ResMem.save: over an earlier save", lambda: expect_works(save_over_earlier_save)),
+      ("Memory.save: onto manifest.json, keys.npy, index/ of the user's", lambda: err(
+          memory_onto_users_names)),
+      ("load_memory: a FIFO in place of residuals.npy", lambda: err(fifo_load)),
+  ]
+
+
 def run_catalogue(kills: int = 12, log: Callable[[str], None] = print) -> list[Outcome]:
-  """Every case; returns the outcomes in order (areas: API, save/load, binary, workdir, kill)."""
+  """Every case; returns the outcomes in order (areas: API, inputs, save/load, binary flags and
+  settings, workdir, kill)."""
   outcomes = []
   with tempfile.TemporaryDirectory(prefix="resmem_faults_") as tmp_name:
     tmp = pathlib.Path(tmp_name)
-    areas = [("public API", api_cases()), ("memory save/load", save_cases(tmp)),
-             ("binary flags", binary_cases(tmp)), ("workdir", workdir_cases(tmp)),
-             ("kill and rerun", kill_cases(tmp, kills))]
+    areas = [("public API", api_cases()), ("inputs", input_cases()),
+             ("memory save/load", save_cases(tmp)), ("binary flags", binary_cases(tmp)),
+             ("binary settings", settings_cases(tmp)), ("workdir", workdir_cases(tmp)),
+             ("kill and rerun", kill_cases(tmp, kills)), ("state as one unit", state_cases(tmp))]
     for area, cases in areas:
       for name, case in cases:
         outcome, detail = case()

@@ -64,6 +64,9 @@ def run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with
   index, build_s = best_of(lambda: _faiss_add(faiss.IndexFlatL2(dim), keys), 1)
   (_, found), search_s = best_of(lambda: index.search(queries, k), repeats)
   _row("faiss IndexFlatL2", size, dim, build_s, search_s, num_queries, recall_at_k(found, reference))
+  # The exact/faiss ratio moves with the threads each gets and faiss's SIMD build: say which.
+  print(f"  faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
+        f"{faiss.get_compile_options()}", flush=True)
   del index
   index, build_s = best_of(lambda: _faiss_add(faiss.IndexHNSWFlat(dim, 32), keys), 1)
   for ef in hnsw_ef:

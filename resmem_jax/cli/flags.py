@@ -8,6 +8,7 @@ log level from the environment once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pathlib
@@ -109,15 +110,48 @@ def user_errors():
   """An ordinary mistake (a bad config field, a workdir that does not match, a missing optional
   dependency) ends the tool with one line saying what and how to go on."""
   from resmem_jax import settings  # pylint: disable=g-import-not-at-top
-  from resmem_jax.training import checkpoints, provenance  # pylint: disable=g-import-not-at-top
+  from resmem_jax.training import checkpoints, loop, provenance  # pylint: disable=g-import-not-at-top
   try:
     yield
+  except loop.TrainingDiverged as err:  # a SettingsError, but found while training, not in the config
+    raise SystemExit(f"training error: {err}") from None
   except settings.SettingsError as err:
     raise SystemExit(f"config error: {err}") from None
   except (provenance.WorkdirError, checkpoints.CheckpointError) as err:
     raise SystemExit(f"workdir error: {err}") from None
   except settings.MissingDependency as err:
     raise SystemExit(f"missing dependency: {err}") from None
+  except OSError as err:
+    raise SystemExit(f"file error: {os_error_line(err)}") from None
+
+
+# errno -> (what happened, what to do), for the faults a workdir meets.
+_OS_FAULTS = {
+    errno.ENOSPC: ("disk full (no space left on the device)", "free some space and run again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run again"),
+    errno.EROFS: ("read-only file system", "use a --workdir on a writable file system"),
+    errno.EACCES: ("permission denied", "use a --workdir you can write, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "use a --workdir you can write, or fix its "
+                  "permissions"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another --workdir"),
+    errno.EEXIST: ("the path exists and is not a folder", "choose another --workdir, or move "
+                   "the file"),
+    errno.EIO: ("input/output error", "check the disk, then run again"),
+}
+
+
+def os_error_line(err: OSError) -> str:
+  """One line for an OSError: what happened, on which path, and what to do."""
+  where = " ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+  known = _OS_FAULTS.get(err.errno)
+  if known is None:
+    detail = (err.strerror or str(err) or type(err).__name__).strip().splitlines()[0]
+    return f"{detail}{': ' + where if where else ''}"
+  if err.filename is None and str(err.strerror or "").startswith("disk full"):
+    return err.strerror.splitlines()[0]  # the memory's save already said where and what to do
+  what, fix = known
+  detail = "" if err.filename is not None or not str(err) else f" ({str(err).splitlines()[0][:300]})"
+  return f"{what}{': ' + where if where else ''}{detail}; {fix}"
 
 
 def _parse_flags(argv):

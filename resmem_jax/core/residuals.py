@@ -49,6 +49,9 @@ def _numeric(value, name: str, ndim: int | None = None) -> np.ndarray:
   if array.dtype == object or not (np.issubdtype(array.dtype, np.number)
                                    or array.dtype == jnp.bfloat16):
     raise ValueError(f"{name} must be a numeric array, got dtype {array.dtype}")
+  if np.iscomplexobj(array):  # a cast to float32 would drop the imaginary part
+    raise ValueError(f"{name} must be real numbers, got complex dtype {array.dtype}; pass the "
+                     "real part (np.real) or the magnitude (np.abs) explicitly")
   if ndim is not None and array.ndim != ndim:
     raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
   if (np.issubdtype(array.dtype, np.inexact) or array.dtype == jnp.bfloat16) and \

@@ -19,12 +19,14 @@ what differs is configuration: the residual format (sparse for vocabularies), th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import pathlib
+import re
 import time
 from typing import Any, Callable, Iterator
 
@@ -129,27 +131,31 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   WORKDIR/superseded/ first).
   """
   workdir = pathlib.Path(workdir)
-  info, trained, passes = trained_passes(settings, workdir, progress=progress,
-                                         start_over=start_over)
-  model = passes.model
-  memory, choice, tuning, reused = _memory(settings, passes, workdir)
-  start = time.perf_counter()
-  evaluation = evaluate(passes, memory, choice, settings.resmem, "test", timed=True)
-  train_eval = (evaluate(passes, memory, choice, settings.resmem, "train", timed=False)
-                if settings.resmem.evaluate_train else None)
-  log.info("evaluation: %s in %.1f s", "test and train splits" if train_eval else "test split",
-           time.perf_counter() - start)
-  results = assemble_results(settings, info, model, memory, choice, tuning, reused,
-                             evaluation, train_eval, trained.metrics)
-  if jax.process_index() == 0:
-    jsonio.write_json_atomic(workdir / "results.json", results)
+  # The workdir's lock (one writer per workdir), taken once the settings are checked, is held
+  # until results.json is written.
+  with contextlib.ExitStack() as lock_scope:
+    info, trained, passes = trained_passes(settings, workdir, progress=progress,
+                                           start_over=start_over, lock_scope=lock_scope)
+    model = passes.model
+    memory, choice, tuning, reused = _memory(settings, passes, workdir)
+    start = time.perf_counter()
+    evaluation = evaluate(passes, memory, choice, settings.resmem, "test", timed=True)
+    train_eval = (evaluate(passes, memory, choice, settings.resmem, "train", timed=False)
+                  if settings.resmem.evaluate_train else None)
+    log.info("evaluation: %s in %.1f s", "test and train splits" if train_eval else "test split",
+             time.perf_counter() - start)
+    results = assemble_results(settings, info, model, memory, choice, tuning, reused,
+                               evaluation, train_eval, trained.metrics)
+    if jax.process_index() == 0:
+      jsonio.write_json_atomic(workdir / "results.json", results)
   return results
 
 
 def trained_passes(settings: settings_lib.Settings, workdir: pathlib.Path, *, progress: bool,
-                   start_over: bool = False):
+                   start_over: bool = False, lock_scope: contextlib.ExitStack | None = None):
   """``(data set info, trained model, Passes)``: the settings and data checked, the model trained
-  into ``workdir`` (or resumed, or reused when finished)."""
+  into ``workdir`` (or resumed, or reused when finished). ``lock_scope``: where the workdir's lock
+  stays held after training (else it is released when training returns)."""
   from resmem_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from resmem_jax import training  # pylint: disable=g-import-not-at-top
 
@@ -164,7 +170,7 @@ def trained_passes(settings: settings_lib.Settings, workdir: pathlib.Path, *, pr
            "sequences" if info.input_dtype == "int32" else "examples", info.num_classes,
            "tokens" if info.input_dtype == "int32" else "classes")
   trained = training.train_model(settings, dataset, workdir, start_over=start_over,
-                                 progress=progress)
+                                 progress=progress, lock_scope=lock_scope)
   model = _base_model(trained, info.num_classes, settings.model)
   passes = Passes(dataset, model, settings.resmem.eval_batch_size, progress,
                   fold_block=rows_per_example(info))
@@ -174,6 +180,7 @@ def trained_passes(settings: settings_lib.Settings, workdir: pathlib.Path, *, pr
 def _check_before_training(settings, dataset) -> None:
   """What can only be checked once the data set's size is known, still before training."""
   r = settings.resmem
+  settings_lib.check_against_data(settings, dataset.info)  # k, empty train split, sizes that fit
   if settings_lib.needs_validation(r) and dataset.num_examples("validation") == 0:
     raise settings_lib.SettingsError(
         f"the validation split is empty; {settings_lib.validation_needed_message(r)}")
@@ -234,24 +241,27 @@ def memory_signature(settings: settings_lib.Settings, model_digest: str) -> dict
 def _memory(settings, passes: Passes, workdir: pathlib.Path):
   """(memory, choice, search tuning, reused): the saved memory when it matches, else built.
 
-  A saved memory or state file that cannot be read is a cache: it is set aside (never deleted)
-  with a warning and the memory is built again.
+  WORKDIR/memory is one unit: the memory (``index/``) and its state (``resmem.json``: the
+  signature, the choice and the memory's manifest digest) are written into one folder swapped in
+  at once, so a kill at any write leaves the old unit or the new one, and a read checks that the
+  memory is the one the state names. A saved unit that cannot be used is a cache: it is set aside
+  (never deleted) with a warning and the memory is built again.
   """
   mem_dir = workdir / MEMORY_DIR
   signature = memory_signature(settings, passes.model.digest)
-  saved = _saved_memory(mem_dir, signature, _across_hosts(settings.resmem))
+  across_hosts = _across_hosts(settings.resmem)
+  saved = _saved_memory(mem_dir, signature, across_hosts)
   if saved is not None:
     log.info("memory: reusing %s (%s rows, its settings and model unchanged)", mem_dir,
              f"{saved[0].size:,}")
     return (*saved, True)
   memory, choice, tuning = build_and_select(settings.resmem, passes, settings.data.name)
-  if _across_hosts(settings.resmem):
-    memory.save(mem_dir / "index")  # every process its own part, index/process_I
+  state = {"version": STATE_VERSION, "signature": signature,
+           "choice": dataclasses.asdict(choice), "tuning": tuning}
+  if across_hosts:
+    _save_host_parts(mem_dir, memory, state)
   elif jax.process_index() == 0:
-    memory.save(mem_dir / "index")
-  if jax.process_index() == 0:
-    jsonio.write_json_atomic(mem_dir / STATE_FILE, {
-        "signature": signature, "choice": dataclasses.asdict(choice), "tuning": tuning})
+    save_memory_unit(mem_dir, memory, state)
   return memory, choice, tuning, False
 
 
@@ -259,30 +269,188 @@ def _across_hosts(r: settings_lib.ResMemSettings) -> bool:
   return r.memory_across_hosts and jax.process_count() > 1
 
 
+# 2: the memory and its state are one folder swapped in as a unit; the state names the memory's
+# manifest digest (or, split across hosts, each part's). 1 (no "version"): two separate writes.
+STATE_VERSION = 2
+INDEX_DIR = "index"
+
+
+class _OlderState(ValueError):
+  """A memory state written before the memory and its state were one unit."""
+
+
+def _read_state(folder) -> dict:
+  """The state file of the memory unit in ``folder``, its fields checked (ValueError)."""
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, STATE_FILE)
+  with memory_io._open_regular(path) as f:  # pylint: disable=protected-access
+    state = jsonio.loads(f.read())
+  if not isinstance(state, dict):
+    raise ValueError(f"{path} is not a JSON object")
+  if state.get("version") != STATE_VERSION:
+    raise _OlderState(f"{path} was written by an older resmem_jax (format {state.get('version', 1)}"
+                      f", this code writes {STATE_VERSION})")
+  record = state.get("memory")
+  if (not isinstance(state.get("signature"), dict) or not isinstance(state.get("choice"), dict)
+      or not isinstance(record, dict)
+      or not (isinstance(record.get("manifest_sha256"), str) or isinstance(record.get("parts"), list))):
+    raise ValueError(f"{path} lacks its signature, choice or memory digest")
+  return state
+
+
+def _unit_complete(folder) -> bool:
+  """Whether ``folder`` is a whole memory unit: its state valid and naming the memory beside it
+  (what a killed save's copy must be to be put back)."""
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  try:
+    state = _read_state(folder)
+    index = os.path.join(folder, INDEX_DIR)
+    return (memory_io.is_complete(index)
+            and memory_io.manifest_digest(index) == state["memory"].get("manifest_sha256"))
+  except (OSError, ValueError):
+    return False
+
+
+def _is_unit(folder) -> bool:
+  """Whether ``folder`` is a memory unit this library wrote (any format): a state file that parses
+  as one, and nothing beside it but its memory (or its memory's parts, one per process)."""
+  from resmem_jax.memory import atomic_dir  # pylint: disable=g-import-not-at-top
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  try:
+    names = os.listdir(folder)
+    index = os.path.join(folder, INDEX_DIR)
+    with memory_io._open_regular(os.path.join(folder, STATE_FILE)) as f:  # pylint: disable=protected-access
+      state = jsonio.loads(f.read())
+    if not isinstance(state, dict) or not isinstance(state.get("signature"), dict):
+      return False
+    for name in names:
+      if name in (STATE_FILE,) or atomic_dir.is_own_entry(index, name):
+        continue
+      if name != INDEX_DIR or os.path.islink(index):
+        return False
+      if not memory_io.is_saved_memory(index):
+        for part in os.listdir(index):  # a memory split across hosts: one part per process
+          if not (re.fullmatch(r"process_\d+", part)
+                  and memory_io.is_saved_memory(os.path.join(index, part))
+                  or re.fullmatch(r"\.process_\d+\.(lock|(tmp|old|del)-[0-9a-f-]+)", part)):
+            return False
+    return True
+  except (OSError, ValueError):
+    return False
+
+
+def _check_unit_replaceable(folder) -> None:
+  if os.path.lexists(folder) and not (os.path.isdir(folder) and not os.path.islink(folder)
+                                      and (not os.listdir(folder) or _is_unit(folder))):
+    raise ValueError(f"{folder} is not a memory this run wrote; move it out of the workdir")
+
+
+def save_memory_unit(mem_dir: pathlib.Path, memory, state: dict) -> None:
+  """Writes the memory and its state as one unit at ``mem_dir`` (see :func:`_memory`)."""
+  from resmem_jax.memory import atomic_dir  # pylint: disable=g-import-not-at-top
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  if os.path.lexists(mem_dir):
+    try:
+      _check_unit_replaceable(mem_dir)
+    except ValueError:
+      _set_aside(mem_dir, "it is not a memory unit this library wrote")
+
+  def write(folder):
+    index = os.path.join(folder, INDEX_DIR)
+    memory.save(index)
+    unit = dict(state, memory={"manifest_sha256": memory_io.manifest_digest(index)})
+    with open(os.path.join(folder, STATE_FILE), "w") as f:  # last: it completes the unit
+      json.dump(unit, f, indent=2, sort_keys=True)
+
+  atomic_dir.replace_folder(mem_dir, write, _check_unit_replaceable, _unit_complete)
+
+
+def _save_host_parts(mem_dir: pathlib.Path, memory, state: dict) -> None:
+  """A memory split across hosts: every process saves its own part (``index/process_I``, each
+  atomic), then process 0 writes the state naming every part's manifest digest. Collective."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from resmem_jax.memory import atomic_dir  # pylint: disable=g-import-not-at-top
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0 and os.path.lexists(mem_dir):
+    # No state may name parts while they change: the earlier unit goes first (or aside).
+    if _is_unit(mem_dir):
+      atomic_dir.discard(mem_dir)
+    else:
+      _set_aside(mem_dir, "it is not a memory unit this library wrote")
+  multihost_utils.sync_global_devices("resmem_jax memory: earlier unit cleared")
+  memory.save(mem_dir / INDEX_DIR)
+  part = mem_dir / INDEX_DIR / f"process_{jax.process_index()}"
+  digest = np.frombuffer(bytes.fromhex(memory_io.manifest_digest(part)), np.uint8)
+  digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+  if jax.process_index() == 0:
+    jsonio.write_json_atomic(mem_dir / STATE_FILE, dict(
+        state, memory={"parts": [bytes(row.tolist()).hex() for row in digests]}))
+
+
+def _set_aside(mem_dir: pathlib.Path, reason: str, kind: str = "unreadable") -> None:
+  """Moves ``mem_dir`` to a new sibling ``memory.<kind>-<time>`` (never deleted), with a warning."""
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  aside = mem_dir.with_name(f"{mem_dir.name}.{kind}-{stamp}")
+  number = 1
+  while os.path.lexists(aside):
+    number += 1
+    aside = mem_dir.with_name(f"{mem_dir.name}.{kind}-{stamp}-{number}")
+  mem_dir.rename(aside)
+  log.warning("the saved memory in %s cannot be used (%s); moved it to %s and building the memory "
+              "again", mem_dir, reason, aside)
+
+
 def _saved_memory(mem_dir: pathlib.Path, signature: dict, across_hosts: bool):
   """(memory, choice, tuning) saved for ``signature``, or None (missing, other, unreadable).
 
   Every process decides alike: a memory split across hosts loads (or fails) on all of them."""
   from resmem_jax import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  from resmem_jax.memory import atomic_dir  # pylint: disable=g-import-not-at-top
   from resmem_jax.memory import hosts  # pylint: disable=g-import-not-at-top
-  state_path, index_path = mem_dir / STATE_FILE, mem_dir / "index"
-  if not state_path.exists() or not index_path.exists():
-    return None
-  try:
-    state = json.loads(state_path.read_text())
-    if state["signature"] != signature:
+  from resmem_jax.memory import io as memory_io  # pylint: disable=g-import-not-at-top
+  if not os.path.lexists(mem_dir):
+    if not atomic_dir.interrupted(mem_dir):
       return None
-    choice = Choice(**state["choice"])
-    memory = (hosts.HostShardedMemory.load(index_path) if across_hosts
-              else memory_lib.load_memory(index_path))
-    return memory, choice, state.get("tuning")
+    atomic_dir.restore(mem_dir, _unit_complete)  # a kill between the swap's two renames
+    if not os.path.lexists(mem_dir):
+      return None
+  problem = None
+  try:
+    with atomic_dir.reading(mem_dir):
+      state = _read_state(mem_dir)
+      if state["signature"] != signature:
+        return None
+      choice = Choice(**state["choice"])
+      index_path = mem_dir / INDEX_DIR
+      if across_hosts:
+        memory = hosts.HostShardedMemory.load(index_path)
+        parts = state["memory"].get("parts") or []
+        part = index_path / f"process_{jax.process_index()}"
+        try:
+          mine = (len(parts) == jax.process_count()
+                  and memory_io.manifest_digest(part) == parts[jax.process_index()])
+        except (OSError, ValueError):
+          mine = False  # still agree below: no process is left waiting for the others
+        if not hosts.all_processes_agree(mine):
+          raise ValueError(f"the memory parts in {index_path} are not the ones "
+                           f"{mem_dir / STATE_FILE} names (a save was interrupted)")
+      else:
+        recorded = state["memory"].get("manifest_sha256")
+        parts, digest = memory_io.read(index_path)
+        if digest != recorded:
+          raise ValueError(f"the memory in {index_path} is not the one {mem_dir / STATE_FILE} "
+                           f"names (manifest digest {digest[:12]}..., recorded "
+                           f"{str(recorded)[:12]}...)")
+        keys, labels, store, backend, index, metadata = parts
+        memory = memory_lib.Memory(keys, store, backend, index, labels, metadata)
+      return memory, choice, state.get("tuning")
+  except _OlderState as err:
+    problem, kind = f"{err}; its memory and state were saved separately", "older"
   except (OSError, ValueError, KeyError, TypeError) as err:
-    if jax.process_index() == 0:
-      aside = mem_dir.with_name(f"{mem_dir.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-      mem_dir.rename(aside)
-      log.warning("the saved memory in %s cannot be used (%s); moved it to %s and building "
-                  "the memory again", mem_dir, err, aside)
-    return None
+    problem, kind = str(err), "unreadable"
+  if jax.process_index() == 0 and os.path.lexists(mem_dir):
+    _set_aside(mem_dir, problem, kind)
+  return None
 
 
 def build_memory(r: settings_lib.ResMemSettings, passes: Passes, dataset_name: str):

@@ -43,7 +43,7 @@ FORMATS = store_lib.FORMATS
 DEFAULT_TOP_M = 16
 
 __all__ = ["Memory", "build_memory", "memory_from_store", "load_memory", "parse_backend_options",
-           "check_options", "has_query_settings", "BACKENDS", "FORMATS"]
+           "check_options", "check_size", "has_query_settings", "BACKENDS", "FORMATS"]
 
 
 def _json_value(value):
@@ -65,7 +65,7 @@ def _json_metadata(metadata) -> dict:
     raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
   try:
     return json.loads(json.dumps(metadata, default=_json_value))
-  except (TypeError, ValueError) as err:
+  except (TypeError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply
     raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
 
 
@@ -367,6 +367,17 @@ def check_options(backend: str, backend_options: str | dict, residual_format: st
     return index_cls.check_options(options)
   except ValueError as err:
     raise ValueError(f"resmem.backend_options={backend_options!r}: {err}") from None
+
+
+def check_size(backend: str, num_keys: int, backend_options: str | dict) -> None:
+  """ValueError when a ``backend`` index with these options cannot be built over ``num_keys``
+  keys (scann: a tree needs at least 16 keys and a sample point per leaf), known before any key
+  exists. Does not import ScaNN."""
+  index_cls = index_lib.index_class(backend)
+  options = (parse_backend_options(backend_options) if isinstance(backend_options, str)
+             else dict(backend_options))
+  if hasattr(index_cls, "check_size"):
+    index_cls.check_size(int(num_keys), options)
 
 
 def has_query_settings(backend: str, num_keys: int, backend_options: dict) -> bool:

@@ -1,12 +1,16 @@
 """``approx``: the on-device memory, nearest neighbours by ``jax.lax.approx_min_k`` (TPU-KNN).
 
 The keys are split over every device of every host (one mesh over ``jax.devices()``); each
-device scores the queries against its own keys with one matmul (``w |k|^2 - 2 q.k``, the squared
-distance less the query's constant term, on centred, power-of-two scaled keys: see
-:class:`~resmem_jax.memory.exact.ShardedKeys`) and keeps its approximate top candidates with
-``approx_min_k``, the TPU-native partial reduction built to run near the accelerator's peak
-FLOP/s; the per-device lists are merged into one exact top list across devices. The memory then
-re-ranks the candidates by directly computed distance as for every backend.
+device scores the queries against its own keys with one matmul, as a proven lower bound of the
+squared distance (:func:`~resmem_jax.memory.exact.lower_bounds`, on centred, power-of-two scaled
+keys: see :class:`~resmem_jax.memory.exact.ShardedKeys`), and keeps its approximate top candidates
+with ``approx_min_k``, the TPU-native partial reduction built to run near the accelerator's peak
+FLOP/s; the per-device lists are merged into one exact top list across devices. Each query's list
+is then certified against float32 rounding as ``exact``'s is (widened, or searched directly, where
+rounding could have dropped a neighbour: :func:`~resmem_jax.memory.exact.certified_candidates`),
+so only ``approx_min_k``'s own selection is approximate; where it is exact (CPU) the backend
+returns ``exact``'s neighbours. The memory then re-ranks the candidates by directly computed
+distance as for every backend.
 
 Options: ``recall_target`` (``approx_min_k``'s expected recall per device, default 0.95),
 ``query_chunk`` (queries per call; each call holds ``query_chunk x keys per device`` scores),
@@ -25,34 +29,35 @@ from jax.sharding import PartitionSpec as P
 
 from resmem_jax import mesh as mesh_lib
 from resmem_jax.memory import index as index_lib
-from resmem_jax.memory.exact import MAX_SEARCH_FNS, RERANK_MARGIN, ShardedKeys
+from resmem_jax.memory.exact import (MAX_SEARCH_FNS, ShardedKeys,
+                                     certified_candidates, lower_bounds)
 
 # Scores one call may hold per device (query_chunk x keys per device): 2**27 floats is 512 MB.
 MAX_SCORES_PER_CALL = 1 << 27
 
 
 def _make_search_fn(mesh, num_candidates: int, local_size: int, recall_target: float):
-  """Jitted search: per-device ``approx_min_k`` over the device's keys, then an exact merge."""
+  """Jitted search: per-device ``approx_min_k`` over the lower bounds of the device's keys
+  (:func:`~resmem_jax.memory.exact.lower_bounds`), then an exact merge."""
   axis = mesh_lib.DATA_AXIS
   per_device_k = min(num_candidates, local_size)
 
-  def per_device(queries, weights, num_keys, keys, sqnorms):
+  def per_device(queries, num_keys, keys):
     offset = lax.axis_index(axis).astype(jnp.int32) * local_size
-    scores = weights[:, None] * sqnorms[None, :] - 2.0 * jnp.dot(
-        queries, keys.T, precision=lax.Precision.HIGHEST)
+    scores = lower_bounds(queries, keys)
     ids = offset + jnp.arange(local_size, dtype=jnp.int32)
     scores = jnp.where(ids[None, :] < num_keys, scores, jnp.inf)  # padding is never a neighbour
     values, positions = lax.approx_min_k(scores, per_device_k, recall_target=recall_target)
     return values, positions.astype(jnp.int32) + offset
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(axis), P(axis)),
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis)),
                           out_specs=(P(None, axis), P(None, axis)), check_vma=False)
 
   @jax.jit
-  def search(queries, weights, num_keys, keys, sqnorms):
-    values, ids = sharded(queries, weights, num_keys, keys, sqnorms)
-    _, keep = lax.top_k(-values, num_candidates)  # the global merge of the device lists
-    return jnp.take_along_axis(ids, keep, axis=1)
+  def search(queries, num_keys, keys):
+    values, ids = sharded(queries, num_keys, keys)
+    neg, keep = lax.top_k(-values, num_candidates)  # the global merge of the device lists
+    return -neg, jnp.take_along_axis(ids, keep, axis=1)
 
   return search
 
@@ -73,6 +78,7 @@ class ApproxIndex(index_lib.SearchIndex):
     shards = mesh_lib.num_data_shards(self.mesh)
     self.local_size = max(1, -(-self.size // shards))
     self._layout = ShardedKeys.place(keys, self.mesh, self.local_size)
+    self._keys = keys  # the host keys: re-ranking widened rows and the direct fallback
     self._search_fns = {} if search_fns is None else search_fns
 
   @classmethod
@@ -103,14 +109,18 @@ class ApproxIndex(index_lib.SearchIndex):
     return cls(keys, **cls.check_options(options))
 
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
-    """Distinct ids ``[q, min(k + RERANK_MARGIN, size)]`` (approximately the nearest)."""
-    num_candidates = min(k + RERANK_MARGIN, self.size)
-    search = index_lib.bounded_put(
-        self._search_fns, (num_candidates, self.local_size),
-        lambda: _make_search_fn(self.mesh, num_candidates, self.local_size,
-                                self.options["recall_target"]), MAX_SEARCH_FNS)
+    """Ids ``[q, min(k + RERANK_MARGIN, size)]`` (approximately the nearest; with rounding
+    certified as for ``exact``, see :func:`~resmem_jax.memory.exact.certified_candidates`)."""
     chunk = max(1, min(self.options["query_chunk"], MAX_SCORES_PER_CALL // self.local_size))
-    return self._layout.search_in_chunks(search, queries, chunk, num_candidates, self.size)
+
+    def search(rows: np.ndarray, count: int):
+      fn = index_lib.bounded_put(
+          self._search_fns, (count, self.local_size),
+          lambda: _make_search_fn(self.mesh, count, self.local_size,
+                                  self.options["recall_target"]), MAX_SEARCH_FNS)
+      return self._layout.search_in_chunks(fn, rows, chunk, count, self.size)
+
+    return certified_candidates(search, queries, k, self.size, self._layout, self._keys)
 
   def extend(self, keys: np.ndarray) -> ApproxIndex:
     return ApproxIndex(keys, devices=list(self.mesh.devices.flat), search_fns=self._search_fns,

@@ -95,6 +95,22 @@ def _recover(path: str, is_complete: Callable[[str], bool]) -> None:
     _discard(path, folder)
 
 
+def is_own_entry(path: str, name: str) -> bool:
+  """Whether ``name`` (an entry of ``path``'s parent) is this module's lock file or a copy of a
+  save of ``path``: debris a killed save leaves, never a user's file."""
+  base = os.path.basename(os.path.abspath(os.fspath(path)))
+  return name == f".{base}.lock" or bool(re.fullmatch(
+      rf"\.{re.escape(base)}\.(tmp|old|del)-[0-9a-f]+-[0-9]+-[0-9a-f]+", name))
+
+
+def discard(path: str) -> None:
+  """Deletes ``path``, a folder this library wrote (a memory unit it replaces by another layout):
+  renamed to a ``del`` sibling first, so a kill midway never leaves a partial copy at ``path``."""
+  path = os.path.abspath(os.fspath(path))
+  with _locked(path):
+    _discard(path, path)
+
+
 def _sibling(path: str, kind: str) -> str:
   parent, name = os.path.split(path)
   unique = f"{time.time_ns():x}-{os.getpid()}-{secrets.token_hex(4)}"

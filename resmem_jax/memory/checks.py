@@ -16,6 +16,9 @@ def float_matrix(value, name: str, allow_empty: bool = False, copy: bool = True)
     raise ValueError(f"{name} must be 2-D [n, dim], got shape {array.shape}")
   if array.shape[0] == 0 and not allow_empty:
     raise ValueError(f"{name} is empty (0 rows); a memory needs at least one example")
+  if array.shape[1] == 0:
+    raise ValueError(f"{name} has 0 columns (shape {array.shape}); give at least one "
+                     f"{'output' if name == 'residuals' else 'dimension'} per row")
   # Stored arrays are copied (a caller may mutate theirs later); queries need not be.
   array = array.astype(np.float32, copy=copy)
   if not np.all(np.isfinite(array)):

@@ -1,16 +1,23 @@
 """Exact k-nearest-neighbour search by brute force in JAX.
 
-Keys live on the accelerator(s), split along the mesh's data axis, centred on their mean (no
-cancellation from a shared offset) and, if extreme, scaled by a power of two
-(:mod:`resmem_jax.memory.scaling`: no overflow or underflow whatever their magnitude). For each
-chunk of queries every device scans its own keys block by block (``lax.scan``), scoring each key
-by ``w |k|^2 - 2 q.k`` (the squared distance less the query's constant ``|q|^2``, see
-:func:`~resmem_jax.memory.scaling.scaled_queries`) with a float32 (HIGHEST precision) matmul and
-keeping a running top-k; the per-device top-k lists are then merged. Memory stays bounded by
-``query_chunk x block_size`` whatever the number of keys. The expansion loses precision for very
-close points, so the search keeps a few spare candidates and the caller re-ranks them by directly
-computed ``|q - k|`` (:func:`rerank_exact`): returned distances are exact and never come from the
-expansion.
+Keys live on the accelerator(s), split along the mesh's data axis, centred on their mean and, if
+extreme, scaled by a power of two (:mod:`resmem_jax.memory.scaling`: no overflow or underflow
+whatever their magnitude). For each chunk of queries every device scans its own keys block by
+block (``lax.scan``) with a float32 (HIGHEST precision) matmul and keeps a running top list; the
+per-device lists are then merged. Memory stays bounded by ``query_chunk x block_size`` whatever
+the number of keys.
+
+The expansion ``|q - k|^2 = |q|^2 - 2 q.k + |k|^2`` cancels: its rounding error grows with
+``|q| |k|``, not with the distance, so keys far from the mean (two distant clusters, one outlier)
+get scores that cannot tell their near neighbours apart. The search therefore ranks keys by a
+guaranteed *lower bound* of the squared distance (the computed score less a proven bound on its
+error, :func:`error_coefficient`) and certifies each query's list on the host
+(:meth:`ShardedKeys.certified`): when the smallest lower bound left out is above the k-th
+smallest upper bound kept, no key left out can be among the k nearest. A query whose list is not
+certified is searched again with 8 times more candidates, and beyond :data:`MAX_CANDIDATES` by
+directly computed distances over every key (:func:`direct_nearest`). The caller re-ranks the
+candidates by directly computed ``|q - k|`` (:func:`rerank_exact`): returned distances never come
+from the expansion.
 """
 from __future__ import annotations
 
@@ -26,11 +33,38 @@ from resmem_jax import mesh as mesh_lib
 from resmem_jax.memory import index as index_lib
 from resmem_jax.memory import scaling
 
-# Extra candidates kept per query so that rounding in the distance expansion cannot push a true
-# neighbour out of the re-ranked top-k.
+# Spare candidates of a query's first search: with them the list is usually certified at once.
 RERANK_MARGIN = 8
+# An uncertified query is searched again with this many times more candidates ...
+WIDEN = 8
+# ... up to this many; beyond, its distances to every key are computed directly.
+MAX_CANDIDATES = 2048
 # Compiled searches kept per index family (each k and key layout compiles its own).
 MAX_SEARCH_FNS = 32
+
+# float32's unit roundoff, and its smallest normal number: XLA on CPU flushes subnormal results
+# to zero, so an operation whose result is subnormal loses less than _NORMAL_MIN absolutely.
+_U = 2.0 ** -24
+_NORMAL_MIN = 2.0 ** -126
+
+
+def error_coefficient(dim: int) -> float:
+  """``kappa`` with ``|computed - exact| <= kappa (w |k|^2 + 2 |q| |k|) + eta`` for the score
+  ``w |k|^2 - 2 q.k`` of one key (see :meth:`ShardedKeys.place` for ``eta``).
+
+  Why: the bound is one matmul of length d + 2 (:func:`lower_bounds`) whose summands are
+  ``-2 q_i k_i``, ``w |k|^2 (1 - kappa)`` and ``-2 kappa |q| |k|``. Summed in any order with
+  products rounded to within u (CPU and GPU at HIGHEST precision; 3u for TPU's 6-pass bfloat16
+  HIGHEST), it errs by at most ``gamma_{d+4} (2 sum |q_i k_i| + w |k|^2 + ...)`` with
+  ``gamma_n = n u / (1 - n u)`` and ``sum |q_i k_i| <= |q| |k|``. The stored norm (summed in
+  float64) errs by u; rounding the centred key ``k - c`` moves it by at most ``u |k - c|``, which
+  changes the squared distance by at most ``2 u |k| (|q| + |k|)`` (scaled units:
+  ``u 2|q||k| + 2u w|k|^2``). Summed: at most ``(d + 7) u`` on each term; ``d + 8`` and the
+  factor 1.01 cover the second-order terms (``kappa`` times the matmul's own rounding) for d up
+  to 2**16. The error bound is itself rounded outward where stored.
+  """
+  terms = (dim + 8) * _U
+  return 1.01 * terms / (1.0 - terms)
 
 
 # Group sizes of the multi-stage selection (see _smallest): groups of 64 keys, then groups of 8
@@ -62,32 +96,39 @@ def _smallest(score, count: int, groups=SELECT_GROUPS):
   return values, jnp.take_along_axis(positions, within, axis=1)
 
 
-def _local_topk(queries, weights, num_keys, keys, key_sqnorms, num_candidates, block_size,
-                index_offset, query_tile):
-  """Top-k over one device's keys ``[blocks * block_size, d]`` -> (scores, indices) ``[q, c]``.
+def lower_bounds(queries, keys):
+  """Lower bounds ``[q, n]`` of the squared distances less ``|q|^2`` (scaled units), float32, up
+  to each query's ``eta`` (which the host subtracts: it does not change a query's ranking).
+
+  One matmul of augmented rows (:meth:`ShardedKeys.place`, :meth:`ShardedKeys.queries`):
+  ``[q', w, |q'| bound] . [-2 k', |k'|^2 (1 - kappa), -2 kappa |k'|]`` is the score
+  ``w |k|^2 - 2 q.k`` less its error bound, with no elementwise pass after the matmul.
+  """
+  return jnp.dot(queries, keys.T, precision=lax.Precision.HIGHEST)
+
+
+def _local_topk(queries, num_keys, keys, num_candidates, block_size, index_offset, query_tile):
+  """The ``num_candidates`` smallest lower bounds over one device's keys
+  ``[blocks * block_size, d]`` -> (bounds, indices) ``[q, c]``.
 
   Queries go ``query_tile`` at a time (``lax.map``) so that a tile's scores against one key block
   stay in cache; each block's own top list is kept and the lists are merged once at the end."""
   blocks = keys.reshape(-1, block_size, keys.shape[-1])
-  norms = key_sqnorms.reshape(-1, block_size)
   starts = index_offset + jnp.arange(blocks.shape[0], dtype=jnp.int32) * block_size
   per_block = min(num_candidates, block_size)
 
-  def tile_topk(tile):
-    tile_queries, tile_weights = tile
+  def tile_topk(tile_queries):
 
     def step(_, block):
-      block_keys, block_norms, start = block
-      dots = jnp.dot(tile_queries, block_keys.T, precision=lax.Precision.HIGHEST)
-      score = tile_weights[:, None] * block_norms[None, :] - 2.0 * dots
+      block_keys, start = block
+      score = lower_bounds(tile_queries, block_keys)
       ids = start + jnp.arange(block_size, dtype=jnp.int32)
       score = jnp.where(ids[None, :] < num_keys, score, jnp.inf)  # padding is never a neighbour
       values, positions = _smallest(score, per_block)
       return None, (values, positions.astype(jnp.int32) + start)
 
-    _, (values, ids) = lax.scan(step, None, (blocks, norms, starts))
-    # [blocks, tile, per_block] -> [tile, blocks * per_block], blocks in ascending id order, so
-    # lax.top_k (lower index among equal scores) keeps sending ties to the lower id.
+    _, (values, ids) = lax.scan(step, None, (blocks, starts))
+    # [blocks, tile, per_block] -> [tile, blocks * per_block], blocks in ascending id order.
     rows = tile_queries.shape[0]
     values = jnp.moveaxis(values, 0, 1).reshape(rows, -1)
     ids = jnp.moveaxis(ids, 0, 1).reshape(rows, -1)
@@ -99,10 +140,8 @@ def _local_topk(queries, weights, num_keys, keys, key_sqnorms, num_candidates, b
     return -neg, jnp.take_along_axis(ids, keep, axis=1)
 
   if queries.shape[0] == query_tile:  # one tile: no loop to compile
-    return tile_topk((queries, weights))
-  dim = queries.shape[-1]
-  values, ids = lax.map(tile_topk, (queries.reshape(-1, query_tile, dim),
-                                    weights.reshape(-1, query_tile)))
+    return tile_topk(queries)
+  values, ids = lax.map(tile_topk, queries.reshape(-1, query_tile, queries.shape[-1]))
   return values.reshape(-1, num_candidates), ids.reshape(-1, num_candidates)
 
 
@@ -111,56 +150,78 @@ def _make_search_fn(mesh, num_candidates: int, block_size: int, local_size: int,
   """Jitted candidates search for a mesh, candidate count, key layout and query tile."""
   axis = mesh_lib.DATA_AXIS
 
-  def per_device(queries, weights, num_keys, keys, key_sqnorms):
+  def per_device(queries, num_keys, keys):
     offset = lax.axis_index(axis).astype(jnp.int32) * local_size
-    return _local_topk(queries, weights, num_keys, keys, key_sqnorms, num_candidates, block_size,
-                       offset, query_tile)
+    return _local_topk(queries, num_keys, keys, num_candidates, block_size, offset, query_tile)
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(axis), P(axis)),
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axis)),
                           out_specs=(P(None, axis), P(None, axis)), check_vma=False)
 
   @jax.jit
-  def search(queries, weights, num_keys, keys, key_sqnorms):
-    score, index = sharded(queries, weights, num_keys, keys, key_sqnorms)
-    # Merge the per-device top lists (the concatenation along axis 1) into one; lax.top_k keeps
-    # the lower id among equal scores, as each device does, so exact ties go to the lower id.
-    _, keep = lax.top_k(-score, num_candidates)
-    return jnp.take_along_axis(index, keep, axis=1)
+  def search(queries, num_keys, keys):
+    bounds, index = sharded(queries, num_keys, keys)
+    # Merge the per-device lists (the concatenation along axis 1) into the global smallest.
+    neg, keep = lax.top_k(-bounds, num_candidates)
+    return -neg, jnp.take_along_axis(index, keep, axis=1)
 
   return search
 
 
+def _round_down(values) -> np.ndarray:
+  """float32 no larger than ``values`` (float64, >= 0 or subnormal-small)."""
+  return (np.asarray(values, np.float64) * (1.0 - 2.0 ** -22)).astype(np.float32)
+
+
+def _round_up(values) -> np.ndarray:
+  """float32 no smaller than ``values`` (float64, >= 0)."""
+  return (np.asarray(values, np.float64) * (1.0 + 2.0 ** -22) + 2.0 ** -149).astype(np.float32)
+
+
 class ShardedKeys:
   """Keys on a mesh: centred, scaled by a power of two (see scaling.py), padded to
-  ``local_size`` rows per device and split along the data axis, with their squared norms.
+  ``local_size`` rows per device and split along the data axis, each row augmented with its
+  terms of the lower bound (:func:`lower_bounds`); the host keeps what the certificate needs.
 
   Placed with ``jax.make_array_from_callback``, so on several hosts each process puts only its
   own devices' rows (every process holds the same host array)."""
 
-  def __init__(self, center, exponent, keys, sqnorms):
-    self.center, self.exponent, self.keys, self.sqnorms = center, exponent, keys, sqnorms
+  def __init__(self, center, exponent, keys, sqnorms, norms):
+    self.center, self.exponent, self.keys = center, exponent, keys
+    self.sqnorms, self.norms = sqnorms, norms  # host, float64: |k'|^2 and a bound on |k'|
+    self.dim = keys.shape[-1] - 2
+    self.kappa = error_coefficient(self.dim)
+    self.max_norm = float(norms.max()) if norms.size else 0.0
 
   @classmethod
   def place(cls, keys: np.ndarray, mesh, local_size: int) -> "ShardedKeys":
     size, dim = keys.shape
     center = scaling.center(keys)
-    padded = np.zeros((local_size * mesh_lib.num_data_shards(mesh), dim), np.float32)
-    live = padded[:size]
+    padded = np.zeros((local_size * mesh_lib.num_data_shards(mesh), dim + 2), np.float32)
+    live = padded[:size, :dim]
     np.subtract(keys, center, out=live)
     exponent = scaling.key_exponent(live)
     np.ldexp(live, np.int32(-exponent), out=live)
-    sqnorms = np.einsum("nd,nd->n", padded, padded)
+    sqnorms = np.empty(size, np.float64)  # in float64: the stored norm errs by u only
+    for start in range(0, size, 1 << 16):
+      part = live[start:start + (1 << 16)].astype(np.float64)
+      sqnorms[start:start + part.shape[0]] = np.einsum("nd,nd->n", part, part)
+    norms = np.sqrt(sqnorms) * (1.0 + 2.0 ** -40)
+    kappa = error_coefficient(dim)
+    live *= -2.0  # exact: the matmul then gives -2 q.k directly
+    padded[:size, dim] = _round_down(sqnorms * (1.0 - kappa))
+    padded[:size, dim + 1] = -_round_up(2.0 * kappa * norms)
     sharding = NamedSharding(mesh, P(mesh_lib.DATA_AXIS))
-    put = lambda host: jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
-    return cls(center, exponent, put(padded), put(sqnorms))
+    put = jax.make_array_from_callback(padded.shape, sharding, lambda i: padded[i])
+    return cls(center, exponent, put, sqnorms, norms)
 
   def search_in_chunks(self, search, queries: np.ndarray, chunk: int, num_candidates: int,
-                       size: int, calls_in_flight: int = 1, multiple: int = 1) -> np.ndarray:
-    """Candidate ids ``[q, num_candidates]`` from ``search(queries, weights, num_keys, keys,
-    sqnorms) -> ids`` called on fixed-size chunks of ``chunk`` queries (one compilation; a chunk
-    is rounded up to a ``multiple`` of rows), up to ``calls_in_flight`` at once from a thread pool
-    when the keys lie on this process's devices alone (a search whose collectives span hosts
-    must be called in the same order on every process, so it runs one call at a time)."""
+                       size: int, calls_in_flight: int = 1, multiple: int = 1):
+    """``(lower bounds float64, ids int32)``, each ``[q, num_candidates]`` and ascending by bound,
+    from ``search(queries, num_keys, keys)`` called on fixed-size chunks of
+    ``chunk`` queries (one compilation; a chunk is rounded up to a ``multiple`` of rows), up to
+    ``calls_in_flight`` at once from a thread pool when the keys lie on this process's devices
+    alone (a search whose collectives span hosts must be called in the same order on every
+    process, so it runs one call at a time)."""
     mesh = self.keys.sharding.mesh
     replicated = mesh_lib.replicated(mesh)
     # make_array_from_callback: on several hosts each process places its own devices' copies.
@@ -168,13 +229,16 @@ class ShardedKeys:
     num_keys = put(np.int32(size))
     chunk = max(1, min(chunk, queries.shape[0]))
     chunk = -(-chunk // multiple) * multiple
-    out = np.empty((queries.shape[0], num_candidates), np.int32)
+    out_bounds = np.empty((queries.shape[0], num_candidates), np.float64)
+    out_ids = np.empty((queries.shape[0], num_candidates), np.int32)
 
     def run(start):
       rows = min(chunk, queries.shape[0] - start)
-      part, weights = self.queries(queries[start:start + chunk], chunk)
-      ids = search(put(part), put(weights), num_keys, self.keys, self.sqnorms)
-      out[start:start + rows] = mesh_lib.to_host(ids)[:rows]
+      part = self.queries(queries[start:start + chunk], chunk)
+      bounds, ids = search(put(part), num_keys, self.keys)
+      _, etas = self._query_terms(part[:rows, :self.dim])
+      out_bounds[start:start + rows] = mesh_lib.to_host(bounds)[:rows] - etas[:, None]
+      out_ids[start:start + rows] = mesh_lib.to_host(ids)[:rows]
 
     starts = range(0, queries.shape[0], chunk)
     process_local = all(d.process_index == jax.process_index() for d in mesh.devices.flat)
@@ -184,16 +248,117 @@ class ShardedKeys:
     else:
       for start in starts:
         run(start)
-    return out
+    return out_bounds, out_ids
+
+  def _scaled(self, queries: np.ndarray):
+    """``(centred q - c in float32, scaled q', weights w)``."""
+    centred = (queries - self.center).astype(np.float32, copy=False)
+    part, weights = scaling.scaled_queries(centred, self.exponent)
+    return centred, part, weights
+
+  def _query_terms(self, part: np.ndarray):
+    """float64 ``(|q'|, eta)`` per scaled query: ``eta`` is the absolute error that flushing
+    subnormal results to zero can add (at most ``_NORMAL_MIN`` per operation whose result
+    underflows: the d products, d - 1 sums, the key's norm and the bound's operations, plus
+    inputs flushed on the device, ``<= sqrt(d) (|q'| + |k'|) _NORMAL_MIN``)."""
+    wide = part.astype(np.float64)
+    qnorms = np.sqrt(np.einsum("qd,qd->q", wide, wide))
+    etas = 4.0 * _NORMAL_MIN * (2 * self.dim + 8 + np.sqrt(self.dim) * (qnorms + self.max_norm))
+    return qnorms, etas
 
   def queries(self, queries: np.ndarray, rows: int):
-    """``(scaled queries, weights)`` for the score ``w |k|^2 - 2 q.k``, zero-padded to ``rows``."""
-    part, weights = scaling.scaled_queries(queries - self.center, self.exponent)
-    if part.shape[0] < rows:  # fixed shape: one compilation per (rows, candidates)
-      pad = rows - part.shape[0]
-      part = np.concatenate([part, np.zeros((pad, part.shape[1]), np.float32)])
-      weights = np.concatenate([weights, np.ones(pad, np.float32)])
-    return part, weights
+    """Scaled queries augmented for :func:`lower_bounds`, ``[q', w, |q'| bound]``, ``[rows,
+    d + 2]``, zero-padded to ``rows`` (fixed shape: one compilation per rows and candidates)."""
+    _, part, weights = self._scaled(queries)
+    qnorms, _ = self._query_terms(part)
+    out = np.zeros((max(rows, part.shape[0]), self.dim + 2), np.float32)
+    out[:part.shape[0], :self.dim] = part
+    out[:part.shape[0], self.dim] = weights
+    out[:part.shape[0], self.dim + 1] = _round_up(qnorms)
+    return out
+
+  def certified(self, queries: np.ndarray, bounds: np.ndarray, ids: np.ndarray, k: int):
+    """Rows ``[q] bool`` whose k nearest keys are surely among ``ids`` (the keys of the smallest
+    lower ``bounds``, ascending, as :meth:`search_in_chunks` returns them).
+
+    The argument: every key left out has a lower bound of at least the list's last one, so a
+    true distance of at least ``lo``; every listed key's true distance is at most its upper
+    bound (lower bound + 3 x its error bound, which covers the error twice over and the rounding
+    of the bound itself), so k listed keys lie within ``up``, the k-th smallest of those. If
+    ``lo > up``, k listed keys are strictly nearer than every key left out. Distances are
+    compared in float64 as ``sqrt(|q - c|^2 + 2**(m + e) bound)``; the rounding of ``q - c``
+    itself moves the query by ``rho <= u |q - c|``, the same for every key, so it widens the
+    comparison by ``2 rho``.
+    """
+    centred, part, _ = self._scaled(queries)
+    wide = centred.astype(np.float64)
+    base = np.einsum("qd,qd->q", wide, wide)[:, None]
+    m = scaling.query_exponents(centred, self.exponent)
+    unit = np.ldexp(1.0, m + self.exponent)  # 2**(m + e): score units -> squared distance
+    weights = np.ldexp(1.0, self.exponent - m)
+    qnorms, etas = self._query_terms(part)
+    valid = ids >= 0
+    safe = np.where(valid, ids, 0)
+    errors = (self.kappa * (weights[:, None] * self.sqnorms[safe] + 2.0 * qnorms[:, None]
+                            * self.norms[safe]) + etas[:, None])
+    low = bounds
+    high = np.where(valid, low + 3.0 * errors + 2 * _U * np.abs(low), np.inf)
+
+    def distance(score, sign):  # sqrt(|q - c|^2 + unit * score), rounded outward
+      squared = base + unit[:, None] * score
+      slack = 2.0 ** -50 * (base + unit[:, None] * np.abs(score))
+      return np.sqrt(np.maximum(squared + sign * slack, 0.0))
+
+    rho = 1.01 * _U * np.sqrt(base[:, 0]) + np.sqrt(self.dim) * 2.0 ** -149
+    kth = min(k, ids.shape[1]) - 1
+    up = np.partition(distance(high, 1.0), kth, axis=1)[:, kth] + rho
+    lo = distance(low[:, -1:], -1.0)[:, 0] - rho
+    with np.errstate(invalid="ignore"):
+      return lo > up
+
+
+def certified_candidates(search, queries: np.ndarray, k: int, size: int,
+                         layout: ShardedKeys, keys: np.ndarray) -> np.ndarray:
+  """Ids ``[q, min(k + RERANK_MARGIN, size)]`` holding each query's k nearest keys (-1 beyond
+  the first k where a row was widened), from ``search(queries, count) -> (bounds, ids)``.
+
+  A row whose list :meth:`ShardedKeys.certified` cannot certify is searched again with
+  :data:`WIDEN` times more candidates (all ``size`` keys certify trivially); past
+  :data:`MAX_CANDIDATES` its distances to every key are computed directly. A widened row's
+  candidates are re-ranked here, so the caller still gets a narrow list.
+  """
+  width = min(k + RERANK_MARGIN, size)
+  out = np.full((queries.shape[0], width), -1, np.int32)
+  rows = np.arange(queries.shape[0])
+  count = width
+  while rows.size:
+    if size > count > MAX_CANDIDATES:
+      out[rows, :k] = direct_nearest(queries[rows], keys, k)
+      break
+    count = min(count, size)
+    bounds, ids = search(queries[rows], count)
+    done = np.ones(len(rows), bool) if count == size else layout.certified(
+        queries[rows], bounds, ids, k)
+    if count == width:
+      out[rows[done]] = ids[done]
+    elif done.any():
+      out[rows[done], :k] = rerank_exact(queries[rows[done]], keys, ids[done], k)[1]
+    rows = rows[~done]
+    count *= WIDEN
+  return out
+
+
+def direct_nearest(queries: np.ndarray, keys: np.ndarray, k: int, key_chunk: int = 2048,
+                   query_chunk: int = 32) -> np.ndarray:
+  """Ids ``[q, k]`` of the k nearest keys by distances computed directly from ``q - k`` for every
+  key (:func:`rerank_exact` over the keys a chunk at a time, keeping the best k so far): the
+  fallback for queries whose expansion scores cannot be certified."""
+  best = np.zeros((queries.shape[0], 0), np.int32)
+  for start in range(0, keys.shape[0], key_chunk):
+    chunk = np.arange(start, min(start + key_chunk, keys.shape[0]), dtype=np.int32)
+    ids = np.concatenate([best, np.broadcast_to(chunk, (queries.shape[0], chunk.size))], axis=1)
+    best = rerank_exact(queries, keys, ids, min(k, ids.shape[1]), chunk=query_chunk)[1]
+  return best
 
 
 # Defaults by the platform of the index's devices. On CPU (measured on 2 cores, BUILD_NOTES.md,
@@ -249,6 +414,7 @@ class ExactIndex(index_lib.SearchIndex):
     self.block_size = _balanced_block(per_shard, settings["block_size"])
     self.local_size = mesh_lib.pad_to_multiple(per_shard, self.block_size)
     self._layout = ShardedKeys.place(keys, self.mesh, self.local_size)
+    self._keys = keys  # the host keys: re-ranking widened rows and the direct fallback
 
   @classmethod
   def check_options(cls, options: dict) -> dict:
@@ -266,15 +432,18 @@ class ExactIndex(index_lib.SearchIndex):
     return cls(keys, **cls.check_options(options))
 
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
-    """Distinct ids ``[q, min(k + RERANK_MARGIN, size)]`` of the nearest keys by the expansion."""
-    num_candidates = min(k + RERANK_MARGIN, self.size)
+    """Ids ``[q, min(k + RERANK_MARGIN, size)]`` that surely hold each query's k nearest keys
+    (see :func:`certified_candidates`)."""
     tile = max(1, min(self.query_tile, self.query_chunk, queries.shape[0]))
-    layout = (num_candidates, self.block_size, self.local_size, tile)
-    search = index_lib.bounded_put(self._search_fns, layout,
-                                   lambda: _make_search_fn(self.mesh, *layout), MAX_SEARCH_FNS)
-    return self._layout.search_in_chunks(search, queries, self.query_chunk, num_candidates,
-                                         self.size, calls_in_flight=self.calls_in_flight,
-                                         multiple=tile)
+
+    def search(rows: np.ndarray, count: int):
+      layout = (count, self.block_size, self.local_size, tile)
+      fn = index_lib.bounded_put(self._search_fns, layout,
+                                 lambda: _make_search_fn(self.mesh, *layout), MAX_SEARCH_FNS)
+      return self._layout.search_in_chunks(fn, rows, self.query_chunk, count, self.size,
+                                           calls_in_flight=self.calls_in_flight, multiple=tile)
+
+    return certified_candidates(search, queries, k, self.size, self._layout, self._keys)
 
   def extend(self, keys: np.ndarray) -> ExactIndex:
     return ExactIndex(keys, devices=list(self.mesh.devices.flat), search_fns=self._search_fns,

@@ -17,22 +17,36 @@ A saved memory is a folder::
 
 Saving writes a complete copy beside ``path`` and swaps it in
 (:func:`resmem_jax.memory.atomic_dir.replace_folder`), so a kill at any instant leaves the old or
-the new memory. It refuses a ``path`` that is not missing, an empty folder or a saved memory
-(a file, a symbolic link, a folder of other files), touching nothing. Loading trusts nothing: the
-manifest must match its own checksum and hold exactly the fields above with the right types,
-``files`` must name exactly the files on disk, and every file must have its recorded size and
-sha256 (checked in the pass that reads it) and the shape and dtype the manifest states. Each
+the new memory. It replaces only a folder that holds a saved memory, proven by its manifest (parsed,
+its checksum verified, and every entry of the folder listed in it), never by file names: anything
+else but a missing path or an empty folder (a file, a symbolic link, a folder of other files, a
+folder whose ``manifest.json`` is not this library's) is refused, touching nothing. Loading trusts
+nothing: the manifest must match its own checksum and hold exactly the fields above with the right
+types, ``files`` must name exactly the files on disk, every one a regular file (a FIFO or a device
+is refused before it is opened, so a load never blocks), and every file must have its recorded size
+and sha256 (checked in the pass that reads it) and the shape and dtype the manifest states. Each
 problem is one ValueError naming the file and saying to rebuild the memory.
+
+What the checksums guard: accidental damage (a flipped bit, a truncated or partly written file, a
+file from another save, a hand edit that forgot the checksum). They are unkeyed sha256 sums, so
+they do not guard against deliberate edits: whoever can write the folder can recompute them. Load
+memories only from folders you trust.
+
+A save that runs out of space says so: an ``OSError`` with errno ENOSPC, "disk full", naming the
+path, also when ScaNN's serializer reports only a generic I/O error (the free space is checked).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 
 import numpy as np
 
+from resmem_jax import jsonio
 from resmem_jax.memory import atomic_dir
 from resmem_jax.memory import index as index_lib
 from resmem_jax.memory import store as store_lib
@@ -58,15 +72,29 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def save(path, keys: np.ndarray, labels: np.ndarray | None, store, backend: str, index,
          metadata: dict) -> None:
   """Writes a memory's parts to folder ``path`` (see the module docstring)."""
+  atomic_dir.replace_folder(
+      path, lambda folder: write(folder, keys, labels, store, backend, index, metadata),
+      _check_replaceable, _is_complete)
 
-  def write(folder):
+
+def write(folder, keys: np.ndarray, labels: np.ndarray | None, store, backend: str, index,
+          metadata: dict) -> str:
+  """Writes a memory's parts into the empty folder ``folder``, the manifest last, without any
+  swap: for a caller that commits the folder itself (a memory inside a larger unit). Returns the
+  manifest's ``manifest_sha256``, the digest that names this memory's whole content."""
+  folder = os.fspath(folder)
+  try:
     arrays = {"keys": keys, **store.arrays()}
     if labels is not None:
       arrays["labels"] = labels
     files = {f"{name}.npy": _write_array(os.path.join(folder, f"{name}.npy"), array)
              for name, array in arrays.items()}
     os.mkdir(os.path.join(folder, INDEX_DIR))
-    index_info = index.save(os.path.join(folder, INDEX_DIR))
+    try:
+      index_info = index.save(os.path.join(folder, INDEX_DIR))
+    except Exception as err:  # pylint: disable=broad-except  # native serializers raise anything
+      _raise_if_disk_full(folder, err)
+      raise
     for rel in _files_under(folder, INDEX_DIR):
       files[rel] = _digest_file(os.path.join(folder, rel))
     manifest = {
@@ -89,8 +117,35 @@ def save(path, keys: np.ndarray, labels: np.ndarray | None, store, backend: str,
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     with open(os.path.join(folder, MANIFEST), "w") as f:  # last: it marks the copy complete
       json.dump(manifest, f, indent=1, sort_keys=True)
+  except OSError as err:
+    _raise_if_disk_full(folder, err)
+    raise
+  return manifest["manifest_sha256"]
 
-  atomic_dir.replace_folder(path, write, _check_replaceable, _is_complete)
+
+# Free bytes below which a failed write is taken for a full disk.
+DISK_FULL_BYTES = 1 << 20
+
+
+def _raise_if_disk_full(folder: str, err: BaseException) -> None:
+  """Re-raises ``err`` as ENOSPC "disk full" when it is one, or when the file system holding
+  ``folder`` has (almost) no space left: ScaNN reports a full disk as a bare I/O error."""
+  full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+  if not full:
+    try:
+      info = os.statvfs(folder)
+      full = info.f_bavail * info.f_frsize < DISK_FULL_BYTES
+    except OSError:
+      full = False
+  if full:
+    # Name the folder being saved, not the temporary copies it is written through.
+    target = re.sub(r"\.([^/]+)\.(tmp|old|del)-[0-9a-f]+-[0-9]+-[0-9a-f]+", r"\1",
+                    os.path.abspath(folder))
+    raise OSError(errno.ENOSPC, f"disk full: no space left to save the memory in "
+                  f"{target} "
+                  f"({type(err).__name__}: "
+                  f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'no detail'});"
+                  " free some space and run again") from None
 
 
 def load(path):
@@ -107,7 +162,47 @@ def load(path):
       raise FileNotFoundError(f"no memory at {path}: a save to it was interrupted and the copy "
                               f"beside it cannot be put back ({err})") from None
   with atomic_dir.reading(path):
-    return _read(path)
+    return _read(path)[0]
+
+
+def read(path):
+  """``((keys, labels, store, backend, index, metadata), manifest_sha256)`` of the memory in folder
+  ``path``, checked as :func:`load` checks it, without its lock or repair: for a caller that holds
+  the lock of a larger unit the memory is part of (and checks the digest against its own record)."""
+  return _read(os.path.abspath(os.fspath(path)))
+
+
+def manifest_digest(path) -> str:
+  """The ``manifest_sha256`` of the memory in folder ``path`` (its manifest verified; ValueError or
+  OSError when there is none)."""
+  return _read_manifest(os.fspath(path))["manifest_sha256"]
+
+
+def is_saved_memory(path) -> bool:
+  """Whether folder ``path`` holds a memory this library saved: its manifest parsed and verified
+  (a current one by its checksum, an older format by its fields), every entry in the folder listed
+  in it, no symbolic link, nothing but regular files and folders. File names alone never count."""
+  path = os.fspath(path)
+  try:
+    manifest = _read_manifest(path)
+  except _OlderFormat as older:
+    manifest = older.manifest
+  except (ValueError, OSError):
+    return False
+  files = manifest.get("files")
+  if not isinstance(files, dict):
+    return False
+  for current, dirs, names in os.walk(path):
+    for name in dirs + names:
+      full = os.path.join(current, name)
+      rel = os.path.relpath(full, path).replace(os.sep, "/")
+      info = os.lstat(full)
+      if stat.S_ISDIR(info.st_mode):
+        if rel != INDEX_DIR and not any(listed.startswith(rel + "/") for listed in files):
+          return False
+      elif not stat.S_ISREG(info.st_mode) or (rel != MANIFEST and rel not in files):
+        return False
+  return True
 
 
 class _HashingWriter:
@@ -169,7 +264,8 @@ def _manifest_digest(manifest: dict) -> str:
 
 
 def _check_replaceable(path: str) -> None:
-  """ValueError unless ``path`` is missing, an empty folder or (by its names) a saved memory."""
+  """ValueError unless ``path`` is missing, an empty folder or a saved memory (see
+  :func:`is_saved_memory`: proven by its verified manifest, never by file names)."""
   if not os.path.lexists(path):
     return
   if os.path.islink(path):
@@ -179,19 +275,19 @@ def _check_replaceable(path: str) -> None:
     raise ValueError(f"cannot save a memory to {path}: it is a file, not a memory folder; choose "
                      "another path, or delete the file")
   names = sorted(os.listdir(path))
-  if not names:
+  if not names or is_saved_memory(path):
     return
   foreign = [name for name in names if name not in DATA_FILES + (MANIFEST, INDEX_DIR)]
+  shown = ", ".join(foreign[:3] or names[:3]) + (", ..." if len(foreign or names) > 3 else "")
+  raise ValueError(f"cannot save a memory to {path}: the folder is not a saved memory (it holds "
+                   f"{shown}); no manifest of this library lists its files; save to a new or "
+                   "empty folder")
 
-  def kind_ok(name):
-    full = os.path.join(path, name)
-    return not os.path.islink(full) and (os.path.isdir(full) if name == INDEX_DIR
-                                         else os.path.isfile(full))
 
-  if foreign or not {MANIFEST, KEYS_FILE} <= set(names) or not all(map(kind_ok, names)):
-    shown = ", ".join(foreign[:3] or names[:3]) + (", ..." if len(foreign or names) > 3 else "")
-    raise ValueError(f"cannot save a memory to {path}: the folder is not a saved memory (it holds "
-                     f"{shown}); save to a new or empty folder")
+def is_complete(folder) -> bool:
+  """Whether ``folder`` holds a whole memory: its manifest valid and every file of its size (what
+  a killed save's copy must be to be put back)."""
+  return _is_complete(os.fspath(folder))
 
 
 def _is_complete(folder: str) -> bool:
@@ -205,6 +301,31 @@ def _is_complete(folder: str) -> bool:
 
 
 # -- reading ------------------------------------------------------------------------------------
+class _OlderFormat(ValueError):
+  """A manifest of an older format of this library (a memory, though this code cannot read it)."""
+
+  def __init__(self, message: str, manifest: dict):
+    super().__init__(message)
+    self.manifest = manifest
+
+
+def _open_regular(path: str):
+  """``path`` opened for reading, refused (ValueError) unless it is a regular file: opening a FIFO
+  would block, a device could read forever. O_NONBLOCK keeps the open itself from blocking."""
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+  try:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+      kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+              else "a socket" if stat.S_ISSOCK(mode) else "a device or special file")
+      raise ValueError(f"{path} is {kind}, not a regular file; {REBUILD}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
 def _read_manifest(folder: str) -> dict:
   """The manifest of ``folder``, checked against its checksum and the field list."""
   manifest_path = os.path.join(folder, MANIFEST)
@@ -212,17 +333,21 @@ def _read_manifest(folder: str) -> dict:
   def bad(problem):
     return ValueError(f"{manifest_path} {problem}; {REBUILD}")
 
-  with open(manifest_path, "rb") as f:
+  with _open_regular(manifest_path) as f:
     text = f.read()
   try:
-    manifest = json.loads(text)
+    manifest = jsonio.loads(text)
   except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
     raise bad(f"is not valid JSON ({err})") from None
   if not isinstance(manifest, dict):
     raise bad(f"is not a JSON object but a {type(manifest).__name__}")
   version = manifest.get("format_version")
   if version != MANIFEST_VERSION:
-    raise bad(f"has format_version {version!r}, this code reads {MANIFEST_VERSION}")
+    problem = bad(f"has format_version {version!r}, this code reads {MANIFEST_VERSION}")
+    if (isinstance(version, int) and not isinstance(version, bool)
+        and 1 <= version < MANIFEST_VERSION):
+      raise _OlderFormat(str(problem), manifest)
+    raise problem
   if manifest.get("manifest_sha256") != _manifest_digest(manifest):
     raise bad("does not match its own checksum (manifest_sha256): it was edited or damaged")
   missing = sorted(set(_FIELDS) - set(manifest))
@@ -283,8 +408,12 @@ def _check_files_on_disk(folder: str, files: dict) -> None:
   for current, dirs, names in os.walk(folder):
     for name in dirs + names:
       full = os.path.join(current, name)
-      if os.path.islink(full):
+      mode = os.lstat(full).st_mode
+      if stat.S_ISLNK(mode):
         raise ValueError(f"memory folder {folder} holds a symbolic link {full}; {REBUILD}")
+      if name in names and not stat.S_ISREG(mode):
+        raise ValueError(f"memory file {full} is not a regular file (a FIFO, socket or device); "
+                         f"{REBUILD}")
     on_disk.update(os.path.relpath(os.path.join(current, name), folder).replace(os.sep, "/")
                    for name in names)
   on_disk.discard(MANIFEST)
@@ -299,7 +428,7 @@ def _check_files_on_disk(folder: str, files: dict) -> None:
 
 def _open_checked(folder: str, rel: str, entry: dict):
   full = os.path.join(folder, rel)
-  f = open(full, "rb")  # pylint: disable=consider-using-with
+  f = _open_regular(full)
   size = os.fstat(f.fileno()).st_size
   if size != entry["bytes"]:
     f.close()
@@ -390,4 +519,4 @@ def _read(path: str):
   except (KeyError, TypeError, ValueError) as err:
     raise ValueError(f"{manifest_path}: cannot load the {backend} index: {err}; "
                      f"{REBUILD}") from None
-  return keys, labels, store, backend, index, manifest["metadata"]
+  return (keys, labels, store, backend, index, manifest["metadata"]), manifest["manifest_sha256"]

@@ -60,9 +60,16 @@ def scaled_queries(centred: np.ndarray, key_exp: int) -> tuple[np.ndarray, np.nd
   ``k' = k 2**-key_exp``, ``|q - k|^2 = |q|^2 + 2**(m + key_exp) (w |k'|^2 - 2 q'.k')``, so the
   score ``w |k'|^2 - 2 q'.k'`` ranks one query's keys as their distances do, and stays finite.
   """
+  m = query_exponents(centred, key_exp)
+  weights = np.ldexp(np.float32(1), key_exp - m).astype(np.float32)
+  return scaled(centred, m[:, None]), weights
+
+
+def query_exponents(centred: np.ndarray, key_exp: int) -> np.ndarray:
+  """int32 ``m`` per row of :func:`scaled_queries` (``q' = q 2**-m``; ``w = 2**(key_exp - m)``
+  underflows to 0 for a query beyond ``2**149`` times the keys, so callers needing the exact
+  scale take ``m``)."""
   rows = np.zeros(centred.shape[0], np.int32)
   if centred.size:
     rows = exponent(np.maximum(centred.max(axis=1), -centred.min(axis=1)))
-  m = np.where(rows > key_exp + SAFE_EXPONENT, rows, np.int32(key_exp)).astype(np.int32)
-  weights = np.ldexp(np.float32(1), key_exp - m).astype(np.float32)
-  return scaled(centred, m[:, None]), weights
+  return np.where(rows > key_exp + SAFE_EXPONENT, rows, np.int32(key_exp)).astype(np.int32)

@@ -27,6 +27,14 @@ with a NaN score, repeated). Such rows, and any with duplicate or out-of-range i
 by exact search over the indexed keys instead (an :class:`ExactIndex` built on first need), so a
 search always returns k distinct real neighbours; searching more leaves avoids that cost.
 
+Limit (rounding): ScaNN scores every mode, brute force included, by the float32 expansion above
+and has no error certificate, so where the keys' distance from their mean R is large next to the
+gaps between near neighbours (roughly R^2 d 2^-24 above their squared gap) it returns wrong
+neighbours, and ``reorder`` cannot help (it re-scores with the same expansion). Two clusters at
++-S, spread 0.01, d = 8: recall@10 0.996 at S = 1, 0.72 at S = 10, 0.01 at S = 1000
+(tests/test_memory_scann_limits.py). ``exact`` and ``approx`` certify their candidates and stay
+exact there: use them for such keys.
+
 Memory editing: keys added after the build go to a side buffer (an :class:`ExactIndex`) searched
 exactly beside ScaNN, so they are neighbours at once and never missed; the ScaNN index is rebuilt
 over everything only when the buffer outgrows ``max(1024, indexed / 10)`` keys (a rebuild of 1M
@@ -53,6 +61,17 @@ DISTANCES = ("mips_l2", "squared_l2")
 # integer options -> their smallest valid value
 INTEGER_OPTIONS = {"num_leaves": 1, "leaves_to_search": 1, "reorder": 0, "dims_per_block": 1,
                    "training_sample_size": 1, "num_threads": 0}
+
+# ScaNN keeps its counts as int32.
+INT32_MAX = 2**31 - 1
+# ScaNN starts this many training threads whatever the core count (50000 never finished building);
+# a fixed bound, above any one host's cores, keeps a config valid on every machine.
+MAX_THREADS = 1024
+# AH learns 16 centres per block (4-bit codes) from its sample, so it needs at least 16 points.
+AH_CENTRES = 16
+# ScaNN draws the AH sample at random at rate training_sample_size / n: at 64 the chance of fewer
+# than 16 points is negligible (ScaNN refuses fewer in a message about "clusters per block").
+MIN_TRAINING_SAMPLE = 64
 
 BRUTE_FORCE_BELOW = 100_000
 
@@ -90,6 +109,35 @@ def _resolve(n: int, requested: dict) -> dict:
   options = default_options(n, requested.get("mode"))
   options.update(requested)
   return options
+
+
+def _tree_leaves(size: int, opts: dict) -> int:
+  """The leaves a tree over ``size`` keys gets: ``num_leaves``, at most one per 50 keys."""
+  return min(int(opts["num_leaves"]), max(1, size // 50))
+
+
+def check_size(size: int, requested: dict) -> None:
+  """ValueError when ScaNN cannot train an index with the (checked) ``requested`` options on
+  ``size`` keys; ScaNN's own message would name its internals."""
+  opts = _resolve(size, requested)
+  if opts["mode"] == "brute_force":
+    return  # nothing to train
+  sample = min(size, int(opts["training_sample_size"]))
+  if sample < min(size, MIN_TRAINING_SAMPLE):  # a random sample that may hold < 16 points
+    raise ValueError(f"scann option training_sample_size={opts['training_sample_size']} is too "
+                     f"small: AH learns {AH_CENTRES} centres per block from a random sample of "
+                     f"about that many of the {size} keys; set it >= {MIN_TRAINING_SAMPLE}")
+  if opts["mode"] != "tree_ah":
+    return  # "ah" over all of a few keys works
+  if size < AH_CENTRES:
+    raise ValueError(f"scann mode tree_ah needs at least {AH_CENTRES} keys (its quantizer learns "
+                     f"{AH_CENTRES} centres per block), got {size}; use mode=brute_force (exact, "
+                     "and fast at this size)")
+  leaves = _tree_leaves(size, opts)
+  if sample < leaves:
+    raise ValueError(f"scann option training_sample_size={opts['training_sample_size']} is below "
+                     f"the tree's {leaves} leaves (its k-means needs a sample point per leaf); "
+                     f"set training_sample_size >= {leaves} or num_leaves <= {sample}")
 
 
 def _import_scann():
@@ -151,7 +199,7 @@ def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
     with quiet.hidden_output():
       return builder.score_brute_force().build(), exponent
   if opts["mode"] == "tree_ah":
-    num_leaves = min(int(opts["num_leaves"]), max(1, size // 50))
+    num_leaves = _tree_leaves(size, opts)
     builder = builder.tree(num_leaves=num_leaves,
                            num_leaves_to_search=min(int(opts["leaves_to_search"]), num_leaves),
                            training_sample_size=min(size, int(opts["training_sample_size"])))
@@ -162,6 +210,15 @@ def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
     builder = builder.reorder(int(opts["reorder"]))
   with quiet.hidden_output():
     return builder.build(), exponent
+
+
+def _check_integer_range(name: str, value: int) -> None:
+  if name == "num_threads" and value > MAX_THREADS:
+    raise ValueError(f"scann option num_threads must be at most {MAX_THREADS} (ScaNN starts that "
+                     f"many threads; this host has {os.cpu_count()} cores), got {value}")
+  if value > INT32_MAX:
+    raise ValueError(f"scann option {name} must be at most 2**31 - 1 (ScaNN counts in int32), "
+                     f"got {value}")
 
 
 class ScannIndex(index_lib.SearchIndex):
@@ -208,8 +265,13 @@ class ScannIndex(index_lib.SearchIndex):
         value = float(value)
       else:
         value = index_lib.integer_option("scann", name, value, INTEGER_OPTIONS[name])
+        _check_integer_range(name, value)
       checked[name] = value
     return checked
+
+  @classmethod
+  def check_size(cls, num_keys: int, options: dict) -> None:
+    check_size(num_keys, cls.check_options(options))
 
   @classmethod
   def has_query_settings(cls, num_keys: int, options: dict) -> bool:
@@ -218,6 +280,7 @@ class ScannIndex(index_lib.SearchIndex):
   @classmethod
   def build(cls, keys: np.ndarray, options: dict) -> ScannIndex:
     requested = cls.check_options(options)
+    check_size(keys.shape[0], requested)
     resolved = _resolve(keys.shape[0], requested)
     center = scaling.center(keys)
     searcher, exponent = _build_searcher(keys, center, resolved)
@@ -238,7 +301,8 @@ class ScannIndex(index_lib.SearchIndex):
     opts = self.options
     # ``reorder`` is the depth for k = 10; a deeper k needs more re-scored candidates (100k x 128,
     # reorder 150: recall@32 0.974, recall@128 0.781; 128 needs about 400 for 0.99).
-    pre = max(int(opts.get("reorder") or 0) + 3 * max(0, k - 10), k)
+    # Re-scoring more candidates than there are keys changes nothing (and could overflow int32).
+    pre = min(max(int(opts.get("reorder") or 0) + 3 * max(0, k - 10), k), max(k, self.indexed))
     kwargs = {"final_num_neighbors": k}
     if opts["mode"] != "brute_force" and opts.get("reorder"):
       kwargs["pre_reorder_num_neighbors"] = pre

@@ -9,12 +9,12 @@ Layout (unchanged since the first release, so older workdirs still restore and r
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resmem_jax import jsonio
 from resmem_jax import models
@@ -57,11 +57,32 @@ def checkpoint_manager(workdir: pathlib.Path, max_to_keep: int):
   return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
 
 
+def _host_copy(tree):
+  """Host arrays of a replicated state on this process alone (no collective: a replicated array's
+  first local shard is the whole array)."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
+  return jax.tree_util.tree_map(fetch, tree)
+
+
+def _workdir(manager) -> pathlib.Path:
+  return pathlib.Path(manager.directory).parent
+
+
 def save(manager, state: TrainState, force: bool = False) -> None:
-  """Saves ``state`` under its step (asynchronously; ``manager.wait_until_finished`` waits)."""
+  """Saves ``state`` under its step (asynchronously; ``manager.wait_until_finished`` waits).
+
+  The variables' digest is recorded in WORKDIR/run.json first (``provenance.record_checkpoint``):
+  a restore checks the step against it."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from resmem_jax.training import provenance  # pylint: disable=g-import-not-at-top
   items = _items(state)
   step = int(jax.device_get(state.step))
+  if jax.process_index() == 0 and (_workdir(manager) / provenance.RUN_FILE).exists():
+    provenance.record_checkpoint(_workdir(manager), step,
+                                 provenance.variables_digest(_host_copy(items["variables"])))
   manager.save(step, args=ocp.args.Composite(
       variables=ocp.args.StandardSave(items["variables"]),
       opt=ocp.args.StandardSave(items["opt"])), force=force)
@@ -78,6 +99,9 @@ def restore(manager, step: int, template: TrainState) -> TrainState:
   except Exception as err:  # pylint: disable=broad-except  # Orbax / TensorStore raise many types
     raise _unreadable(pathlib.Path(manager.directory) / str(step), err) from err
   variables, opt = restored["variables"], restored["opt"]
+  from resmem_jax.training import provenance  # pylint: disable=g-import-not-at-top
+  provenance.check_restored(_workdir(manager), step,
+                            provenance.variables_digest(_host_copy(dict(variables))))
   return template.replace(step=opt["step"], params=variables["params"],
                           batch_stats=variables.get("batch_stats", template.batch_stats),
                           opt_state=opt["opt_state"])
@@ -108,7 +132,7 @@ def restore_model(workdir: str | os.PathLike, model: ModelSettings, dtype: str =
                               "checkpoints and it holds the model's num_classes); rerun "
                               "experiments/train.py with the same --workdir and config to write it")
     try:
-      num_classes = int(json.loads(info_path.read_text())["num_classes"])
+      num_classes = int(jsonio.loads(info_path.read_text())["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as err:
       raise CheckpointError(f"{info_path} cannot be read ({err!r}); rerun the same command (training "
                             "rewrites it) or restore it") from None

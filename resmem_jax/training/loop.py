@@ -22,7 +22,8 @@ import numpy as np
 from resmem_jax import compiler_options
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
-from resmem_jax.settings import ModelSettings, TrainSettings
+from resmem_jax import settings as settings_lib
+from resmem_jax.settings import ModelSettings, SettingsError, TrainSettings
 from resmem_jax.training import checkpoints
 from resmem_jax.training import optimizer as optimizer_lib
 from resmem_jax.training import state as state_lib
@@ -35,6 +36,27 @@ def _check(train: TrainSettings) -> None:
     raise ValueError(f"train.batch_size must be positive, got {train.batch_size}")
   if train.num_steps <= 0 and train.num_epochs <= 0:
     raise ValueError("train.num_epochs (or train.num_steps) must be positive")
+
+
+class TrainingDiverged(SettingsError):
+  """The training loss or parameters became NaN or inf: the settings make training diverge.
+
+  A SettingsError (the tools print it as one line): the fix is a smaller learning rate or float32.
+  """
+
+
+def _diverged(train: TrainSettings, step: int, what: str, kept: int | None) -> TrainingDiverged:
+  dtype = f" or train.dtype=float32 (now {train.dtype})" if train.dtype != "float32" else ""
+  saved = (f"the checkpoint of step {kept} (finite) is kept" if kept is not None
+           else "no checkpoint was written")
+  return TrainingDiverged(f"training diverged: {what} at step {step}; set a smaller "
+                          f"train.learning_rate (now {train.learning_rate:g}){dtype}; {saved}")
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
 def evaluate(eval_fn: Callable, variables, batches: Iterator[dict], mesh) -> dict:
@@ -78,6 +100,8 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
   schedule = optimizer_lib.make_schedule(train, steps_per_epoch, total_steps)
   tx = optimizer_lib.make_optimizer(train, schedule)
   sample = np.zeros((1,) + tuple(info.input_shape), np.dtype(info.input_dtype))
+  # Before any allocation: a model or batch too large for the memory is one line, not an abort.
+  settings_lib.check_training_fits(model, train, info)
   state = state_lib.init_state(module, tx, sample, seed, mesh)
   num_params = models.count_params(state.params)
   if jax.process_index() == 0:
@@ -120,6 +144,16 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
   bar = tqdm(total=total_steps, initial=start_step, disable=not show_bar, desc="train", leave=False)
   batches = dataset.train_batches(train.batch_size, seed, start_step=start_step)
   window, window_start, last_train = [], time.perf_counter(), {}
+  # A diverged run stops at the first logging point (or checkpoint) whose losses are NaN or inf:
+  # the host already syncs there, so finite runs pay nothing per step.
+  kept = latest  # the newest checkpoint on disk
+
+  def stop(error: TrainingDiverged) -> TrainingDiverged:
+    bar.close()
+    manager.close()  # waits for a checkpoint still being written (a finite one)
+    writer.close()
+    return error
+
   for step in range(start_step, total_steps):
     batch = mesh_lib.shard_batch(steps.model_batch(next(batches)), mesh)
     state, step_metrics = train_step(state, batch)
@@ -129,7 +163,12 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
     if done % train.log_every_steps == 0 or done == total_steps:
       host = mesh_lib.to_host(window)
       elapsed = time.perf_counter() - window_start
-      last_train = {"train_loss": float(np.mean([m["loss"] for m in host])),
+      losses = np.array([m["loss"] for m in host], np.float64)
+      if not np.all(np.isfinite(losses)):
+        bad = int(np.argmin(np.isfinite(losses)))  # the window's first non-finite loss
+        raise stop(_diverged(train, done - len(losses) + bad + 1,
+                             f"the train loss is {losses[bad]}", kept))
+      last_train = {"train_loss": float(np.mean(losses)),
                     "train_accuracy": float(np.mean([m["accuracy"] for m in host]))}
       writer.write(done, {**last_train, "learning_rate": float(schedule(step))})
       logging.info("step %d/%d: train loss %.4f acc %.4f (%.1f steps/s)", done, total_steps,
@@ -143,7 +182,13 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
       logging.info("step %d: validation loss %.4f acc %.4f", done, result["loss"],
                    result["accuracy"])
     if done % train.checkpoint_every_steps == 0 or done == total_steps:
+      # Never replace a finite checkpoint with a diverged state: the losses since the last
+      # logging point and the parameters themselves (the last update's result) must be finite.
+      losses = np.array([m["loss"] for m in mesh_lib.to_host(window)], np.float64)
+      if not (np.all(np.isfinite(losses)) and bool(mesh_lib.to_host(_all_finite(state.params)))):
+        raise stop(_diverged(train, done, "the parameters or the train loss are NaN or inf", kept))
       checkpoints.save(manager, state, force=done == total_steps)
+      kept = done
   bar.close()
   manager.wait_until_finished()
   manager.close()

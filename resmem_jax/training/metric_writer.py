@@ -11,6 +11,8 @@ import pathlib
 
 import jax
 
+from resmem_jax import jsonio
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -29,7 +31,7 @@ class MetricWriter:
       kept = []
       for line in self.path.read_text().splitlines():
         try:
-          record = json.loads(line)
+          record = jsonio.loads(line)
         except json.JSONDecodeError:
           continue  # a line cut off by the kill
         if record.get("step", 0) <= resume_step and not record.get("final"):
@@ -64,7 +66,7 @@ def final_record(workdir: pathlib.Path) -> dict | None:
     return None
   for line in reversed(path.read_text().splitlines()):
     try:
-      record = json.loads(line)
+      record = jsonio.loads(line)
     except json.JSONDecodeError:
       continue
     if record.get("final"):

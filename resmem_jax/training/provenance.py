@@ -10,13 +10,15 @@ into ``WORKDIR/superseded/<time>/`` (nothing is deleted) and trains afresh.
 
 The digest ties everything derived from the model (the memory, results.json) to the model's
 content, not to a step number: a checkpoint that changes on disk after training is refused, and a
-retrained model gets a new memory.
+retrained model gets a new memory. Every checkpoint the run writes is recorded first
+(``checkpoints``: step -> digest, written before the checkpoint itself, so a kill never leaves a
+step the record does not know), and every step restored is checked against that record: a
+checkpoint copied in from another run, or changed on disk, is refused in one line.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import pathlib
 from importlib import metadata
@@ -93,7 +95,7 @@ def read(workdir: pathlib.Path) -> dict | None:
   if not path.exists():
     return None
   try:
-    record = json.loads(path.read_text())
+    record = jsonio.loads(path.read_text())
     if not isinstance(record, dict) or not isinstance(record.get("model_fields"), dict):
       raise ValueError("no model_fields")
   except (OSError, ValueError) as err:
@@ -171,19 +173,66 @@ def prepare(workdir: pathlib.Path, settings: settings_lib.Settings, *,
   return record
 
 
+def record_checkpoint(workdir: pathlib.Path, step: int, digest: str) -> None:
+  """Records the digest of the checkpoint this run is about to write at ``step`` (before it
+  exists). Dropped: steps older than the oldest on disk (the checkpoint manager deleted them; saves
+  still in flight are not on disk yet, so they are kept). Without a run record (the training loop
+  called as a library) there is nothing to record into."""
+  workdir = pathlib.Path(workdir)
+  if jax.process_index() != 0 or not (workdir / RUN_FILE).exists():
+    return
+  record = read(workdir)
+  folder = workdir / CHECKPOINT_DIR
+  on_disk = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+  oldest = min(on_disk, default=int(step))
+  known = record.get("checkpoints") if isinstance(record.get("checkpoints"), dict) else {}
+  kept = {s: d for s, d in known.items() if s.isdigit() and int(s) >= oldest}
+  record["checkpoints"] = {**kept, str(int(step)): digest}
+  _write(workdir, record)
+
+
+def _recorded_digest(record: dict, step: int) -> str | None:
+  """The digest the record holds for ``step``: written before the checkpoint, or (older run.json)
+  the finished model's."""
+  known = record.get("checkpoints")
+  if isinstance(known, dict) and str(step) in known:
+    return known[str(step)]
+  final = record.get("checkpoint")
+  if isinstance(final, dict) and final.get("step") == step:
+    return final.get("digest")
+  return None
+
+
+def check_restored(workdir: pathlib.Path, step: int, digest: str) -> None:
+  """Refuses a restored checkpoint this workdir's run did not write, or whose content changed.
+  Without a run record (the training loop called as a library) there is nothing to check."""
+  workdir = pathlib.Path(workdir)
+  if not (workdir / RUN_FILE).exists():
+    return
+  record = read(workdir)
+  folder = workdir / CHECKPOINT_DIR / str(step)
+  known = _recorded_digest(record, step)
+  if known is None:
+    raise WorkdirError(
+        f"the checkpoint {folder} was not written by the run recorded in {workdir / RUN_FILE} (it "
+        f"records no step {step}; copied from another run?); move that folder out of "
+        f"{workdir / CHECKPOINT_DIR}, or pass --start_over to move the earlier run to "
+        "WORKDIR/superseded/ and train again")
+  if known != digest:
+    raise WorkdirError(
+        f"the checkpoint {folder} changed after training wrote it (content digest {digest[:12]}..., "
+        f"recorded {str(known)[:12]}...): a file was modified, corrupted or replaced; restore it, "
+        f"or move that folder out of {workdir / CHECKPOINT_DIR}, or pass --start_over to move the "
+        "earlier run to WORKDIR/superseded/ and train again")
+
+
 def check_checkpoint(workdir: pathlib.Path, step: int, digest: str) -> None:
-  """Records the finished model's digest, or refuses a checkpoint that changed since."""
+  """Checks the finished model against the record (:func:`check_restored`) and records it."""
   workdir = pathlib.Path(workdir)
   record = read(workdir)
   if record is None:
     raise WorkdirError(f"{workdir / RUN_FILE} disappeared during the run; {START_OVER_HINT}")
-  known = record.get("checkpoint")
-  if isinstance(known, dict) and known.get("step") == step:
-    if known.get("digest") != digest:
-      raise WorkdirError(
-          f"the checkpoint {workdir / CHECKPOINT_DIR / str(step)} changed after training finished "
-          f"(content digest {digest[:12]}..., recorded {str(known.get('digest'))[:12]}...): a file "
-          f"was modified or corrupted; restore it, or {START_OVER_HINT}")
-    return
-  record["checkpoint"] = {"step": int(step), "digest": digest}
-  _write(workdir, record)
+  check_restored(workdir, step, digest)
+  if record.get("checkpoint") != {"step": int(step), "digest": digest}:
+    record["checkpoint"] = {"step": int(step), "digest": digest}
+    _write(workdir, record)

@@ -10,6 +10,7 @@ their content digest.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,9 +18,12 @@ import pathlib
 import time
 from typing import Any
 
+import jax
+
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import settings as settings_lib
 from resmem_jax.training import provenance
+from resmem_jax.training import workdir_lock
 from resmem_jax.training.checkpoints import restore_model
 from resmem_jax.training.loop import train_and_evaluate
 
@@ -34,14 +38,24 @@ class TrainedModel:
 
 
 def train_model(settings: settings_lib.Settings, dataset, workdir: str | os.PathLike, *,
-                start_over: bool = False, progress: bool = True) -> TrainedModel:
+                start_over: bool = False, progress: bool = True,
+                lock_scope: contextlib.ExitStack | None = None) -> TrainedModel:
   """Trains (or resumes, or reuses) the model ``settings`` describe in ``workdir``.
 
   Raises ``provenance.WorkdirError`` before any work when the workdir holds a model trained with
-  other settings (``start_over`` moves that run to WORKDIR/superseded/ first).
+  other settings (``start_over`` moves that run to WORKDIR/superseded/ first), or when another run
+  holds the workdir (one writer per workdir: ``workdir_lock.py``). The lock is released on return,
+  or, given ``lock_scope``, when that scope closes.
   """
   mesh_lib.initialize_distributed(settings.train)  # before anything asks JAX about devices
   workdir = pathlib.Path(workdir)
+  with contextlib.ExitStack() as own_scope:
+    (lock_scope or own_scope).enter_context(workdir_lock.hold(workdir, jax.process_index()))
+    return _train_model(settings, dataset, workdir, start_over, progress)
+
+
+def _train_model(settings, dataset, workdir: pathlib.Path, start_over: bool,
+                 progress: bool) -> TrainedModel:
   provenance.prepare(workdir, settings, start_over=start_over)
   start = time.perf_counter()
   metrics = train_and_evaluate(dataset, settings.model, settings.train, settings.seed, workdir,
