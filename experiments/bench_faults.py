@@ -1,4 +1,4 @@
-r"""The fault catalogue: runs every bad input, corruption and kill of resmem_jax/bench/faults.py and
+r"""The fault catalogue: runs every bad input, corruption and kill of experiments/faults.py and
 prints a markdown table of what a user sees, then a summary (UNCLEAR and SILENT should be 0).
 
   python -m experiments.bench_faults [--kills=16] [--output=/tmp/faults.md]
@@ -7,7 +7,7 @@ from resmem_jax.cli import flags as cli_flags  # first: quiets TensorFlow before
 
 from absl import flags
 
-from resmem_jax.bench import faults
+from experiments import faults
 
 _KILLS = flags.DEFINE_integer("kills", 16, "SIGKILLs of the main job at random instants.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the markdown table to this file.")

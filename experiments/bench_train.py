@@ -14,6 +14,7 @@ from resmem_jax.cli import flags as cli_flags  # first: quiets TensorFlow before
 
 from absl import flags
 
+from resmem_jax import settings
 from resmem_jax.bench import train_step
 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
@@ -21,7 +22,7 @@ _DEPTH = flags.DEFINE_integer("depth", 20, "CIFAR ResNet depth (6n+2).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"],
                             "Compute dtypes to measure, one after the other (float32, bfloat16).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile + warm-up step).")
-_CONV = flags.DEFINE_enum("conv_impl", "xla", ["xla", "im2col"],
+_CONV = flags.DEFINE_enum("conv_impl", "xla", list(settings.CONV_IMPLS),
                           "ResNet convolution implementation.")
 _OPTIONS = flags.DEFINE_list(
     "compiler_options", ["tuned", "xla_default"],

@@ -9,10 +9,11 @@
     pred = resmem_jax.predict(memory, base_probs, test_embeddings, k=16, sigma=0.5)
 
 Layout: ``core/`` the math (pure array functions), ``memory/`` a residual store + a search index,
-``data/`` and ``models/`` registries, ``training/``, ``inference.py`` (one masked pass), ``jobs/``
-(the engine and the experiments), ``api.py`` (``fit`` around your own model), ``cli/`` (the
-command-line tools), ``configs/`` (their packaged configs), ``settings.py`` (the config, typed and
-checked).
+``data/`` and ``models/`` registries, ``training/``, ``inference.py`` (one masked pass),
+``fitting.py`` (memory, choice on validation, prediction, evaluation around a base model),
+``api.py`` (``fit`` around your own model), ``jobs/`` (a workdir: the engine and the
+experiments), ``cli/`` (the command-line tools), ``configs/`` (their packaged configs),
+``settings.py`` (the config, typed and checked).
 Heavy modules (TFDS, ScaNN, Orbax) are imported only when first used.
 """
 from __future__ import annotations

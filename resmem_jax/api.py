@@ -11,9 +11,10 @@
 any function ``apply(variables, inputs) -> (logits, embedding)`` (or ``apply(inputs)`` with
 ``variables=None``). Data are ``(inputs, labels)`` arrays or an iterable of batches
 (:mod:`resmem_jax.data.user`). :func:`fit` runs the same steps as the ``resmem-jax`` tool
-(:mod:`resmem_jax.jobs.engine`): one masked, jitted inference pass over the training data, the
-memory, the choice of k, sigma, T (and the probability output's mix) on validation, so the tool and
-a notebook give the same numbers for the same model and data.
+(:mod:`resmem_jax.fitting`, which the tool's :mod:`resmem_jax.jobs.engine` runs too): one masked,
+jitted inference pass over the training data, the memory, the choice of k, sigma, T (and the
+probability output's mix) on validation, so the tool and a notebook give the same numbers for the
+same model and data.
 """
 from __future__ import annotations
 
@@ -31,43 +32,61 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from resmem_jax import fitting
 from resmem_jax import inference
 from resmem_jax import jsonio
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import settings as settings_lib
+from resmem_jax import suggest
 from resmem_jax.core import metrics
 from resmem_jax.data import user
-from resmem_jax.jobs import engine
 
+# ResMem.save's folder: its state file beside its memory.
 STATE_FILE = "resmem.json"
 MEMORY_DIR = "memory"
 
 
 def apply_function(model, variables) -> tuple[Callable, Any]:
-  """``(apply(variables, inputs) -> (logits, embedding), variables)`` for any supported model."""
+  """``(apply(variables, inputs) -> (logits, embedding), variables)`` for any supported model.
+
+  The model is always evaluated in inference mode, so its outputs are deterministic:
+
+  * an NNX module as ``model.eval()`` sets it (dropout off, batch norm on its running averages),
+    on a copy (the module passed in keeps its mode). Its RNG streams (``nnx.Rngs``, a dropout's
+    ``rngs=``) are kept but unused, and are not in the returned variables: they advance as a
+    model trains without changing what it computes in inference mode, so the variables' digest
+    (what a save is checked against) is its parameters and batch statistics only.
+  * a Linen module with ``mutable=False``: batch statistics are read, never updated.
+  * either module called with ``train=False`` / ``deterministic=True`` where its ``__call__``
+    takes that argument.
+  * a function ``apply(variables, inputs)`` (or ``apply(inputs)`` with ``variables=None``) as is.
+  """
   try:
     from flax import nnx  # pylint: disable=g-import-not-at-top
+    has_nnx = True
   except ImportError:  # an older flax without NNX
-    nnx = None
-  if nnx is not None and isinstance(model, nnx.Module):
+    has_nnx = False
+  if has_nnx and isinstance(model, nnx.Module):
     if variables is not None:
       raise ValueError("an NNX module holds its own state: pass variables=None")
-    graphdef, state = nnx.split(model)
+    evaluated = nnx.clone(model)  # shares the arrays; only the copy's mode changes
+    evaluated.eval()
+    flags = _inference_flags(evaluated)
+    # The graph definition is that of the module in inference mode whatever mode it was passed
+    # in, so a save and a later load of the same model describe the same architecture.
+    graphdef, *states = nnx.split(evaluated, nnx.RngState, ...)  # one state per filter
+    streams, state = states
 
     def apply_nnx(state, inputs):
-      module = nnx.merge(graphdef, state)
-      module.eval()  # dropout off, batch norm on its running averages
-      return module(inputs)
+      return nnx.merge(graphdef, streams, state)(inputs, **flags)
 
     return apply_nnx, state
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   if isinstance(model, nn.Module):
     if variables is None:
       raise ValueError("a Linen module needs its variables (the dict module.init returned)")
-    params = inspect.signature(type(model).__call__).parameters
-    kwargs = {"train": False} if "train" in params else (
-        {"deterministic": True} if "deterministic" in params else {})
-    return (lambda v, x: model.apply(v, x, **kwargs)), variables
+    kwargs = _inference_flags(model)
+    return (lambda v, x: model.apply(v, x, mutable=False, **kwargs)), variables
   if callable(model):
     if variables is None:
       return (lambda _, x: model(x)), {}
@@ -76,17 +95,28 @@ def apply_function(model, variables) -> tuple[Callable, Any]:
                    f"embedding), got {type(model).__name__}")
 
 
+def _inference_flags(module) -> dict:
+  """``train=False`` / ``deterministic=True`` for those of the two that ``module.__call__`` takes."""
+  params = inspect.signature(type(module).__call__).parameters
+  return {name: value for name, value in (("train", False), ("deterministic", True))
+          if name in params}
+
+
 def _resmem_settings(options: dict) -> settings_lib.ResMemSettings:
   defaults = {"backend": "exact", "evaluate_train": False, "timing_repeats": 1}
   for name in options:
     if f"resmem.{name}" in settings_lib.REMOVED_FIELDS:
       raise ValueError(settings_lib.REMOVED_FIELDS[f"resmem.{name}"].replace("resmem.", ""))
-  try:
-    r = settings_lib.ResMemSettings(**{**defaults, **options})
-  except TypeError as err:
-    names = [f.name for f in dataclasses.fields(settings_lib.ResMemSettings)]
-    raise ValueError(f"{err}; fit() takes the resmem settings as keywords: {', '.join(names)}"
-                     ) from None
+  fields = [f.name for f in dataclasses.fields(settings_lib.ResMemSettings)]
+  unknown = sorted(set(options) - set(fields))
+  if unknown:
+    # fit's own keywords are candidates too: a mistyped validation= also lands in options.
+    own = [name for name in inspect.signature(fit).parameters
+           if name not in ("model", "resmem_options")]
+    suggestion = suggest.did_you_mean(unknown[0], own + fields)
+    raise ValueError(f"fit() got an unknown keyword {unknown[0]!r}{suggestion}; it takes "
+                     f"{', '.join(own)} and the resmem settings {', '.join(fields)}")
+  r = settings_lib.ResMemSettings(**{**defaults, **options})
   settings_lib.validate_values(dataclasses.replace(settings_lib.Settings(), resmem=r))
   from resmem_jax import memory  # pylint: disable=g-import-not-at-top
   memory.check_options(r.backend, r.backend_options, r.residual_format)
@@ -94,23 +124,53 @@ def _resmem_settings(options: dict) -> settings_lib.ResMemSettings:
 
 
 def _base_model(apply_fn, variables, splits: user.UserSplits,
-                batch_size: int) -> tuple[engine.BaseModel, int]:
+                batch_size: int) -> tuple[fitting.BaseModel, int]:
   """The model on the mesh (its class count from one forward pass over a first batch) and the
   rows per example (a label per token: the sequence length)."""
   from resmem_jax import models  # pylint: disable=g-import-not-at-top
   from resmem_jax.training import provenance  # pylint: disable=g-import-not-at-top
-  first = next(iter(splits.eval_batches("train", 1)))
-  logits, embedding = jax.eval_shape(apply_fn, variables, first["inputs"])
-  if logits.shape[:-1] != first["labels"].shape or embedding.shape[:-1] != first["labels"].shape:
-    raise ValueError(f"the model returned logits {logits.shape} and embedding {embedding.shape} "
-                     f"for inputs {first['inputs'].shape} with labels {first['labels'].shape}; it "
-                     "must return (logits [..., classes], embedding [..., dim]) with the labels' "
-                     "leading shape")
+  # Two rows (the second padding when train holds one): a model that drops or merges the batch
+  # axis shows it here, before any pass.
+  first = next(iter(splits.eval_batches("train", 2)))
+  logits, _ = _outputs(jax.eval_shape(apply_fn, variables, first["inputs"]), first)
   mesh = mesh_lib.data_mesh()
-  return engine.BaseModel(
+  return fitting.BaseModel(
       apply_fn=apply_fn, variables=mesh_lib.replicate(variables, mesh), step=0,
       digest=provenance.variables_digest(variables), num_params=models.count_params(variables),
       num_classes=int(logits.shape[-1])), int(np.prod(first["labels"].shape[1:], dtype=np.int64))
+
+
+def _outputs(outputs, batch: dict) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """The model's ``(logits, embedding)`` shapes on ``batch``, or a one-line ValueError saying what
+  :func:`fit` expects and what the model returned."""
+  labels = batch["labels"].shape
+  if (isinstance(outputs, (tuple, list)) and len(outputs) == 2
+      and all(isinstance(o, jax.ShapeDtypeStruct) for o in outputs)
+      and all(o.shape[:-1] == labels for o in outputs)):
+    return tuple(outputs)
+  if isinstance(outputs, jax.ShapeDtypeStruct):
+    got = f"a single array {_array(outputs)}"
+  elif isinstance(outputs, (tuple, list)) and len(outputs) == 2:
+    got = f"logits {_array(outputs[0])} and embedding {_array(outputs[1])}"
+  elif isinstance(outputs, (tuple, list)):
+    got = (f"a {type(outputs).__name__} of {len(outputs)}: "
+           f"({', '.join(_array(o) for o in outputs)})")
+  elif isinstance(outputs, dict):
+    got = f"a dict with keys {sorted(map(str, outputs))}"
+  else:
+    got = type(outputs).__name__
+  per_token = (f" (labels [batch, {', '.join(map(str, labels[1:]))}]: logits and embedding "
+               "[batch, ..., classes or dim])" if len(labels) > 1 else "")
+  raise ValueError(f"fit expects the model to return (logits [batch, classes], embedding "
+                   f"[batch, dim]){per_token}; on a batch of inputs {_array(batch['inputs'])} it "
+                   f"returned {got}")
+
+
+def _array(value) -> str:
+  """``float32[2, 3]`` for an array or its shape, else the type's name."""
+  if hasattr(value, "shape") and hasattr(value, "dtype"):
+    return f"{value.dtype}[{', '.join(map(str, value.shape))}]"
+  return type(value).__name__
 
 
 def fit(model, variables=None, *, train, validation=None, batch_size: int = 1024,
@@ -137,10 +197,11 @@ def fit(model, variables=None, *, train, validation=None, batch_size: int = 1024
   # Every split's labels against the model's logits (arrays now, iterables as they are read),
   # and k against the rows the memory will hold, before the first pass.
   splits.set_num_classes(base.num_classes)
-  if splits.num_examples("train") is not None:
-    settings_lib.check_neighbours(r, splits.num_examples("train") * rows_per_example, prefix="")
-  passes = engine.Passes(splits, base, batch_size, progress, fold_block=rows_per_example)
-  memory, choice, tuning = engine.build_and_select(r, passes, "user data")
+  train_examples = splits.num_examples("train")
+  if train_examples is not None:
+    settings_lib.check_neighbours(r, train_examples * rows_per_example, prefix="")
+  passes = fitting.Passes(splits, base, batch_size, progress, fold_block=rows_per_example)
+  memory, choice, tuning = fitting.build_and_select(r, passes, "user data")
   return ResMem(memory=memory, choice=choice, settings=r, base=base, batch_size=batch_size,
                 tuning=tuning)
 
@@ -149,9 +210,9 @@ def fit(model, variables=None, *, train, validation=None, batch_size: int = 1024
 class ResMem:
   """A base model with its fitted memory: predictions, evaluation, save and load."""
   memory: Any
-  choice: engine.Choice
+  choice: fitting.Choice
   settings: settings_lib.ResMemSettings
-  base: engine.BaseModel
+  base: fitting.BaseModel
   batch_size: int = 1024
   tuning: dict | None = None
 
@@ -159,7 +220,7 @@ class ResMem:
   def hparams(self) -> dict:
     """What was chosen: ``k``, ``sigma``, ``temperature``, ``base_mix`` and their validation
     scores."""
-    return dict(self.choice.resmem)
+    return dataclasses.asdict(self.choice.resmem)
 
   @property
   def gate(self) -> dict | None:
@@ -170,9 +231,9 @@ class ResMem:
 
   def _rows(self, data, progress: bool = False):
     splits = user.UserSplits({"data": data})
-    passes = engine.Passes(splits, self.base, self.batch_size, progress)
+    passes = fitting.Passes(splits, self.base, self.batch_size, progress)
     forward = passes.forward(with_logits=True)
-    rows = engine.chunk_rows(self.base.num_classes, high=16384)
+    rows = fitting.chunk_rows(self.base.num_classes, high=16384)
     return passes, inference.rechunk(passes.rows("data", forward), rows)
 
   def _predictions(self, inputs):
@@ -183,7 +244,7 @@ class ResMem:
       return [np.zeros((0, self.base.num_classes), np.float32)] * 3
     labels = np.zeros(inputs.shape[:1], np.int32)  # not used: predictions only
     _, chunks = self._rows((inputs, labels))
-    parts = [engine.predict_rows(self.memory, self.choice, chunk) for chunk in chunks]
+    parts = [fitting.predict_rows(self.memory, self.choice, chunk) for chunk in chunks]
     return [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(3)]
 
   def predict_scores(self, inputs) -> np.ndarray:
@@ -205,8 +266,8 @@ class ResMem:
     data = inputs if labels is None else (np.asarray(inputs), np.asarray(labels))
     # Labels are checked against the model's classes where they enter (arrays at once).
     splits = user.UserSplits({"test": data}, num_classes=self.base.num_classes)
-    passes = engine.Passes(splits, self.base, self.batch_size, progress)
-    out = engine.evaluate(passes, self.memory, self.choice, self.settings, "test", timed=False)
+    passes = fitting.Passes(splits, self.base, self.batch_size, progress)
+    out = fitting.evaluate(passes, self.memory, self.choice, "test")
     result = {head: out[head] for head in ("base", "resmem", "knnlm") if head in out}
     result["rows"] = out["rows"]
     result["comparison"] = metrics.paired_comparison(out["hits"]["resmem"], out["hits"]["base"])
@@ -232,7 +293,7 @@ class ResMem:
       architecture = model_architecture(self.base.apply_fn)
       state = {
           "format_version": SAVE_VERSION,
-          "choice": dataclasses.asdict(self.choice),
+          "choice": self.choice.to_json(),
           "settings": settings_lib.json_ready(dataclasses.asdict(self.settings)),
           "model_digest": self.base.digest, "num_classes": self.base.num_classes,
           "model_architecture": architecture,
@@ -260,9 +321,10 @@ class ResMem:
     with atomic_dir.reading(path):
       try:
         state = _read_save_state(path)
-        choice = engine.Choice(**state["choice"])
-        settings = settings_lib.ResMemSettings(**{
-            k: tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()})
+        choice = fitting.Choice.from_json(state["choice"])
+        saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in state["settings"].items()}
+        settings = settings_lib.ResMemSettings(**saved)
       except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path / STATE_FILE} cannot be read ({err}); save the ResMem "
                          "again") from None
@@ -299,7 +361,7 @@ class ResMem:
         keys, labels, store, backend, index, metadata = parts
         memory = memory_lib.Memory(keys, store, backend, index, labels, metadata)
     from resmem_jax import models  # pylint: disable=g-import-not-at-top
-    base = engine.BaseModel(
+    base = fitting.BaseModel(
         apply_fn=apply_fn, variables=mesh_lib.replicate(variables, mesh_lib.data_mesh()), step=0,
         digest=digest, num_params=models.count_params(variables),
         num_classes=int(state["num_classes"]))
@@ -376,7 +438,7 @@ def model_architecture(apply_fn) -> str:
   out. What a module's code does beyond its fields is not seen."""
   code = getattr(apply_fn, "__code__", None)
   if code is not None and getattr(apply_fn, "__module__", None) == __name__ and apply_fn.__closure__:
-    captured = dict(zip(code.co_freevars, (c.cell_contents for c in apply_fn.__closure__)))
+    captured = dict(zip(code.co_freevars, (c.cell_contents for c in apply_fn.__closure__), strict=True))
     if "graphdef" in captured:
       return "nnx:" + _ADDRESS.sub("", repr(captured["graphdef"]))
     if "model" in captured:
@@ -410,9 +472,9 @@ def _describe(value, depth: int = 0) -> str:
     inner = ", ".join(f"{n}={_describe(getattr(value, n, None), depth + 1)}" for n in fields)
     return f"{type(value).__qualname__}({inner})"
   for attribute in ("fun", "__wrapped__"):  # jax.custom_jvp (relu), jit-wrapped functions
-    inner = getattr(value, attribute, None)
-    if callable(inner) and inner is not value:
-      return _describe(inner, depth + 1)
+    wrapped = getattr(value, attribute, None)
+    if callable(wrapped) and wrapped is not value:
+      return _describe(wrapped, depth + 1)
   if callable(value) and hasattr(value, "__qualname__"):
     return value.__qualname__
   return f"{type(value).__qualname__}:{_ADDRESS.sub('', repr(value))}"
@@ -420,7 +482,7 @@ def _describe(value, depth: int = 0) -> str:
 
 def _difference(saved: str, current: str, context: int = 40) -> str:
   """Where two descriptions first differ: "saved ...X..., this model ...Y..."."""
-  first = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b),
+  first = next((i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b),
                min(len(saved), len(current)))
   start = max(0, first - context)
 

@@ -117,7 +117,7 @@ def _rows(outputs: dict, labels: np.ndarray, mask: np.ndarray, temperatures, sec
       labels=cut(labels).astype(np.int32),
       logits=cut(outputs["logits"]) if "logits" in outputs else None,
       residuals={t: {name: cut(a) for name, a in arrays.items()}
-                 for t, arrays in zip(temperatures, outputs["residuals"])},
+                 for t, arrays in zip(temperatures, outputs["residuals"], strict=True)},
       seconds=seconds)
 
 

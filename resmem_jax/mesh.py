@@ -70,7 +70,13 @@ def launch_arguments(train, env=None) -> dict | None:
 
 
 def initialize_distributed(train) -> None:
-  """Joins this process to a multi-host run (see :func:`launch_arguments`), once."""
+  """Joins this process to a multi-host run (see :func:`launch_arguments`); later calls return.
+
+  The one entry point to JAX's distributed runtime. It must run before anything asks JAX about
+  devices, so the command-line tools call it once per process, before their main
+  (``resmem_jax/cli/flags.py``); training, inference and the memory never call it, they take the
+  processes as they find them. A program of its own on several hosts calls it first.
+  """
   if jax.distributed.is_initialized():
     return
   arguments = launch_arguments(train)

@@ -4,24 +4,28 @@ A binary's ml_collections config (``resmem_jax/configs/*.py``) starts from :func
 which is built from the dataclasses below, so every field and its default live in one place.
 :func:`from_config` turns a (possibly overridden) ConfigDict into frozen :class:`Settings`,
 rejecting unknown fields and invalid values with one line that names the field and what it
-accepts. :func:`check` then asks the registries (data sets, models, memory backends) about the
-names, still without reading data or training anything. Library functions take the settings
-section they need (``settings.train``, ``settings.resmem``, ...), never the whole config.
+accepts. Every field declares what it affects (``model`` | ``memory`` | ``report``, see
+:data:`AFFECTS`); the workdir's record and the memory's signature are derived from that.
+Checks that ask the registries (data sets, models, memory backends) live in
+:mod:`resmem_jax.validate`, above them: this module imports no registry. Library functions take
+the settings section they need (``settings.train``, ``settings.resmem``, ...), never the config.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import math
 import typing
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
+
+# The one "did you mean" helper (api.py's fit keywords call it by this name too).
+from resmem_jax.suggest import did_you_mean as _suggest
 
 SIGMA_GRID = tuple(round(0.01 * 10 ** (i / 4), 6) for i in range(17))  # 0.01 .. 100, ratio 1.78
 SELECT_BY = ("squared_loss", "accuracy", "log_loss")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # train.dtype; models maps each to its jnp dtype
+CONV_IMPLS = ("xla", "im2col")  # model.conv_impl
 CPU_COMPILER_OPTIONS = ("xla_default", "tuned")  # model.cpu_compiler_options
 MAX_SEED = 2**31 - 1  # seed, data.split_seed: a 32-bit seed for every generator, with room for + 1
 
@@ -34,94 +38,114 @@ class MissingDependency(ImportError):
   """An optional package a setting needs is not installed (the message names the extra)."""
 
 
-def _f(default, help_text: str):
-  """A settings field with its meaning (shown by ``--print_config`` and :func:`describe`)."""
-  return dataclasses.field(default=default, metadata={"help": help_text})
+# What a field's value changes, declared by every field; provenance and the memory's signature
+# are derived from it, so a new field cannot be left out of either:
+#   model   the trained model: recorded in WORKDIR/run.json, a rerun that changes it is refused
+#           (the memory is keyed by the model's digest, and lists these too);
+#   memory  the memory or the choice of k / sigma / T, not the model: changes freely, and a rerun
+#           rebuilds the memory;
+#   report  neither: where data lives, batch sizes of passes, logging, checkpoints, processes,
+#           what is reported.
+AFFECTS = ("model", "memory", "report")
+
+
+def _f(affects: str, default, help_text: str):
+  """A settings field: what it affects (:data:`AFFECTS`), its default and its meaning (shown by
+  ``--print_config`` and :func:`describe`)."""
+  if affects not in AFFECTS:
+    raise ValueError(f"affects={affects!r} is not one of {AFFECTS}")
+  return dataclasses.field(default=default, metadata={"help": help_text, "affects": affects})
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
   """Where examples come from (``resmem_jax.data``)."""
-  name: str = _f("digits", "data set: digits (embedded), any TFDS image classification set "
-                 "(mnist, cifar10, svhn_cropped, emnist/letters, ...), imagenet2012, "
+  name: str = _f("model", "digits", "data set: digits (embedded), any TFDS image classification "
+                 "set (mnist, cifar10, svhn_cropped, emnist/letters, ...), imagenet2012, "
                  "tiny_shakespeare, lm1b, c4")
-  data_dir: Optional[str] = _f(None, "TFDS data_dir: where prepared data sets live "
+  data_dir: Optional[str] = _f("report", None, "TFDS data_dir: where prepared data sets live "
                                "(None: ~/tensorflow_datasets)")
-  manual_dir: Optional[str] = _f(None, "a folder holding the archives TFDS downloads, to prepare "
-                                 "offline (None: download)")
-  val_fraction: float = _f(0.1, "validation split carved from the training split (fixed "
+  manual_dir: Optional[str] = _f("report", None, "a folder holding the archives TFDS downloads, "
+                                 "to prepare offline (None: download)")
+  val_fraction: float = _f("model", 0.1, "validation split carved from the training split (fixed "
                            "permutation); k, sigma, T are chosen on it")
-  train_fraction: float = _f(1.0, "keep this fraction of the remaining training examples "
+  train_fraction: float = _f("model", 1.0, "keep this fraction of the remaining training examples "
                              "(nested: a smaller fraction is a subset)")
-  split_seed: int = _f(0, "seed of the validation / train_fraction permutations")
-  augment: bool = _f(False, "random crops while training (and flips where they keep the label)")
-  image_size: Optional[int] = _f(None, "resize images to image_size x image_size (needed for "
-                                 "sets of varying size; ImageNet: 224 when None)")
-  seq_len: int = _f(128, "text: tokens per sequence")
-  max_split_tokens: Optional[int] = _f(None, "text: keep only the first N tokens of every split")
-  vocab_size: int = _f(8192, "subword text: target vocabulary size")
-  vocab_documents: int = _f(10000, "subword text: training documents the vocabulary is built from")
-  vocab_dir: Optional[str] = _f(None, "subword text: where the vocabulary is saved "
+  split_seed: int = _f("model", 0, "seed of the validation / train_fraction permutations")
+  augment: bool = _f("model", False, "random crops while training (and flips where they keep the "
+                     "label)")
+  image_size: Optional[int] = _f("model", None, "resize images to image_size x image_size (needed "
+                                 "for sets of varying size; ImageNet: 224 when None)")
+  seq_len: int = _f("model", 128, "text: tokens per sequence")
+  max_split_tokens: Optional[int] = _f("model", None, "text: keep only the first N tokens of "
+                                       "every split")
+  vocab_size: int = _f("model", 8192, "subword text: target vocabulary size")
+  vocab_documents: int = _f("model", 10000, "subword text: training documents the vocabulary is "
+                            "built from")
+  vocab_dir: Optional[str] = _f("report", None, "subword text: where the vocabulary is saved "
                                 "(None: <data_dir>/resmem_vocab)")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
   """The base network (``resmem_jax.models``); each model reads the fields it needs."""
-  name: str = _f("mlp", "mlp | cnn | cifar_resnet | resnet | transformer")
-  width: float = _f(256.0, "hidden units (mlp), first block's channels (cnn), model width "
-                    "(transformer), or a channel multiplier (resnets)")
-  depth: int = _f(2, "hidden layers (mlp), conv blocks (cnn), 6n+2 (cifar_resnet), "
+  name: str = _f("model", "mlp", "mlp | cnn | cifar_resnet | resnet | transformer")
+  width: float = _f("model", 256.0, "hidden units (mlp), first block's channels (cnn), model "
+                    "width (transformer), or a channel multiplier (resnets)")
+  depth: int = _f("model", 2, "hidden layers (mlp), conv blocks (cnn), 6n+2 (cifar_resnet), "
                   "18/34/50/101 (resnet), blocks (transformer)")
-  embed_dim: int = _f(128, "cnn: size of the dense embedding layer (the memory key)")
-  conv_impl: str = _f("xla", "resnets: xla (native convolutions) or im2col (as matmuls)")
-  cpu_compiler_options: str = _f("xla_default", "convolutional models on CPU: xla_default, or tuned "
-                                 "(compiler_options.py: 1.2-1.4x faster ResNet-20 steps, slower "
-                                 "below about 20k parameters)")
-  num_heads: int = _f(4, "transformer: attention heads")
-  max_len: int = _f(128, "transformer: longest sequence")
-  mlp_ratio: int = _f(4, "transformer: MLP width / model width")
-  dropout_rate: float = _f(0.0, "transformer: dropout while training")
+  embed_dim: int = _f("model", 128, "cnn: size of the dense embedding layer (the memory key)")
+  conv_impl: str = _f("model", "xla", "resnets: xla (native convolutions) or im2col (as matmuls)")
+  cpu_compiler_options: str = _f("model", "xla_default", "convolutional models on CPU: "
+                                 "xla_default, or tuned (compiler_options.py: 1.2-1.4x faster "
+                                 "ResNet-20 steps, slower below about 20k parameters)")
+  num_heads: int = _f("model", 4, "transformer: attention heads")
+  max_len: int = _f("model", 128, "transformer: longest sequence")
+  mlp_ratio: int = _f("model", 4, "transformer: MLP width / model width")
+  dropout_rate: float = _f("model", 0.0, "transformer: dropout while training")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
   """Training the base network (``resmem_jax.training``)."""
-  num_epochs: float = _f(10.0, "training epochs (fractions allowed)")
-  num_steps: int = _f(-1, "training steps; > 0 overrides num_epochs")
-  batch_size: int = _f(128, "global batch, split over all devices")
-  eval_batch_size: int = _f(512, "batch of the validation / test passes while training")
-  optimizer: str = _f("sgd", "sgd | adam | adamw")
-  learning_rate: float = _f(0.1, "peak learning rate")
-  momentum: float = _f(0.9, "sgd momentum (0: plain SGD)")
-  nesterov: bool = _f(False, "sgd: Nesterov momentum")
-  b1: float = _f(0.9, "adam / adamw: first-moment decay")
-  b2: float = _f(0.999, "adam / adamw: second-moment decay")
-  weight_decay: float = _f(5e-4, "on kernels only (not biases or norm scales); coupled for sgd "
-                           "and adam, decoupled for adamw")
-  schedule: str = _f("cosine", "cosine | step | constant, after a linear warm-up")
-  warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
-  step_boundaries: tuple[float, ...] = _f((0.5, 0.75), "step schedule: fractions of training "
-                                          "where the learning rate drops")
-  step_factor: float = _f(0.1, "step schedule: factor of each drop")
-  label_smoothing: float = _f(0.0, "label smoothing of the training loss")
-  grad_clip_norm: float = _f(0.0, "clip gradients to this global norm (0: no clipping)")
-  dtype: str = _f("float32", "compute dtype (parameters stay float32): float32 | bfloat16 | "
-                  "float16")
-  log_every_steps: int = _f(50, "training metrics every N steps (metrics.jsonl, TensorBoard)")
-  eval_every_steps: int = _f(0, "validation every N steps (0: once per epoch)")
-  checkpoint_every_steps: int = _f(500, "checkpoint every N steps (and at the end)")
-  max_checkpoints_to_keep: int = _f(3, "checkpoints kept (older ones are removed)")
-  eval_test_at_end: bool = _f(True, "evaluate the test split when training ends")
-  distributed: Optional[bool] = _f(None, "join a multi-host run (None: when the environment or "
-                                   "the three fields below describe one; False: never)")
-  coordinator_address: Optional[str] = _f(None, "multi-host: host:port of process 0 (else "
-                                          "JAX_COORDINATOR_ADDRESS, or the cluster's)")
-  num_processes: Optional[int] = _f(None, "multi-host: number of processes (else "
+  num_epochs: float = _f("model", 10.0, "training epochs (fractions allowed)")
+  num_steps: int = _f("model", -1, "training steps; > 0 overrides num_epochs")
+  batch_size: int = _f("model", 128, "global batch, split over all devices")
+  eval_batch_size: int = _f("report", 512, "batch of the validation / test passes while training")
+  optimizer: str = _f("model", "sgd", "sgd | adam | adamw")
+  learning_rate: float = _f("model", 0.1, "peak learning rate")
+  momentum: float = _f("model", 0.9, "sgd momentum (0: plain SGD)")
+  nesterov: bool = _f("model", False, "sgd: Nesterov momentum")
+  b1: float = _f("model", 0.9, "adam / adamw: first-moment decay")
+  b2: float = _f("model", 0.999, "adam / adamw: second-moment decay")
+  weight_decay: float = _f("model", 5e-4, "on kernels only (not biases or norm scales); coupled "
+                           "for sgd and adam, decoupled for adamw")
+  schedule: str = _f("model", "cosine", "cosine | step | constant, after a linear warm-up")
+  warmup_epochs: float = _f("model", 0.0, "linear warm-up length in epochs")
+  step_boundaries: tuple[float, ...] = _f("model", (0.5, 0.75), "step schedule: fractions of "
+                                          "training where the learning rate drops")
+  step_factor: float = _f("model", 0.1, "step schedule: factor of each drop")
+  label_smoothing: float = _f("model", 0.0, "label smoothing of the training loss")
+  grad_clip_norm: float = _f("model", 0.0, "clip gradients to this global norm (0: no clipping)")
+  dtype: str = _f("model", "float32", "compute dtype (parameters stay float32): float32 | "
+                  "bfloat16 | float16")
+  log_every_steps: int = _f("report", 50, "training metrics every N steps (metrics.jsonl, "
+                            "TensorBoard)")
+  eval_every_steps: int = _f("report", 0, "validation every N steps (0: once per epoch)")
+  checkpoint_every_steps: int = _f("report", 500, "checkpoint every N steps (and at the end)")
+  max_checkpoints_to_keep: int = _f("report", 3, "checkpoints kept (older ones are removed)")
+  eval_test_at_end: bool = _f("report", True, "evaluate the test split when training ends")
+  distributed: Optional[bool] = _f("report", None, "join a multi-host run (None: when the "
+                                   "environment or the three fields below describe one; False: "
+                                   "never)")
+  coordinator_address: Optional[str] = _f("report", None, "multi-host: host:port of process 0 "
+                                          "(else JAX_COORDINATOR_ADDRESS, or the cluster's)")
+  num_processes: Optional[int] = _f("report", None, "multi-host: number of processes (else "
                                     "JAX_NUM_PROCESSES)")
-  process_id: Optional[int] = _f(None, "multi-host: this process's index (else JAX_PROCESS_ID)")
-  heartbeat_timeout_seconds: int = _f(100, "multi-host: a process that stops answering for this "
-                                      "long ends the others")
+  process_id: Optional[int] = _f("report", None, "multi-host: this process's index (else "
+                                 "JAX_PROCESS_ID)")
+  heartbeat_timeout_seconds: int = _f("report", 100, "multi-host: a process that stops answering "
+                                      "for this long ends the others")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,51 +157,57 @@ class ResMemSettings:
   median distance from a validation row to its nearest memory key (embedding distances have no
   natural unit); a fixed ``sigma`` is absolute.
   """
-  backend: str = _f("scann", "nearest-neighbour index: exact | scann | approx (on-device, TPU)")
-  backend_options: str = _f("", "'key=value,...' options of the backend, e.g. "
+  backend: str = _f("memory", "scann", "nearest-neighbour index: exact | scann | approx "
+                    "(on-device, TPU)")
+  backend_options: str = _f("memory", "", "'key=value,...' options of the backend, e.g. "
                             "'mode=tree_ah,num_leaves=400' (resmem_jax/memory/scann.py)")
-  residual_format: str = _f("dense", "stored residuals: dense (float32) | bfloat16 | sparse "
-                            "(the label + top_m largest probabilities)")
-  top_m: int = _f(16, "sparse: entries kept besides the label")
-  k: Optional[int] = _f(None, "neighbours per query (None: chosen from k_grid on validation)")
-  sigma: Optional[float] = _f(None, "softmax temperature of the neighbour weights, absolute "
-                              "(None: chosen from sigma_grid)")
-  temperature: Optional[float] = _f(None, "T of the base prediction softmax(z / T) the "
+  residual_format: str = _f("memory", "dense", "stored residuals: dense (float32) | bfloat16 | "
+                            "sparse (the label + top_m largest probabilities)")
+  top_m: int = _f("memory", 16, "sparse: entries kept besides the label")
+  k: Optional[int] = _f("memory", None, "neighbours per query (None: chosen from k_grid on "
+                        "validation)")
+  sigma: Optional[float] = _f("memory", None, "softmax temperature of the neighbour weights, "
+                              "absolute (None: chosen from sigma_grid)")
+  temperature: Optional[float] = _f("memory", None, "T of the base prediction softmax(z / T) the "
                                     "residuals are taken against (None: chosen from the grid)")
-  k_grid: tuple[int, ...] = _f((1, 2, 4, 8, 16, 32, 64, 128), "candidate k")
-  sigma_grid: tuple[float, ...] = _f(SIGMA_GRID, "candidate sigma (relative: see sigma_relative)")
-  sigma_relative: bool = _f(True, "sigma_grid values are multiples of the median distance to the "
-                            "nearest memory key")
-  temperature_grid: tuple[float, ...] = _f((0.5, 1.0, 2.0, 4.0), "candidate T")
-  select_by: str = _f("accuracy", "validation criterion: accuracy | squared_loss | log_loss "
-                      "(ties: lower log loss, then smaller k)")
-  base_mix: Optional[float] = _f(None, "ResMem's probabilities are (1 - mix) * normalize(max(p + "
-                                 "r, 0)) + mix * p_base (None: mix chosen on validation log loss)")
-  base_mix_grid: tuple[float, ...] = _f((0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+  k_grid: tuple[int, ...] = _f("memory", (1, 2, 4, 8, 16, 32, 64, 128), "candidate k")
+  sigma_grid: tuple[float, ...] = _f("memory", SIGMA_GRID, "candidate sigma (relative: see "
+                                     "sigma_relative)")
+  sigma_relative: bool = _f("memory", True, "sigma_grid values are multiples of the median "
+                            "distance to the nearest memory key")
+  temperature_grid: tuple[float, ...] = _f("memory", (0.5, 1.0, 2.0, 4.0), "candidate T")
+  select_by: str = _f("memory", "accuracy", "validation criterion: accuracy | squared_loss | "
+                      "log_loss (ties: lower log loss, then smaller k)")
+  base_mix: Optional[float] = _f("memory", None, "ResMem's probabilities are (1 - mix) * "
+                                 "normalize(max(p + r, 0)) + mix * p_base (None: mix chosen on "
+                                 "validation log loss)")
+  base_mix_grid: tuple[float, ...] = _f("memory", (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
                                         "candidate mixes (1: the base model itself)")
-  gate_alpha: Optional[float] = _f(None, "opt-in memorization gate, reported beside ResMem (which "
-                                    "always memorizes): choose on half of validation, test the "
-                                    "gain over the best temperature-scaled base on the other half "
-                                    "at this level (None: no gate)")
-  knnlm: bool = _f(False, "also report kNN-LM (the neighbours' labels mixed into p)")
-  knn_lambda: Optional[float] = _f(None, "kNN-LM mixture weight (None: chosen on validation)")
-  knn_lambda_grid: tuple[float, ...] = _f((0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
+  gate_alpha: Optional[float] = _f("memory", None, "opt-in memorization gate, reported beside "
+                                   "ResMem (which always memorizes): choose on half of "
+                                   "validation, test the gain over the best temperature-scaled "
+                                   "base on the other half at this level (None: no gate)")
+  knnlm: bool = _f("memory", False, "also report kNN-LM (the neighbours' labels mixed into p)")
+  knn_lambda: Optional[float] = _f("memory", None, "kNN-LM mixture weight (None: chosen on "
+                                   "validation)")
+  knn_lambda_grid: tuple[float, ...] = _f("memory", (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
                                           "candidate kNN-LM weights")
-  eval_batch_size: int = _f(1024, "examples (sequences) per inference batch")
-  max_validation_rows: Optional[int] = _f(None, "use at most this many validation rows (examples "
-                                          "or tokens) to choose")
-  evaluate_train: bool = _f(True, "also report training-split accuracy (memorization)")
-  timing_repeats: int = _f(3, "prediction-cost figure: fastest of this many timed test passes")
-  tune_recall: Optional[float] = _f(None, "partitioned scann: tune its query settings on "
-                                    "validation to this recall@k against exact search")
-  memory_across_hosts: bool = _f(False, "several hosts: each process keeps and indexes only the "
-                                 "training rows it embedded (for memories one host cannot hold)"
-                                 "; queries ask every host and merge the k nearest")
+  eval_batch_size: int = _f("report", 1024, "examples (sequences) per inference batch")
+  max_validation_rows: Optional[int] = _f("memory", None, "use at most this many validation rows "
+                                          "(examples or tokens) to choose")
+  evaluate_train: bool = _f("report", True, "also report training-split accuracy (memorization)")
+  timing_repeats: int = _f("report", 3, "prediction-cost figure: fastest of this many timed test "
+                           "passes")
+  tune_recall: Optional[float] = _f("memory", None, "partitioned scann: tune its query settings "
+                                    "on validation to this recall@k against exact search")
+  memory_across_hosts: bool = _f("memory", False, "several hosts: each process keeps and indexes "
+                                 "only the training rows it embedded (for memories one host "
+                                 "cannot hold); queries ask every host and merge the k nearest")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  seed: int = 0
+  seed: int = _f("model", 0, "seed of parameter init, dropout and batch order")
   data: DataSettings = DataSettings()
   model: ModelSettings = ModelSettings()
   train: TrainSettings = TrainSettings()
@@ -219,11 +249,6 @@ def default_config():
         sub[field.name] = field.default
     cfg[section] = sub
   return cfg
-
-
-def _suggest(name: str, choices) -> str:
-  close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-  return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _convert(path: str, value, hint):
@@ -310,10 +335,11 @@ def from_config(config) -> Settings:
 
 def describe(settings: Settings) -> str:
   """Every field as ``section.field = value  # meaning``, one per line."""
-  lines = [f"seed = {settings.seed!r}  # seed of parameter init, dropout and batch order"]
+  seed_help = next(f for f in dataclasses.fields(Settings) if f.name == "seed").metadata["help"]
+  lines = [f"seed = {settings.seed!r}  # {seed_help}"]
   for section, cls in SECTIONS.items():
     values = getattr(settings, section)
-    lines.append(f"# {section}: {cls.__doc__.splitlines()[0]}")
+    lines.append(f"# {section}: {(cls.__doc__ or cls.__name__).splitlines()[0]}")
     for field in dataclasses.fields(cls):
       value = json_ready(getattr(values, field.name))
       lines.append(f"{section}.{field.name} = {value!r}  # {field.metadata.get('help', '')}")
@@ -331,6 +357,47 @@ def json_ready(value):
   if isinstance(value, (list, tuple)):
     return [json_ready(v) for v in value]
   return value
+
+
+def affects(field: dataclasses.Field) -> str:
+  """What ``field`` changes (:data:`AFFECTS`); TypeError for a field that does not say."""
+  value = field.metadata.get("affects")
+  if value not in AFFECTS:
+    raise TypeError(f"settings field {field.name!r} does not declare what it affects (one of "
+                    f"{AFFECTS}); declare it with _f(affects, default, help)")
+  return value
+
+
+def values_affecting(settings: Settings, kinds: Iterable[str]) -> dict[str, Any]:
+  """``{"seed": ..., "data": {"name": ..., ...}, ...}``: the JSON-ready value of every field whose
+  declaration is one of ``kinds``, read from the instance (a section subclass's own fields
+  count), in declaration order; sections with no such field are left out."""
+  kinds = set(kinds)
+  unknown = kinds - set(AFFECTS)
+  if unknown:
+    raise ValueError(f"{sorted(unknown)} are not among {AFFECTS}")
+  out = {}
+  for field in dataclasses.fields(settings):
+    value = getattr(settings, field.name)
+    if dataclasses.is_dataclass(value):
+      chosen = {f.name: json_ready(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if affects(f) in kinds}
+      if chosen:
+        out[field.name] = chosen
+    elif affects(field) in kinds:
+      out[field.name] = json_ready(value)
+  return out
+
+
+def fields_affecting(settings: Settings, kinds: Iterable[str]) -> dict[str, Any]:
+  """:func:`values_affecting` flat: ``{"seed": ..., "data.name": ..., ...}``."""
+  flat = {}
+  for name, value in values_affecting(settings, kinds).items():
+    if isinstance(value, dict):
+      flat.update({f"{name}.{field}": v for field, v in value.items()})
+    else:
+      flat[name] = value
+  return flat
 
 
 def replace_field(settings: Settings, path: str, value) -> Settings:
@@ -409,7 +476,7 @@ def validate_values(settings: Settings) -> None:
 
   _positive("model.width", m.width)
   _require(m.depth >= 1, f"model.depth must be >= 1, got {m.depth}")
-  _choice("model.conv_impl", m.conv_impl, ("xla", "im2col"))
+  _choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
   _choice("model.cpu_compiler_options", m.cpu_compiler_options, CPU_COMPILER_OPTIONS)
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
 
@@ -460,32 +527,6 @@ def validate_values(settings: Settings) -> None:
            f"resmem.tune_recall must be in (0, 1] or None, got {r.tune_recall}")
 
 
-def check(settings: Settings) -> None:
-  """Registry names and per-component options, still without data or training (seconds).
-
-  The data set name, the model (built without parameters), the memory backend, its options and
-  the residual format. Raises SettingsError.
-  """
-  from resmem_jax import data  # pylint: disable=g-import-not-at-top
-  from resmem_jax import memory  # pylint: disable=g-import-not-at-top
-  from resmem_jax import models  # pylint: disable=g-import-not-at-top
-  try:
-    data.check_name(settings.data.name)
-    models.check_settings(settings.model)
-    memory.check_options(settings.resmem.backend, settings.resmem.backend_options,
-                         settings.resmem.residual_format)
-  except (SettingsError, MissingDependency):
-    raise
-  except ValueError as err:
-    raise SettingsError(str(err)) from None
-  r = settings.resmem
-  if r.tune_recall is not None and r.backend != "scann":
-    raise SettingsError(f"resmem.tune_recall tunes ScaNN's query settings; resmem.backend is "
-                        f"{r.backend!r} (set resmem.backend=scann or unset resmem.tune_recall)")
-  if settings.data.val_fraction == 0 and needs_validation(r):
-    raise SettingsError(validation_needed_message(r))
-
-
 def validation_needed_message(r: ResMemSettings) -> str:
   """Why the settings need a validation split, and how to do without one."""
   if r.gate_alpha is not None:
@@ -508,13 +549,6 @@ def needs_validation(r: ResMemSettings) -> bool:
 # ----------------------------------------------------------------------------- against the data
 
 
-def memory_rows(info) -> int:
-  """The most rows a memory of the training split can hold: one per example, or one per token of
-  a text sequence (padding tokens are left out, so a text memory can hold fewer)."""
-  per_example = math.prod(info.input_shape) if info.input_dtype == "int32" else 1
-  return int(info.split_sizes.get("train", 0)) * int(per_example)
-
-
 def check_neighbours(r: ResMemSettings, rows: int, prefix: str = "resmem.") -> None:
   """SettingsError unless the fixed ``k``, or some ``k`` of the grid, fits a memory of ``rows``
   rows (larger grid values are skipped when choosing)."""
@@ -524,19 +558,6 @@ def check_neighbours(r: ResMemSettings, rows: int, prefix: str = "resmem.") -> N
   if r.k is None and min(r.k_grid) > rows:
     raise SettingsError(f"{prefix}k_grid={r.k_grid} has no k <= the {rows:,} rows of the "
                         f"training split; add smaller values (e.g. 1)")
-
-
-def memory_bytes() -> tuple[int, str]:
-  """``(bytes, what)``: one device's memory (accelerators report it) or else the host's RAM."""
-  import jax  # pylint: disable=g-import-not-at-top
-  device = jax.local_devices()[0]
-  try:
-    stats = device.memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except  # backends without memory statistics
-    stats = {}
-  if stats.get("bytes_limit"):
-    return int(stats["bytes_limit"]), f"memory of one {device.platform} device"
-  return host_memory_bytes(), "this host's memory"
 
 
 def host_memory_bytes() -> int:
@@ -556,85 +577,3 @@ def check_batch_fits(path: str, batch: int, example_shape, itemsize: int = 4) ->
         f"{path}={batch:,} cannot fit: {batch:,} examples x {shape} x {itemsize} bytes = "
         f"{need / 1e9:.3g} GB of inputs per batch, more than this host's {available / 1e9:.3g} "
         f"GB; lower {path}")
-
-
-# Optimizer states kept per parameter beside it (sgd: the momentum, unless 0).
-def _optimizer_slots(t: TrainSettings) -> int:
-  return 2 if t.optimizer in ("adam", "adamw") else int(t.momentum > 0)
-
-
-def parameter_count(model: ModelSettings, info) -> int:
-  """The model's parameter count from its shapes alone (nothing is allocated)."""
-  return _parameter_count(model, int(info.num_classes), tuple(info.input_shape),
-                          str(info.input_dtype))
-
-
-@functools.lru_cache(maxsize=16)  # the engine and the training loop both ask, once per run
-def _parameter_count(model: ModelSettings, num_classes: int, input_shape: tuple,
-                     input_dtype: str) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from resmem_jax import models  # pylint: disable=g-import-not-at-top
-  module = models.build_model(model, num_classes)
-  sample = np.zeros((1,) + input_shape, np.dtype(input_dtype))
-  shapes = jax.eval_shape(
-      lambda key: module.init({"params": key, "dropout": key}, sample, train=False),
-      jax.random.key(0))
-  shapes = shapes.get("params", shapes)
-  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
-
-
-def check_training_fits(model: ModelSettings, train: TrainSettings, info) -> None:
-  """Before training: a training split that is not empty, and a model and batches that can fit
-  in memory (lower bounds: parameters, gradients and optimizer slots at 4 bytes each; a batch's
-  inputs). ``info`` is the data set's ``DatasetInfo``. Raises SettingsError."""
-  if info.split_sizes.get("train", 0) == 0:
-    raise SettingsError(f"the training split of {info.name} is empty (data.val_fraction or "
-                        f"data.train_fraction leave no example to train on); lower "
-                        f"data.val_fraction")
-  try:
-    params = parameter_count(model, info)
-  except (OverflowError, MemoryError) as err:
-    raise SettingsError(f"model.width={model.width:g}, model.depth={model.depth} give a model too "
-                        f"large to describe ({err}); lower model.width") from None
-  copies = 2 + _optimizer_slots(train)
-  need = params * 4 * copies
-  available, where = memory_bytes()
-  if need > available:
-    slots = f", {copies - 2} optimizer slot{'s' * (copies > 3)}" if copies > 2 else ""
-    count = f"{params:,}" if params < 10**12 else f"{params:.3g}"
-    raise SettingsError(
-        f"model.width={model.width:g}, model.depth={model.depth}: the {model.name} has {count} "
-        f"parameters, x 4 bytes x {copies} (parameters, gradients{slots}) = {need / 1e9:.3g} GB, "
-        f"more than the {available / 1e9:.3g} GB of {where}; lower model.width or model.depth")
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  itemsize = np.dtype(info.input_dtype).itemsize
-  for path, batch in (("train.batch_size", train.batch_size),
-                      ("train.eval_batch_size", train.eval_batch_size)):
-    check_batch_fits(path, batch, info.input_shape, itemsize)
-
-
-def check_against_data(settings: Settings, info) -> None:
-  """What only the data set's shape and sizes tell, still before training (seconds): a training
-  split that is not empty and large enough for k (or some k of the grid), a model and batches
-  that can fit in memory, a ScaNN index that can be trained on the rows. ``info`` is the data
-  set's ``DatasetInfo``. Raises SettingsError."""
-  d, r = settings.data, settings.resmem
-  sizes = info.split_sizes
-  if sizes.get("train", 0) == 0:
-    given = sizes.get("train", 0) + sizes.get("validation", 0)
-    raise SettingsError(
-        f"the training split is empty: data.val_fraction={d.val_fraction:g} leaves "
-        f"{sizes.get('validation', 0):,} of the {given:,} training examples for validation and "
-        f"none to train on; lower data.val_fraction")
-  rows = memory_rows(info)
-  check_neighbours(r, rows)
-  from resmem_jax import memory  # pylint: disable=g-import-not-at-top
-  try:
-    memory.check_size(r.backend, rows, r.backend_options)
-  except ValueError as err:
-    raise SettingsError(f"resmem.backend_options={r.backend_options!r}: {err}") from None
-  check_training_fits(settings.model, settings.train, info)
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  check_batch_fits("resmem.eval_batch_size", r.eval_batch_size, info.input_shape,
-                   np.dtype(info.input_dtype).itemsize)

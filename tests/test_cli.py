@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from resmem_jax import configs, settings
+from resmem_jax import configs, settings, validate
 
 
 def _tool(*args, module="experiments.resmem", timeout=300):
@@ -69,7 +69,7 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
                       lambda name, *a, **k: None if name == "scann" else real(name, *a, **k))
   s = settings.from_config(configs_module("digits").get_config("tiny"))
   with pytest.raises(settings.MissingDependency, match=r"pip install 'resmem_jax\[scann\]'"):
-    settings.check(s)
+    validate.check(s)
 
 
 def configs_module(name):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+from resmem_jax import fitting
 from resmem_jax import settings as settings_lib
 from resmem_jax.jobs import engine, report
 
@@ -285,11 +286,11 @@ def test_probability_output_agrees_with_resmem_class_on_every_row(digits_run):
   workdir, first = digits_run
   settings = _digits()
   _, _, passes = engine.trained_passes(settings, workdir, progress=False)
-  memory, choice, _ = engine.build_and_select(settings.resmem, passes, "digits")
-  assert choice.resmem["k"] == first["hparams"]["k"]
+  memory, choice, _ = fitting.build_and_select(settings.resmem, passes, "digits")
+  assert choice.resmem.k == first["hparams"]["k"]
   rows = 0
   for chunk in passes.rows("test", passes.forward(with_logits=True)):
-    _, scores, probabilities, _ = engine.predict_rows(memory, choice, chunk)
+    _, scores, probabilities, _ = fitting.predict_rows(memory, choice, chunk)
     np.testing.assert_array_equal(np.argmax(probabilities, -1), np.argmax(scores, -1))
     assert np.allclose(np.sum(probabilities, -1), 1.0, atol=1e-5)
     rows += chunk.size
@@ -324,13 +325,13 @@ def test_model_size_sweep_keeps_every_seed_and_plots_the_spread(tmp_path, monkey
   assert "+- std" in report.format_sweep(out, "model.width")
   # The selection study reuses the sweep's models and reads no test row.
   from resmem_jax.jobs import selection_study
-  rows = engine.Passes.rows
+  rows = fitting.Passes.rows
 
   def no_test(self, split, *args, **kwargs):
     assert split != "test", "the selection study read the test split"
     return rows(self, split, *args, **kwargs)
 
-  monkeypatch.setattr(engine.Passes, "rows", no_test)
+  monkeypatch.setattr(fitting.Passes, "rows", no_test)
   study = selection_study.run_study(s, tmp_path, "model.width", [8, 16], seeds=2,
                                     grids={"T = 1": (1.0,), "T in 1-2": (1.0, 2.0)},
                                     criteria=("squared_loss", "accuracy"))

@@ -2,7 +2,7 @@
 saved memory gives a clear one-line error (or, for valid edge cases, a checked result)."""
 import pytest
 
-from resmem_jax.bench import faults
+from experiments import faults
 
 
 def _run(cases):

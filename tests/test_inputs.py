@@ -7,7 +7,7 @@ import pytest
 
 import resmem_jax
 from resmem_jax import jsonio
-from resmem_jax.bench import faults
+from experiments import faults
 
 
 def test_complex_arrays_are_refused_not_cast_to_their_real_part():

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from resmem_jax import settings
+from resmem_jax import suggest
+from resmem_jax import validate
 
 VARIANTS = {
     "digits": ["", "tiny"],
@@ -35,7 +37,7 @@ def test_default_config_round_trips_to_the_dataclass_defaults():
                          [(m, v) for m, variants in VARIANTS.items() for v in variants])
 def test_every_shipped_config_is_valid(module_name, variant):
   s = settings.from_config(_config(module_name, variant))
-  settings.check(s)  # registry names: data set, model, memory backend and its options
+  validate.check(s)  # registry names: data set, model, memory backend and its options
 
 
 @pytest.mark.parametrize("module_name", sorted(VARIANTS))
@@ -99,7 +101,7 @@ def test_registry_checks_fail_within_seconds(field, value, message):
   cfg[section][name] = value
   start = time.perf_counter()
   with pytest.raises(settings.SettingsError, match=message):
-    settings.check(settings.from_config(cfg))
+    validate.check(settings.from_config(cfg))
   assert time.perf_counter() - start < 30  # a loose bound: the point is "no training first"
 
 
@@ -107,20 +109,20 @@ def test_choosing_needs_a_validation_split():
   cfg = _config()
   cfg.data.val_fraction = 0.0
   with pytest.raises(settings.SettingsError, match="validation split"):
-    settings.check(settings.from_config(cfg))
+    validate.check(settings.from_config(cfg))
   cfg.resmem.k, cfg.resmem.sigma, cfg.resmem.temperature = 1, 1.0, 1.0
   with pytest.raises(settings.SettingsError, match="base_mix"):  # the mix is still to choose
-    settings.check(settings.from_config(cfg))
+    validate.check(settings.from_config(cfg))
   cfg.resmem.base_mix = 0.5
-  settings.check(settings.from_config(cfg))  # all fixed: nothing to choose
+  validate.check(settings.from_config(cfg))  # all fixed: nothing to choose
   cfg.resmem.gate_alpha = 0.05  # the gate tests on validation rows
   with pytest.raises(settings.SettingsError, match="gate_alpha tests the memory on validation"):
-    settings.check(settings.from_config(cfg))
+    validate.check(settings.from_config(cfg))
   cfg.resmem.gate_alpha = None
   cfg.resmem.tune_recall = 0.9
   cfg.resmem.backend = "exact"
   with pytest.raises(settings.SettingsError, match="tune_recall"):
-    settings.check(settings.from_config(cfg))
+    validate.check(settings.from_config(cfg))
 
 
 def test_replace_field_is_checked_and_frozen():
@@ -193,33 +195,33 @@ def _with(**fields):
 ])
 def test_settings_checked_against_the_data_before_training(fields, message):
   with pytest.raises(settings.SettingsError, match=message):
-    settings.check_against_data(_with(**fields), _Info())
+    validate.check_against_data(_with(**fields), _Info())
 
 
 def test_an_empty_training_split_and_a_tiny_tree_are_refused_before_training():
   info = _Info(split_sizes={"train": 0, "validation": 1437, "test": 360})
   with pytest.raises(settings.SettingsError, match=r"the training split is empty: "
                      r"data.val_fraction=0.9999 leaves 1,437 of the 1,437 training examples"):
-    settings.check_against_data(_with(data__val_fraction=0.9999), info)
+    validate.check_against_data(_with(data__val_fraction=0.9999), info)
   small = _Info(split_sizes={"train": 10, "validation": 5, "test": 5})
   with pytest.raises(settings.SettingsError, match=r"scann mode tree_ah needs at least 16 keys"):
-    settings.check_against_data(_with(resmem__backend_options="mode=tree_ah", resmem__k_grid=(1,)),
-                                small)
+    validate.check_against_data(_with(resmem__backend_options="mode=tree_ah", resmem__k_grid=(1,)),
+                                 small)
   # Text: a row per token, so k is compared with sequences x tokens.
   text = _Info(num_classes=300, input_shape=(16,), input_dtype="int32",
                split_sizes={"train": 10, "validation": 2, "test": 2})
-  settings.check_against_data(_with(resmem__k=160), text)
+  validate.check_against_data(_with(resmem__k=160), text)
   with pytest.raises(settings.SettingsError, match="resmem.k=161 .* 160 rows"):
-    settings.check_against_data(_with(resmem__k=161), text)
+    validate.check_against_data(_with(resmem__k=161), text)
   large = _Info(split_sizes={"train": 10000, "validation": 5, "test": 5})
   with pytest.raises(settings.SettingsError, match=r"training_sample_size=1 is too small"):
-    settings.check_against_data(_with(resmem__backend_options="mode=ah,training_sample_size=1"),
-                                large)
+    validate.check_against_data(_with(resmem__backend_options="mode=ah,training_sample_size=1"),
+                                 large)
   with pytest.raises(settings.SettingsError, match=r"resmem.backend_options=.*"
                      r"training_sample_size=64 is below the tree's 100 leaves"):
-    settings.check_against_data(_with(
+    validate.check_against_data(_with(
         resmem__backend_options="mode=tree_ah,num_leaves=100,training_sample_size=64"), large)
-  settings.check_against_data(settings.Settings(), _Info())  # the defaults fit
+  validate.check_against_data(settings.Settings(), _Info())  # the defaults fit
 
 
 def test_the_parameter_count_is_the_models():
@@ -227,7 +229,7 @@ def test_the_parameter_count_is_the_models():
   from resmem_jax import models
   model = settings.ModelSettings(width=32)
   variables = models.build_model(model, 10).init(jax.random.key(0), np.zeros((1, 8, 8, 1)))
-  assert settings.parameter_count(model, _Info()) == models.count_params(variables)
+  assert validate.parameter_count(model, _Info()) == models.count_params(variables)
 
 
 @pytest.mark.parametrize("options,message", [
@@ -236,4 +238,53 @@ def test_the_parameter_count_is_the_models():
 ])
 def test_scann_option_ranges_are_checked_with_the_settings(options, message):
   with pytest.raises(settings.SettingsError, match=message):
-    settings.check(_with(resmem__backend_options=options))
+    validate.check(_with(resmem__backend_options=options))
+
+
+def test_every_field_declares_what_it_affects():
+  top = [f for f in dataclasses.fields(settings.Settings) if f.name not in settings.SECTIONS]
+  every = top + [f for cls in settings.SECTIONS.values() for f in dataclasses.fields(cls)]
+  assert len(every) > 70  # it saw every section
+  undeclared = [f.name for f in every if f.metadata.get("affects") not in settings.AFFECTS]
+  assert not undeclared, f"fields without affects=model|memory|report: {undeclared}"
+  # The README's promise: resmem.* fields change freely (the memory is rebuilt, the model kept).
+  assert all(settings.affects(f) != "model" for f in dataclasses.fields(settings.ResMemSettings))
+  # A field added without the declaration is refused where it is first read, naming it.
+  bare = dataclasses.make_dataclass("Bare", [("new_knob", int, 1)],
+                                    bases=(settings.ResMemSettings,), frozen=True)
+  with pytest.raises(TypeError, match="'new_knob' does not declare what it affects"):
+    settings.fields_affecting(dataclasses.replace(settings.Settings(), resmem=bare()), ["memory"])
+
+
+def test_fields_by_what_they_affect():
+  s = settings.Settings()
+  model = settings.fields_affecting(s, ["model"])
+  assert model["seed"] == 0 and model["train.learning_rate"] == 0.1 and "data.name" in model
+  assert "train.log_every_steps" not in model and "resmem.k_grid" not in model
+  nested = settings.values_affecting(s, ["model", "memory"])
+  assert list(nested) == ["seed", "data", "model", "train", "resmem"]
+  assert nested["resmem"]["k_grid"] == list(s.resmem.k_grid)  # JSON-ready
+  assert "eval_batch_size" not in nested["resmem"] and "data_dir" not in nested["data"]
+  with pytest.raises(ValueError, match="memroy"):
+    settings.fields_affecting(s, ["memroy"])
+
+
+def test_one_suggestion_helper_everywhere():
+  assert suggest.did_you_mean("acuracy", settings.SELECT_BY) == " (did you mean 'accuracy'?)"
+  assert suggest.did_you_mean("zzz", settings.SELECT_BY) == ""
+  from resmem_jax import configs, models
+  with pytest.raises(ValueError, match=r"'digit' is neither a packaged config \(did you mean "
+                     r"'digits'\?\)"):
+    configs.path("digit")
+  with pytest.raises(ValueError, match=r"model.name='mpl' is not a model \(did you mean 'mlp'\?\)"):
+    models.check_settings(settings.ModelSettings(name="mpl"))
+
+
+def test_each_set_of_choices_is_defined_once():
+  from resmem_jax import models
+  from resmem_jax.core import selection
+  from resmem_jax.models import resnet
+  assert selection.CRITERIA is settings.SELECT_BY
+  assert resnet.CONV_IMPLS is settings.CONV_IMPLS
+  assert {str(np.dtype(models.compute_dtype(name))) for name in settings.DTYPES} == set(
+      settings.DTYPES)

@@ -56,11 +56,12 @@ def killed_at_every_write(save, check, limit=400):
 """
 
 ENGINE_SCRIPT = KILL_HOOK + """
-import dataclasses, json, logging, pathlib, warnings
+import json, logging, pathlib, warnings
 warnings.simplefilter("ignore")  # os.fork with JAX loaded: the child only writes files
 logging.getLogger("resmem_jax").setLevel(logging.ERROR)
 from resmem_jax import settings as settings_lib
 from resmem_jax.configs import digits
+from resmem_jax import fitting
 from resmem_jax.jobs import engine
 
 def digits_settings(temperatures):
@@ -82,9 +83,9 @@ _, _, passes = engine.trained_passes(new_s, workdir, progress=False)
 old_sig = engine.memory_signature(old_s, passes.model.digest)
 new_sig = engine.memory_signature(new_s, passes.model.digest)
 old = engine._saved_memory(mem_dir, old_sig, False)
-new = engine.build_and_select(new_s.resmem, passes, "digits")
+new = fitting.build_and_select(new_s.resmem, passes, "digits")
 state = {"version": engine.STATE_VERSION, "signature": new_sig,
-         "choice": dataclasses.asdict(new[1]), "tuning": new[2]}
+         "choice": new[1].to_json(), "tuning": new[2]}
 
 def prepare():
   for name in os.listdir(workdir):

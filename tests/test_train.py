@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, run_python
+from resmem_jax import settings as settings_lib
 from resmem_jax import training
 from resmem_jax.settings import ModelSettings, TrainSettings
 from resmem_jax.training import optimizer
+from resmem_jax.training import provenance
 from resmem_jax.training import steps
 from resmem_jax.training.loop import TrainingDiverged
 import train_fakes
@@ -116,7 +118,7 @@ def _train_losses(workdir):
 def test_training_learns_and_restores(tmp_path):
   data = train_fakes.ImageFake()
   model, train = _settings("cnn")
-  final = training.train_and_evaluate(data, model, train, 0, tmp_path)
+  final = training.train_and_evaluate(data, model, train, 0, tmp_path).metrics
   losses = _train_losses(tmp_path)
   assert losses[-1] < 0.5 * losses[0]
   assert final["validation_accuracy"] > 0.9 and final["test_accuracy"] > 0.9
@@ -137,17 +139,45 @@ def test_training_learns_and_restores(tmp_path):
   logits, embedding = module.apply(variables, images, train=False)
   np.testing.assert_allclose(np.mean(np.argmax(logits, -1) == labels), final["test_accuracy"])
   assert embedding.shape == (len(labels), 16)
-  # A finished run returns its recorded result without training again.
+  # A finished run returns its recorded result without training again (and no state).
   before = (tmp_path / "metrics.jsonl").read_text()
-  assert training.train_and_evaluate(data, model, train, 0, tmp_path) == final
+  again = training.train_and_evaluate(data, model, train, 0, tmp_path)
+  assert again.metrics == final and again.state is None
   assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_train_model_returns_the_state_it_trained_bit_for_bit(tmp_path):
+  # The model comes from memory, not read back from disk, and must equal the last checkpoint
+  # exactly: the digest (and so the memory and results keyed by it) is the same either way.
+  model, train = _settings("cnn", num_steps=6, log_every_steps=3, checkpoint_every_steps=4,
+                           eval_every_steps=6)
+  settings = settings_lib.Settings(model=model, train=train)
+  trained = training.train_model(settings, train_fakes.ImageFake(), tmp_path, progress=False)
+  _, restored, step = training.restore_model(tmp_path, model)
+  assert trained.step == step == 6
+  leaves = jax.tree_util.tree_leaves_with_path
+  assert [p for p, _ in leaves(trained.variables)] == [p for p, _ in leaves(restored)]
+  for (path, mine), (_, disk) in zip(leaves(trained.variables), leaves(restored)):
+    assert isinstance(mine, np.ndarray), path  # host arrays, as TrainedModel promises
+    assert mine.dtype == disk.dtype and mine.shape == disk.shape, path
+    assert mine.tobytes() == np.asarray(disk).tobytes(), path
+  assert trained.digest == provenance.variables_digest(restored)
+  record = json.loads((tmp_path / provenance.RUN_FILE).read_text())
+  assert record["checkpoint"] == {"step": 6, "digest": trained.digest}
+  assert record["checkpoints"]["6"] == trained.digest and "4" in record["checkpoints"]
+  # Rerun on the finished workdir: restored from the checkpoint, the same model and metrics.
+  again = training.train_model(settings, train_fakes.ImageFake(), tmp_path, progress=False)
+  assert (again.digest, again.step, again.metrics) == (trained.digest, 6, trained.metrics)
+  for mine, disk in zip(jax.tree_util.tree_leaves(trained.variables),
+                        jax.tree_util.tree_leaves(again.variables)):
+    assert mine.dtype == disk.dtype and mine.tobytes() == disk.tobytes()
 
 
 def test_token_data_trains_the_transformer(tmp_path):
   model = ModelSettings(name="transformer", width=16, depth=1, num_heads=2, max_len=8)
   _, train = _settings(optimizer="adam", learning_rate=0.01, num_steps=30, log_every_steps=10)
   final = training.train_and_evaluate(train_fakes.TokenFake(), model, train, 0, tmp_path,
-                                      progress=False)
+                                      progress=False).metrics
   losses = _train_losses(tmp_path)
   assert losses[-1] < 0.5 * losses[0]
   assert final["test_accuracy"] > 0.8  # the next token is a function of the current one
@@ -232,7 +262,6 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
   subprocess.run(_train_command(killed), env=_env(), cwd=REPO_ROOT, check=True,
                  capture_output=True, timeout=300)
   from resmem_jax.configs import digits
-  from resmem_jax import settings as settings_lib
   settings = settings_lib.from_config(digits.get_config("tiny"))
   _, full_vars, full_step = training.restore_model(full, settings.model, settings.train.dtype)
   _, killed_vars, killed_step = training.restore_model(killed, settings.model,

@@ -1,4 +1,5 @@
 """Numbers you can trust: workdir provenance, caches keyed by content, recovery from bad files."""
+import dataclasses
 import json
 import os
 import shutil
@@ -73,6 +74,46 @@ def test_memory_and_bookkeeping_fields_change_freely(copy):
   assert not wider["memory"]["reused"]  # rebuilt: its settings changed
   assert wider["model_digest"] == first["model_digest"]  # the same model, not retrained
   assert wider["base"] == first["base"]
+
+
+def _with_new_field(section: str, affects: str, value: int):
+  """Settings whose ``section`` has one more field, declared like any other: no list edited."""
+  base = type(getattr(settings_lib.Settings(), section))
+  knob = dataclasses.field(default=1, metadata={"help": "a field added later", "affects": affects})
+  extended = dataclasses.make_dataclass(f"Extended{base.__name__}", [("new_knob", int, knob)],
+                                        bases=(base,), frozen=True)
+  return dataclasses.replace(settings_lib.Settings(), **{section: extended(new_knob=value)})
+
+
+def test_a_new_field_reaches_the_memory_signature_and_the_record_by_its_declaration(tmp_path):
+  def signature(s):
+    return engine.memory_signature(s, "0" * 64)
+
+  # A new resmem.* field: the memory is rebuilt when it changes, the model is kept.
+  one, two = _with_new_field("resmem", "memory", 1), _with_new_field("resmem", "memory", 2)
+  assert signature(one)["resmem"]["new_knob"] == 1 and signature(one) != signature(two)
+  assert provenance.model_fields(one) == provenance.model_fields(two)
+  # A new field that changes the model: recorded in run.json, a change refused, and in the
+  # memory's signature too.
+  one, two = _with_new_field("train", "model", 1), _with_new_field("train", "model", 2)
+  assert provenance.model_fields(one)["train.new_knob"] == 1 and signature(one) != signature(two)
+  workdir = tmp_path / "run"
+  provenance.prepare(workdir, one)
+  (workdir / provenance.CHECKPOINT_DIR / "1").mkdir(parents=True)  # "a trained model"
+  with pytest.raises(provenance.WorkdirError, match=r"train.new_knob: 1 -> 2"):
+    provenance.prepare(workdir, two)
+  # A field that changes neither: free, and the saved memory still serves.
+  one, two = _with_new_field("train", "report", 1), _with_new_field("train", "report", 2)
+  assert signature(one) == signature(two)
+  assert provenance.model_fields(one) == provenance.model_fields(two)
+
+
+def test_the_signature_keeps_the_earlier_places_of_earlier_fields():
+  s = settings_lib.Settings()
+  signature = engine.memory_signature(s, "0" * 64)
+  assert signature["data"]["name"] == s.data.name and signature["model_digest"] == "0" * 64
+  assert signature["resmem"]["k_grid"] == list(s.resmem.k_grid)
+  assert "eval_batch_size" not in signature["resmem"] and "data_dir" not in signature["data"]
 
 
 def test_start_over_moves_the_earlier_run_aside_and_trains_again(copy):

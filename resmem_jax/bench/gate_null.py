@@ -113,7 +113,7 @@ def null_rates(*, problems: int, criteria: Sequence[str] = selection.CRITERIA,
     raise ValueError(f"problems must be >= 1, got {problems}")
   out = []
   for family in families:
-    p_values = {by: [] for by in criteria}
+    p_values: dict[str, list[float]] = {by: [] for by in criteria}
     for i in range(problems):
       problem = null_problem(np.random.default_rng([seed + i, FAMILIES.index(family)]), family,
                              grid)

@@ -33,21 +33,21 @@ def run_search_benchmark(size, dim, num_queries, k, scann_options, hnsw_ef, with
 
   memory, build_s = best_of(lambda: build_memory(keys, residuals, backend="exact"), 1)
   memory.search(queries[:8], k)
-  (_, reference), search_s = best_of(lambda: memory.search(queries, k), repeats)
+  (_, reference), search_s = best_of(lambda m=memory: m.search(queries, k), repeats)
   _row("exact (jax)", size, dim, build_s, search_s, num_queries, 1.0)
   del memory
 
   memory, build_s = best_of(
       lambda: build_memory(keys, residuals, backend="scann", **scann_options), 1)
   memory.search(queries[:8], k)
-  (_, found), search_s = best_of(lambda: memory.search(queries, k), repeats)
+  (_, found), search_s = best_of(lambda m=memory: m.search(queries, k), repeats)
   _row("scann " + memory.backend_options["mode"], size, dim, build_s, search_s, num_queries,
        recall_at_k(found, reference))
   print(f"  scann options: {memory.backend_options}", flush=True)
   if tune_recall and memory.backend_options["mode"] != "brute_force":
     tuned = memory.tune_search(held_out, k, tune_recall)
     memory.search(queries[:8], k)
-    (_, found), search_s = best_of(lambda: memory.search(queries, k), repeats)
+    (_, found), search_s = best_of(lambda m=memory: m.search(queries, k), repeats)
     _row(f"scann tuned (target {tune_recall})", size, dim, build_s, search_s, num_queries,
          recall_at_k(found, reference))
     print(f"  tuned on {len(held_out)} other queries: leaves_to_search "

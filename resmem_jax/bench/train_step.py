@@ -80,7 +80,8 @@ def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "f
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", float("nan")))
+  # None where the backend gives no cost analysis: the FLOPs are unknown, as without "flops".
+  xla_flops = float((cost or {}).get("flops", float("nan")))
   # Model FLOPs, counted on the native-conv form so they do not depend on conv_impl.
   reference = models.build_model(dataclasses.replace(model, conv_impl="xla"), 10)
   forward = forward_matmul_flops(
@@ -99,7 +100,8 @@ def benchmark_train_step(batch_size: int = 128, depth: int = 20, dtype: str = "f
   jax.block_until_ready(metrics)
   # Step and matmul timings are interleaved so both see the same load from other processes;
   # the fastest of each is kept, since other processes only ever add time.
-  step_times, matmul_times = [], {d: [] for d in matmul_dtypes}
+  step_times: list[float] = []
+  matmul_times: dict[str, list[float]] = {d: [] for d in matmul_dtypes}
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch)

@@ -56,6 +56,10 @@ def _main(main, argv):
       print(settings.describe(settings.from_config(flags.FLAGS["config"].value)))
     return 0
   with user_errors():
+    if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+      from resmem_jax import mesh, settings  # pylint: disable=g-import-not-at-top
+      # The one place a process joins a multi-host run: once, before the tool asks JAX anything.
+      mesh.initialize_distributed(settings.from_config(flags.FLAGS["config"].value).train)
     return main(argv)
 
 
@@ -143,12 +147,13 @@ _OS_FAULTS = {
 def os_error_line(err: OSError) -> str:
   """One line for an OSError: what happened, on which path, and what to do."""
   where = " ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
-  known = _OS_FAULTS.get(err.errno)
+  known = None if err.errno is None else _OS_FAULTS.get(err.errno)
   if known is None:
     detail = (err.strerror or str(err) or type(err).__name__).strip().splitlines()[0]
     return f"{detail}{': ' + where if where else ''}"
-  if err.filename is None and str(err.strerror or "").startswith("disk full"):
-    return err.strerror.splitlines()[0]  # the memory's save already said where and what to do
+  strerror = str(err.strerror or "")
+  if err.filename is None and strerror.startswith("disk full"):
+    return strerror.splitlines()[0]  # the memory's save already said where and what to do
   what, fix = known
   detail = "" if err.filename is not None or not str(err) else f" ({str(err).splitlines()[0][:300]})"
   return f"{what}{': ' + where if where else ''}{detail}; {fix}"
@@ -159,7 +164,9 @@ def _parse_flags(argv):
     remaining = flags.FLAGS(argv)
     if "config" in flags.FLAGS:
       # A config file that failed to load surfaces only when its value is used: use it now.
-      flags.FLAGS["config"].value.to_dict()
+      config = flags.FLAGS["config"].value
+      if config is not None:  # None: not given (a required --config already failed to parse)
+        config.to_dict()
     return remaining
   except Exception as err:  # pylint: disable=broad-except  # absl / ml_collections raise many types
     message = _flag_error(err, argv)

@@ -103,7 +103,7 @@ def print_summary(results: dict) -> None:
           "n/a" if f["slope"] is None else f"{f['slope']:+.2f}\u00b1{f['half_width']:.2f}"
           for f in by_d[d]["local"]))
   print("local slopes run over consecutive pairs of n: " + ", ".join(
-      f"{low}-{high}" for low, high in zip(ns[:-1], ns[1:])))
+      f"{low}-{high}" for low, high in zip(ns[:-1], ns[1:], strict=False)))
 
 
 def main(argv):

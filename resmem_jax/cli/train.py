@@ -24,9 +24,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (a directory for checkpoints and metrics)")
-  from resmem_jax import data, settings, training  # pylint: disable=g-import-not-at-top
+  from resmem_jax import data, settings, training, validate  # pylint: disable=g-import-not-at-top
   s = settings.from_config(_CONFIG.value)
-  settings.check(s)
+  validate.check(s)
   model = training.train_model(s, data.get_dataset(s.data), _WORKDIR.value,
                                start_over=_START_OVER.value)
   print({k: round(v, 5) if isinstance(v, float) else v for k, v in model.metrics.items()})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pathlib
 
+from resmem_jax import suggest
+
 FOLDER = pathlib.Path(__file__).resolve().parent
 # Packaged configs, by name (common.py holds the shared defaults and is no config by itself).
 NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet", "tiny_shakespeare",
@@ -18,9 +20,7 @@ NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet", 
 def path(name: str) -> pathlib.Path:
   """The file of packaged config ``name``; ValueError (with a suggestion) for an unknown name."""
   if name not in NAMES:
-    import difflib  # pylint: disable=g-import-not-at-top
-    close = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"--config={name!r} is neither a packaged config{hint} nor a .py file; "
+    raise ValueError(f"--config={name!r} is neither a packaged config"
+                     f"{suggest.did_you_mean(name, NAMES)} nor a .py file; "
                      f"packaged: {', '.join(NAMES)}")
   return FOLDER / f"{name}.py"

@@ -53,7 +53,7 @@ def check_positive(value, name: str) -> float:
   return number
 
 
-def check_sigma(sigma) -> float:
+def check_sigma(sigma) -> float | jax.core.Tracer:
   """``sigma`` as a float (traced values pass through), or ValueError."""
   if isinstance(sigma, jax.core.Tracer):
     return sigma

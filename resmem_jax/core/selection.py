@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,9 @@ import numpy as np
 
 from resmem_jax.core import metrics
 from resmem_jax.core import predictor
+from resmem_jax.settings import SELECT_BY
 
-CRITERIA = ("squared_loss", "accuracy", "log_loss")
+CRITERIA = SELECT_BY  # resmem.select_by's choices, defined once in settings
 _SUMS = ("hit", "squared_loss", "log_loss")
 
 
@@ -77,7 +78,7 @@ def _score_chunk(distances, values, columns, logits, labels, mask, neighbour_lab
     d, v = distances[:, :k], values[:, :k]
     c = None if columns is None else columns[:, :k]
 
-    def per_sigma(sigma, d=d, v=v, c=c):
+    def per_sigma(sigma, d=d, v=v, c=c, k=k):
       w = predictor.neighbour_weights(d, sigma)
       pred = predictor.resmem_prediction(base, w, v, c)
       rows = metrics.per_row(pred, labels)
@@ -204,7 +205,7 @@ class SelectionSweep:
     for start in range(0, q, chunk):
       rows = slice(start, min(q, start + chunk))
       pad = lambda x: None if x is None else _pad(np.asarray(x), chunk)
-      mask = np.stack([pad((folds[rows] == f).astype(np.float32)) for f in (0, 1)])
+      mask = np.stack([_pad((folds[rows] == f).astype(np.float32), chunk) for f in (0, 1)])
       nb_labels = None if lambdas is None else pad(np.asarray(neighbour_labels)[rows, :self.k_max])
       self._base_1 += np.asarray(_base_1_sums(pad(logits[rows]), pad(labels[rows]), mask))
       for t_index, temperature in enumerate(self.temperature_grid):
@@ -252,8 +253,8 @@ class SelectionSweep:
         for si, s in enumerate(self.sigma_grid):
           resmem.append(self._point(ti, ki, si, fold))
           for li, lam in enumerate(self.lambda_grid or () if fold is None else ()):
-            knn.append(GridPoint(k, s, t, *(self._knn[ti, ki, si, li] / self.count),
-                                 knn_lambda=lam))
+            hits, squared, log_loss = self._knn[ti, ki, si, li] / self.count
+            knn.append(GridPoint(k, s, t, hits, squared, log_loss, knn_lambda=lam))
     return resmem, knn
 
   def base_scores(self, fold: int | None = None, temperature: float = 1.0) -> dict:
@@ -290,8 +291,9 @@ class SelectionSweep:
                        f"{self.temperature_grid}")
     if min(self.fold_counts) == 0:
       raise ValueError("held-out scores need validation rows in both folds")
-    out = {name: 0.0 for name in ("accuracy", "squared_loss", "log_loss", "base_accuracy",
-                                  "base_squared_loss", "base_log_loss")}
+    out: dict[str, Any] = {name: 0.0 for name in (
+        "accuracy", "squared_loss", "log_loss", "base_accuracy", "base_squared_loss",
+        "base_log_loss")}
     chosen = []
     for chosen_on, tested_on in ((0, 1), (1, 0)):
       point = best([p for p in self.points(chosen_on)[0] if p.temperature in allowed], by)

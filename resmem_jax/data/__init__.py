@@ -18,8 +18,9 @@ a name. See README.md next to this file for ``data_dir`` / ``manual_dir`` (offli
 """
 from __future__ import annotations
 
-import difflib
+from collections.abc import Callable
 
+from resmem_jax import suggest
 from resmem_jax.data import digits
 from resmem_jax.data import imagenet
 from resmem_jax.data import text
@@ -32,7 +33,7 @@ __all__ = ["SPLITS", "Dataset", "DatasetInfo", "DATASETS", "get_dataset", "check
            "known_datasets"]
 
 # The built-in data sets; every other name is read as a TFDS image classification set.
-DATASETS = {
+DATASETS: dict[str, Callable[[DataSettings], Dataset]] = {
     "digits": digits.Digits,
     "imagenet2012": imagenet.ImageNet,
     "tiny_shakespeare": text.TextDataset,
@@ -66,9 +67,9 @@ def _suggestion(name: str) -> str:
     choices = []
   # Built-ins first: "imagenet" means imagenet2012 here, not TFDS's imagenette.
   for candidates in (choices, list(DATASETS), tfds_names):
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    if close:
-      return f" (did you mean {close[0]!r}?)"
+    hint = suggest.did_you_mean(name, candidates)
+    if hint:
+      return hint
   return ""
 
 

@@ -27,7 +27,7 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   out = np.empty_like(images)
   # A loop of slice copies is ~4x faster here than one fancy-indexing gather.
-  for i, ((top, left), flip) in enumerate(zip(offsets, flips)):
+  for i, ((top, left), flip) in enumerate(zip(offsets, flips, strict=True)):
     crop = padded[i, top:top + height, left:left + width]
     out[i] = crop[:, ::-1] if flip else crop
   return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,6 +37,19 @@ class DatasetInfo:
   input_shape: tuple[int, ...]  # one example's inputs: (H, W, C) images, (seq_len,) text
   input_dtype: str  # "float32" (images) or "int32" (tokens)
   split_sizes: Mapping[str, int]  # examples (sequences) per split
+
+
+@runtime_checkable
+class DataSource(Protocol):
+  """What an inference pass reads: a registry's :class:`Dataset` or a user's splits
+  (:class:`resmem_jax.data.user.UserSplits`)."""
+
+  def num_examples(self, split: str) -> int | None:
+    """Examples (sequences) of ``split``; None when unknown until read (a user's iterable)."""
+
+  def eval_batches(self, split: str, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of ``split`` once, in order, ``{"inputs", "labels", "mask"}``, batches of
+    ``global_batch_size`` rows, the last padded (``mask`` False)."""
 
 
 class Dataset(abc.ABC):

@@ -173,7 +173,8 @@ class ImageNet(base.Dataset):
     local_batch = part.stop - part.start
     total = self.info.split_sizes[split]
     # Every process yields as many batches as the process with the largest part needs.
-    num_batches = -(-(-(-total // process_count)) // local_batch)
+    largest_part = -(-total // process_count)  # ceiling division
+    num_batches = -(-largest_part // local_batch)
     if total == 0:
       return
     dataset = _encoded(self.builder, self._local_split(split, process_index, process_count), None)

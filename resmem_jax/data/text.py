@@ -105,7 +105,7 @@ class LazySplitSizes(collections.abc.Mapping):
 
   def __init__(self, count: Callable[[str], int]):
     self._count = count
-    self._sizes = {}
+    self._sizes: dict[str, int] = {}
 
   def __getitem__(self, split):
     if split not in base.SPLITS:
@@ -157,7 +157,8 @@ class TextDataset(base.Dataset):
       raise ValueError(f"data.name={settings.name!r} is not a text data set; text data sets: "
                        f"{', '.join(TEXT_SOURCES)}")
     self.source = TEXT_SOURCES[settings.name]
-    self._texts = {}  # held-in-memory sources: TFDS split -> documents, read once
+    # Held-in-memory sources: TFDS split -> documents, read once.
+    self._texts: dict[str, tuple[str, ...]] = {}
 
   @property
   def seq_len(self) -> int:
@@ -203,7 +204,9 @@ class TextDataset(base.Dataset):
     prefix = os.path.join(vocab_dir, f"{s.name}_subwords{s.vocab_size}_{s.vocab_documents}docs")
     if os.path.exists(prefix + ".subwords"):
       return SubwordVocabulary(subword.load_from_file(prefix))
-    corpus = (text for _, text in zip(range(s.vocab_documents), self._raw_documents(train_split)))
+    # The first vocab_documents documents (strict=False: the split may hold fewer, or many more).
+    documents = self._raw_documents(train_split)
+    corpus = (text for _, text in zip(range(s.vocab_documents), documents, strict=False))
     encoder = subword.build_from_corpus(corpus, target_vocab_size=s.vocab_size)
     os.makedirs(vocab_dir, exist_ok=True)
     encoder.save_to_file(prefix)

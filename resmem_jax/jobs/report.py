@@ -1,6 +1,7 @@
 """The printed tables of a run's ``results.json`` (the binaries print; the library only formats)."""
 from __future__ import annotations
 
+from resmem_jax import fitting
 from resmem_jax.core import metrics
 
 
@@ -40,7 +41,7 @@ def format_table(results: dict) -> str:
       lines.append(format_comparison(results[key], name))
   gate = results.get("gate", {})
   if gate.get("enabled"):
-    lines.append(f"gate (opt-in, reported beside ResMem): {gate_sentence(gate)}"
+    lines.append(f"gate (opt-in, reported beside ResMem): {fitting.gate_sentence(gate)}"
                  + ("" if gate["memorize"] else "; a gated deployment would serve the base model"))
   if "knnlm" in hp:
     knn = hp["knnlm"]
@@ -79,23 +80,6 @@ def format_sweep(out: dict, field: str) -> str:
                  f"points per tenfold {trend['x']} (95% CI {low:+.2f} to {high:+.2f}, p = "
                  f"{metrics.format_p_value(trend['p_value'])}, {trend['runs']} runs)")
   return "\n".join(lines)
-
-
-def gate_sentence(block: dict) -> str:
-  """The gate's decision in one line (the log and the printed table)."""
-  held = block["held_out"]
-  if block["select_by"] == "accuracy":
-    show = lambda x: f"{100 * x:+.2f}"
-    unit = " points"
-  else:
-    show = lambda x: f"{x:+.4f}"
-    unit = ""
-  low, high = held["ci95"]
-  return (f"{'memorize' if block['memorize'] else 'decline'} at alpha = {block['alpha']:g}: on "
-          f"{held['rows']:,} held-out validation rows ResMem's {block['select_by']} gain over the "
-          f"base at its best temperature (T = {block['comparator']['temperature']:g}) is "
-          f"{show(held['gain'])}{unit} (95% CI {show(low)} to {show(high)}), one-sided p = "
-          f"{metrics.format_p_value(held['p_value'])}")
 
 
 def format_comparison(c: dict, name: str = "ResMem") -> str:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from resmem_jax import fitting
 from resmem_jax import jsonio
 from resmem_jax import settings as settings_lib
 from resmem_jax.core import selection
@@ -45,9 +46,9 @@ def study_run(settings: settings_lib.Settings, workdir: pathlib.Path, rules: Seq
                           gate_alpha=None, tune_recall=None)
   settings = dataclasses.replace(settings, resmem=r)
   _, trained, passes = engine.trained_passes(settings, workdir, progress=progress)
-  memory, stores, _ = engine.build_memory(r, passes, settings.data.name)
+  memory, stores, _ = fitting.build_memory(r, passes, settings.data.name)
   by_temperature = {t: memory.with_store(store) for t, store in stores.items()}
-  sweep, _, _ = engine.validation_sweep(r, passes, memory, by_temperature)
+  sweep, _, _ = fitting.validation_sweep(r, passes, memory, by_temperature)
   out = {"workdir": str(workdir), "checkpoint_step": int(trained.step),
          "validation_rows": int(sweep.count), "base_validation": sweep.base_scores(), "rules": {}}
   for rule in rules:

@@ -66,7 +66,7 @@ def run_sweep(settings, workdir, field: str, values: Sequence, label: str, *, se
                                           "seed", settings.seed + i) for i in range(seeds)]
               for value in values]
   rows = []
-  for value, per_seed in zip(values, variants):
+  for value, per_seed in zip(values, variants, strict=True):
     seed_rows = [_seed_row(s.seed, engine.run(s, workdir / f"{label}_{value}" / f"seed_{s.seed}",
                                               progress=progress))
                  for s in per_seed]
@@ -146,13 +146,13 @@ def plot_sweep(rows, x_key: str, x_label: str, path: pathlib.Path, title: str, *
     name = "ResMem" if head == "resmem" else "base"
     left.errorbar(xs, means, yerr=stds, fmt=style, color=color, capsize=3,
                   label=f"{name} ({split}), mean +- std")
-    for x, r in zip(xs, rows):
+    for x, r in zip(xs, rows, strict=True):
       seed_values = [100 * s[head][f"{split}_accuracy"] for s in r["seeds"]]
       left.scatter([x] * len(seed_values), seed_values, color=color, s=9, alpha=0.5)
   gains = [100 * r["gain_test_accuracy"]["mean"] for r in rows]
   right.errorbar(xs, gains, yerr=[100 * r["gain_test_accuracy"]["std"] for r in rows],
                  fmt="D-", color="tab:red", capsize=3, label="mean gain +- std over seeds")
-  for x, r in zip(xs, rows):
+  for x, r in zip(xs, rows, strict=True):
     for i, s in enumerate(r["seeds"]):
       low, high = (100 * v for v in s["comparison"]["ci95"])
       offset = x * (1 + 0.04 * (i - (len(r["seeds"]) - 1) / 2))  # side by side on a log axis
@@ -172,7 +172,7 @@ def plot_sweep(rows, x_key: str, x_label: str, path: pathlib.Path, title: str, *
   for ax in (left, right):
     ax.set_xscale("log")
     # Ticks at the swept values, written plainly (not 3x10^-1).
-    ax.xaxis.set_major_locator(ticker.FixedLocator(xs))
+    ax.xaxis.set_major_locator(ticker.FixedLocator(xs.tolist()))
     ax.xaxis.set_major_formatter(ticker.FixedFormatter(
         [f"{x:,.0f}" if x >= 1 else f"{x:g}" for x in xs]))
     ax.xaxis.set_minor_locator(ticker.NullLocator())

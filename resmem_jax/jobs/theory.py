@@ -250,7 +250,7 @@ def constrained_least_squares(x: np.ndarray, y: np.ndarray, radius: float) -> np
   def norm_at(mu):
     return np.linalg.norm(c / (eigenvalues + mu))
 
-  low, high = 0.0, np.linalg.norm(b) / radius
+  low, high = 0.0, float(np.linalg.norm(b) / radius)
   for _ in range(200):  # bisection halves the bracket; 200 halvings reach float64 resolution
     mid = 0.5 * (low + high)
     if mid <= low or mid >= high:
@@ -332,7 +332,7 @@ def neighbour_estimates(memory, queries: np.ndarray, ks: Sequence[int],
   k_max = ks[-1]
   queries = np.asarray(queries, np.float32)
   chunk = max(1, _MAX_DISTANCES_PER_CHUNK // max(1, memory.size))
-  outputs = {k: [] for k in ks}
+  outputs: dict[int, list[np.ndarray]] = {k: [] for k in ks}
   for start in range(0, queries.shape[0], chunk):
     distances, indices = memory.search(queries[start:start + chunk], k_max)
     values = np.asarray(memory.gather_residuals(indices), np.float64)  # [q, k_max, C]
@@ -396,7 +396,8 @@ def run_trial(config: TheoryConfig, d: int, n: int, seed: int,
   return risks, k
 
 
-def fit_loglog_slope(ns: Sequence[float], risks: Sequence[float]) -> float:
+def fit_loglog_slope(ns: Sequence[float] | np.ndarray,
+                     risks: Sequence[float] | np.ndarray) -> float:
   """Least-squares slope of ``log(risk)`` against ``log(n)``."""
   ns = np.asarray(ns, np.float64)
   risks = np.asarray(risks, np.float64)
@@ -407,7 +408,7 @@ def fit_loglog_slope(ns: Sequence[float], risks: Sequence[float]) -> float:
   return float(np.polyfit(np.log(ns), np.log(risks), 1)[0])
 
 
-def slope_interval(ns: Sequence[float], risks_per_seed: Sequence[Sequence[float]],
+def slope_interval(ns: Sequence[float], risks_per_seed: Sequence[Sequence[float]] | np.ndarray,
                    level: float = CONFIDENCE, zero_risk: float = 0.0) -> dict:
   """Log-log slope of risk against ``n`` with a ``level`` interval over seeds.
 
@@ -441,7 +442,7 @@ def slope_interval(ns: Sequence[float], risks_per_seed: Sequence[Sequence[float]
           "half_width": half_width, "per_seed": [float(v) for v in per_seed]}
 
 
-def local_slopes(ns: Sequence[float], risks_per_seed: Sequence[Sequence[float]],
+def local_slopes(ns: Sequence[float], risks_per_seed: Sequence[Sequence[float]] | np.ndarray,
                  level: float = CONFIDENCE, zero_risk: float = 0.0) -> list[dict]:
   """:func:`slope_interval` for each pair of consecutive ``n``: whether the slope still moves."""
   risks = np.asarray(risks_per_seed, np.float64)
@@ -533,8 +534,10 @@ def run_sweep(config: TheoryConfig, memory_builder: Callable | None = None,
   """Runs every (d, n, seed) and returns the results dictionary written to results.json."""
   config.validate()
   models = [m for m in MODELS if config.include_k1 or not m.endswith("_k1")]
-  per_seed = {m: {str(d): {} for d in config.dims} for m in models}
-  k_used = {str(d): {} for d in config.dims}
+  # model -> d -> n -> risk per seed; d -> n -> the k used
+  per_seed: dict[str, dict[str, dict[str, list[float]]]] = {
+      m: {str(d): {} for d in config.dims} for m in models}
+  k_used: dict[str, dict[str, int]] = {str(d): {} for d in config.dims}
   for d in config.dims:
     for n in config.ns:
       trials = [run_trial(config, d, n, seed, memory_builder) for seed in range(config.seeds)]
@@ -547,7 +550,7 @@ def run_sweep(config: TheoryConfig, memory_builder: Callable | None = None,
 
   ns = [int(n) for n in config.ns]
   upper_ns = slope_ns(config)
-  rates = {}
+  rates: dict[str, dict] = {}
   for d in config.dims:
     a = k_exponent(config.k_rule, d)
     rates[str(d)] = {
@@ -558,11 +561,12 @@ def run_sweep(config: TheoryConfig, memory_builder: Callable | None = None,
         # The rate with k tuned to a linear residual on the cube (k_rule "linear_residual").
         "linear_residual_tuned": -3.0 / (3.0 + d) if config.domain == "cube" else None,
     }
-  risks, slopes = {}, {}
+  risks: dict[str, dict[str, dict]] = {}
+  slopes: dict[str, dict[str, dict]] = {}
   for m in models:
     risks[m], slopes[m] = {}, {}
     for d in config.dims:
-      stats = {}
+      stats: dict[str, dict] = {}
       for n in ns:
         values = np.asarray(per_seed[m][str(d)][str(n)])
         stats[str(n)] = {"mean": float(values.mean()), "std": float(values.std()),
@@ -572,9 +576,9 @@ def run_sweep(config: TheoryConfig, memory_builder: Callable | None = None,
       by_seed = np.array([stats[str(n)]["per_seed"] for n in ns]).T  # [seeds, len(ns)]
       upper = by_seed[:, [ns.index(n) for n in upper_ns]]
       zero = _ROUNDOFF_RISK * config.theta_norm ** 2
-      fits = {"whole": slope_interval(ns, by_seed, zero_risk=zero),
-              "upper": slope_interval(upper_ns, upper, zero_risk=zero),
-              "local": local_slopes(ns, by_seed, zero_risk=zero)}
+      fits: dict = {"whole": slope_interval(ns, by_seed, zero_risk=zero),
+                    "upper": slope_interval(upper_ns, upper, zero_risk=zero),
+                    "local": local_slopes(ns, by_seed, zero_risk=zero)}
       predicted = rates[str(d)]["predicted"][m]
       for fit in [fits["whole"], fits["upper"]] + fits["local"]:
         fit["predicted_in_ci95"] = _contains(fit["ci95"], predicted)
@@ -583,18 +587,19 @@ def run_sweep(config: TheoryConfig, memory_builder: Callable | None = None,
       slopes[m][str(d)] = fits
   # noise_std^2 / k is the averaged label noise in the risk of k-NN and ResMem (uniform weights);
   # its slopes use the rounded k actually used, the finite-n version of the noise term's -a.
-  noise_term = noise_term_slopes = None
+  noise_term: dict[str, dict[str, float]] | None = None
+  noise_term_slopes: dict[str, dict] | None = None
   if config.sigma is None:
     noise_term = {str(d): {str(n): config.noise_std ** 2 / k_used[str(d)][str(n)] for n in ns}
                   for d in config.dims}
-  if config.sigma is None and config.noise_std > 0:
-    noise_term_slopes = {}
-    for d in config.dims:
-      term = [noise_term[str(d)][str(n)] for n in ns]
-      noise_term_slopes[str(d)] = {
-          "whole": fit_loglog_slope(ns, term),
-          "upper": fit_loglog_slope(upper_ns, [term[ns.index(n)] for n in upper_ns]),
-          "local": [fit_loglog_slope(ns[j:j + 2], term[j:j + 2]) for j in range(len(ns) - 1)]}
+    if config.noise_std > 0:
+      noise_term_slopes = {}
+      for d in config.dims:
+        term = [noise_term[str(d)][str(n)] for n in ns]
+        noise_term_slopes[str(d)] = {
+            "whole": fit_loglog_slope(ns, term),
+            "upper": fit_loglog_slope(upper_ns, [term[ns.index(n)] for n in upper_ns]),
+            "local": [fit_loglog_slope(ns[j:j + 2], term[j:j + 2]) for j in range(len(ns) - 1)]}
   return {
       "config": dataclasses.asdict(config),
       "risk": ("mean squared error on a fresh test sample against the noiseless target <theta*, x>"
@@ -653,7 +658,7 @@ def plot_risk_curves(results: dict, path: str) -> None:
   ns = np.asarray(results["ns"], np.float64)
   slopes = results["slopes"]
   fig, axes = plt.subplots(1, len(dims), figsize=(4.4 * len(dims), 4.6), squeeze=False)
-  for ax, d in zip(axes[0], dims):
+  for ax, d in zip(axes[0], dims, strict=True):
     for m, by_d in results["results"].items():
       stats = [by_d[d][str(int(n))] for n in ns]
       if slopes[m][d]["whole"]["slope"] is None:

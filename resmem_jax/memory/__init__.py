@@ -330,14 +330,15 @@ def parse_backend_options(text: str) -> dict:
   """
   if not isinstance(text, str):
     raise ValueError(f"resmem.backend_options must be a string 'key=value,...', got {text!r}")
-  options = {}
+  options: dict[str, str | int | float] = {}
   for item in filter(None, (part.strip() for part in text.split(","))):
     if "=" not in item:
       raise ValueError(f"resmem.backend_options entries must be key=value, got {item!r}")
-    key, value = (x.strip() for x in item.split("=", 1))
+    key, raw = (x.strip() for x in item.split("=", 1))
+    value: str | int | float = raw
     for cast in (int, float):
       try:
-        value = cast(value)
+        value = cast(raw)
         break
       except ValueError:
         pass

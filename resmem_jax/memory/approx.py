@@ -95,7 +95,8 @@ class ApproxIndex(index_lib.SearchIndex):
                                                         options["query_chunk"], 1)
     if "across_hosts" in options:
       value = options["across_hosts"]
-      flags = {True: True, False: False, 1: True, 0: False, "true": True, "false": False}
+      # 1 and 0 find True and False (equal, same hash); 1.0 and 0.0 are refused below.
+      flags = {True: True, False: False, "true": True, "false": False}
       key = value.lower() if isinstance(value, str) else value
       if isinstance(value, float) or key not in flags:
         raise ValueError(f"approx option across_hosts must be true or false, got {value!r}")

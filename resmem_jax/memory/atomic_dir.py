@@ -25,10 +25,13 @@ import re
 import secrets
 import shutil
 import time
-from typing import Callable
+from typing import Callable, Iterator
+
+# A folder path as the public functions take it (str or pathlib.Path); inside, always str.
+StrPath = str | os.PathLike[str]
 
 
-def replace_folder(path: str, write: Callable[[str], None],
+def replace_folder(path: StrPath, write: Callable[[str], object],
                    check_replaceable: Callable[[str], None],
                    is_complete: Callable[[str], bool]) -> None:
   """Replaces folder ``path`` by what ``write(new_folder)`` writes, atomically as seen after a kill.
@@ -66,12 +69,12 @@ def replace_folder(path: str, write: Callable[[str], None],
       _discard(path, old)
 
 
-def interrupted(path: str) -> bool:
+def interrupted(path: StrPath) -> bool:
   """Whether folders of a save of ``path`` (under way, or killed) lie beside it."""
   return bool(_leftovers(os.path.abspath(os.fspath(path))))
 
 
-def restore(path: str, is_complete: Callable[[str], bool]) -> None:
+def restore(path: StrPath, is_complete: Callable[[str], bool]) -> None:
   """Puts back the complete copy a killed save left beside a missing ``path`` and deletes the
   rest (waiting for a save under way to finish)."""
   path = os.path.abspath(os.fspath(path))
@@ -95,7 +98,7 @@ def _recover(path: str, is_complete: Callable[[str], bool]) -> None:
     _discard(path, folder)
 
 
-def is_own_entry(path: str, name: str) -> bool:
+def is_own_entry(path: StrPath, name: str) -> bool:
   """Whether ``name`` (an entry of ``path``'s parent) is this module's lock file or a copy of a
   save of ``path``: debris a killed save leaves, never a user's file."""
   base = os.path.basename(os.path.abspath(os.fspath(path)))
@@ -103,7 +106,7 @@ def is_own_entry(path: str, name: str) -> bool:
       rf"\.{re.escape(base)}\.(tmp|old|del)-[0-9a-f]+-[0-9]+-[0-9a-f]+", name))
 
 
-def discard(path: str) -> None:
+def discard(path: StrPath) -> None:
   """Deletes ``path``, a folder this library wrote (a memory unit it replaces by another layout):
   renamed to a ``del`` sibling first, so a kill midway never leaves a partial copy at ``path``."""
   path = os.path.abspath(os.fspath(path))
@@ -121,7 +124,7 @@ def _leftovers(path: str) -> list[tuple[str, str, int]]:
   """``(folder, kind, time)`` of this module's sibling folders of ``path``."""
   parent, name = os.path.split(path)
   pattern = re.compile(rf"\.{re.escape(name)}\.(tmp|old|del)-([0-9a-f]+)-[0-9]+-[0-9a-f]+")
-  found = []
+  found: list[tuple[str, str, int]] = []
   try:
     entries = os.scandir(parent)
   except FileNotFoundError:
@@ -145,7 +148,7 @@ def _discard(path: str, folder: str) -> None:
 
 
 @contextlib.contextmanager
-def reading(path: str):
+def reading(path: StrPath) -> Iterator[None]:
   """A shared lock on ``path`` for a load: no save swaps the folder while it is read. Without
   write access beside ``path`` (a read-only copy) there is no lock, and no save either."""
   try:

@@ -14,20 +14,26 @@ distances are computed directly from the query and key, so the merged answer equ
 single-host one. Residual rows of global ids are filled by their owner and gathered the same way.
 The cost per query batch is one local search and two gathers of ``[processes, q, k(, C)]``.
 
-The interface is :class:`~resmem_jax.memory.Memory`'s reading part (``search``, ``residual_rows``,
-``gather_residuals``, ``labels_of``, ``size``, ``dim``, ``num_outputs``), so
-:func:`resmem_jax.resmem.predict` works on it unchanged. Each process saves its own part
-(:meth:`save` writes ``PATH/process_I``) and :meth:`load` reopens them on the same process count.
+The interface is :class:`~resmem_jax.memory.protocol.ResidualMemory`, what
+:class:`~resmem_jax.memory.Memory` offers its readers (``search``, ``residual_rows``,
+``gather_residuals``, ``labels_of``, ``size``, ``dim``, ``num_outputs``, ``with_store``, ...), so
+:func:`resmem_jax.resmem.predict` and the job's selection and evaluation work on it unchanged.
+Each process saves its own part (:meth:`save` writes ``PATH/process_I``) and :meth:`load` reopens
+them on the same process count.
 """
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 import zlib
 
 import jax
 import numpy as np
 
 from resmem_jax.memory import checks
+
+if TYPE_CHECKING:  # for the annotation only: the package is imported lazily, as load and build do
+  from resmem_jax.memory import Memory
 
 
 def _gather(array: np.ndarray) -> np.ndarray:
@@ -46,7 +52,8 @@ def all_processes_agree(flag: bool) -> bool:
 class HostShardedMemory:
   """One memory whose rows are split across processes (see the module docstring)."""
 
-  def __init__(self, local):
+  def __init__(self, local: Memory):
+    """``local``: this process's own rows, a whole memory (its labels and save are used too)."""
     self.local = local
     shape = np.array([local.size, local.dim, local.num_outputs], np.int64)
     shapes = _gather(shape)
@@ -175,6 +182,7 @@ class HostShardedMemory:
       if error is not None:
         raise error
       raise ValueError(f"another process could not load its part of the host memory in {path}")
+    assert local is not None  # loaded: no error on this process
     return cls(local)
 
   def __repr__(self):

@@ -14,11 +14,12 @@ not import ScaNN (or TensorFlow).
 from __future__ import annotations
 
 import abc
-import difflib
 import importlib
 from typing import ClassVar
 
 import numpy as np
+
+from resmem_jax.suggest import did_you_mean
 
 # backend name -> "module:class" of its SearchIndex
 BACKENDS = {
@@ -28,17 +29,11 @@ BACKENDS = {
 }
 
 
-def suggestion(name, choices) -> str:
-  """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
-  close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
-  return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def check_choice(field: str, value, choices) -> None:
   """ValueError naming ``field`` and the valid ``choices`` unless ``value`` is one of them."""
   if value not in choices:
     raise ValueError(f"{field} must be one of {list(choices)}, got {value!r}"
-                     f"{suggestion(value, choices)}")
+                     f"{did_you_mean(value, choices)}")
 
 
 def index_class(backend: str, field: str = "backend") -> type[SearchIndex]:
@@ -53,7 +48,7 @@ def check_option_names(what: str, options: dict, names) -> None:
   suggestion, and the valid ones."""
   unknown = sorted(set(options) - set(names))
   if unknown:
-    raise ValueError(f"unknown {what} {unknown}{suggestion(unknown[0], names)}; valid: "
+    raise ValueError(f"unknown {what} {unknown}{did_you_mean(unknown[0], names)}; valid: "
                      f"{list(names)}")
 
 

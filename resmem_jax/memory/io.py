@@ -60,7 +60,7 @@ DATA_FILES = (KEYS_FILE, "labels.npy", "residuals.npy", "sparse_columns.npy", "s
 REBUILD = "rebuild the memory (build it and save it again)"
 
 # field -> allowed JSON types (int excludes bool)
-_FIELDS = {
+_FIELDS: dict[str, type | tuple[type, ...]] = {
     "format_version": int, "n": int, "d": int, "num_outputs": int, "key_dtype": str,
     "residual_format": str, "residual_dtypes": dict, "top_m": (int, type(None)), "labels": bool,
     "backend": str, "backend_options": dict, "index": dict, "metadata": dict, "files": dict,
@@ -404,7 +404,7 @@ def _residual_names(residual_format: str) -> list[str]:
 
 def _check_files_on_disk(folder: str, files: dict) -> None:
   """The files in ``folder`` (but the manifest) are exactly those ``files`` lists."""
-  on_disk = set()
+  on_disk: set[str] = set()
   for current, dirs, names in os.walk(folder):
     for name in dirs + names:
       full = os.path.join(current, name)
@@ -463,7 +463,7 @@ def _read_array(folder: str, rel: str, entry: dict) -> np.ndarray:
       pass
   if reader.digest.hexdigest() != entry["sha256"]:
     raise _checksum_failure(folder, rel)
-  if problem is not None:
+  if array is None:  # read_array raised `problem`
     raise ValueError(f"cannot read {os.path.join(folder, rel)}: {problem}; {REBUILD}")
   return array
 

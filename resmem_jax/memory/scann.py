@@ -337,6 +337,7 @@ class ScannIndex(index_lib.SearchIndex):
     if added > max(1024, self.indexed // 10):
       return ScannIndex.build(keys, self.requested)
     # The searcher is shared, never mutated: this index and the new one both stay valid.
+    buffer: ExactIndex | None
     if self.buffer is not None:
       buffer = self.buffer.extend(keys[self.indexed:])
     else:
@@ -395,8 +396,15 @@ class ScannIndex(index_lib.SearchIndex):
       raise ValueError("this scann memory searches by brute force (exact); build it with "
                        "mode='tree_ah' or mode='ah' to have settings to tune")
 
-  def query_settings_grid(self, leaves_grid=LEAVES_GRID, reorder_grid=REORDER_GRID) -> list[list[dict]]:
-    """One sweep of increasing ``reorder`` per ``leaves_to_search`` (tree_ah), or one sweep (ah)."""
+  def query_settings_grid(self, **grids) -> list[list[dict]]:
+    """One sweep of increasing ``reorder`` per ``leaves_to_search`` (tree_ah), or one sweep (ah).
+
+    ``grids``: ``leaves_grid`` (default ``LEAVES_GRID``), ``reorder_grid`` (``REORDER_GRID``).
+    """
+    index_lib.check_option_names("scann query settings grids", grids,
+                                 ("leaves_grid", "reorder_grid"))
+    leaves_grid = grids.get("leaves_grid", LEAVES_GRID)
+    reorder_grid = grids.get("reorder_grid", REORDER_GRID)
     self._check_tunable()
     reorders = sorted({int(r) for r in reorder_grid})
     if self.options["mode"] != "tree_ah":

@@ -160,12 +160,15 @@ class SparseStore:
       raise ValueError(f"sparse residual class ids span [{int(columns.min())}, "
                        f"{int(columns.max())}], outside [0, {num_outputs})")
     # The device computes int32 ids; keep the compact type (6 instead of 8 bytes per entry).
-    return cls(columns.astype(_sparse_id_dtype(num_outputs), copy=False), values, num_outputs, top_m)
+    return cls(columns.astype(_sparse_id_dtype(num_outputs), copy=False), values, num_outputs,
+               int(top_m))
 
 
 def make_store(residuals: np.ndarray, residual_format: str, top_m: int | None = None):
   """A store of ``residual_format`` from dense rows ``[n, C]`` (``top_m``: sparse only)."""
   if residual_format == "sparse":
+    if top_m is None:
+      raise ValueError("top_m is required for the sparse residual format")
     return SparseStore.from_dense(residuals, top_m)
   return DenseStore.from_dense(residuals, residual_format)
 

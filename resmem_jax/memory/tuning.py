@@ -21,7 +21,7 @@ from resmem_jax.memory.exact import ExactIndex, rerank_exact
 def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:
   """Mean over queries of |found ∩ reference| / k (ids; -1 never matches a real id)."""
   k = reference.shape[1]
-  hits = sum(len(np.intersect1d(a, b)) for a, b in zip(found, reference))
+  hits = sum(len(np.intersect1d(a, b)) for a, b in zip(found, reference, strict=True))
   return float(hits / (k * len(reference)))
 
 

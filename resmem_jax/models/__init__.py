@@ -22,7 +22,6 @@ Usage::
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import jax
@@ -39,6 +38,8 @@ from resmem_jax.models.cnn import SmallCNN
 from resmem_jax.models.mlp import MLP
 from resmem_jax.models.resnet import ImageNetResNet
 from resmem_jax.models.transformer import TransformerLM
+from resmem_jax import settings as settings_lib
+from resmem_jax import suggest
 from resmem_jax.settings import ModelSettings
 
 # model.name -> the module that checks its settings (check) and builds it (build).
@@ -51,7 +52,8 @@ REGISTRY = {
 }
 MODEL_NAMES = tuple(REGISTRY)
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# train.dtype's choices are settings.DTYPES, each named as its jnp type.
+_DTYPES = {name: getattr(jnp, name) for name in settings_lib.DTYPES}
 
 
 def compute_dtype(name: str) -> Any:
@@ -63,10 +65,8 @@ def compute_dtype(name: str) -> Any:
 
 def _registered(name: str):
   if name not in REGISTRY:
-    close = difflib.get_close_matches(str(name), MODEL_NAMES, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"model.name={name!r} is not a model{hint}; valid names: "
-                     f"{', '.join(MODEL_NAMES)}")
+    raise ValueError(f"model.name={name!r} is not a model{suggest.did_you_mean(name, MODEL_NAMES)}"
+                     f"; valid names: {', '.join(MODEL_NAMES)}")
   return REGISTRY[name]
 
 

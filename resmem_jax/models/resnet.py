@@ -18,12 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resmem_jax.settings import ModelSettings
+from resmem_jax.settings import CONV_IMPLS, ModelSettings
 
 # He initialisation (fan-out, normal) as in the original ResNet papers.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-CONV_IMPLS = ("xla", "im2col")
 
 # depth -> (blocks per stage, uses bottleneck blocks)
 IMAGENET_DEPTHS = {
@@ -136,7 +134,7 @@ class BottleneckBlock(_Block):
 
 def run_stages(x, stage_sizes: Sequence[int], stage_channels: Sequence[int], block_cls,
                dtype, train, conv_impl):
-  for stage, (num_blocks, features) in enumerate(zip(stage_sizes, stage_channels)):
+  for stage, (num_blocks, features) in enumerate(zip(stage_sizes, stage_channels, strict=True)):
     for block in range(num_blocks):
       strides = 2 if stage > 0 and block == 0 else 1
       x = block_cls(features=features, strides=strides, dtype=dtype, train=train,

@@ -7,10 +7,11 @@
   metric_writer.py  metrics.jsonl + TensorBoard (process 0), truncated on resume
   loop.py           ``train_and_evaluate`` and ``evaluate``
   provenance.py     WORKDIR/run.json: what the model was trained with, checked before a rerun
-  trained.py        ``train_model``: provenance + training + restore + content digest
+  trained.py        ``train_model``: provenance + training + content digest
 
 ``train_model(settings, dataset, workdir)`` (what the binaries and the engine call) checks the
-workdir's record, trains or resumes with ``train_and_evaluate`` and returns the restored model.
+workdir's record, trains or resumes with ``train_and_evaluate`` and returns the model it trained
+(a run finished before is restored from its last checkpoint).
 Training writes:
 
   WORKDIR/checkpoints/     Orbax checkpoints (periodic + final); a rerun resumes from the latest
@@ -22,9 +23,9 @@ Training writes:
 from __future__ import annotations
 
 from resmem_jax.training.checkpoints import CheckpointError, restore_model
-from resmem_jax.training.loop import train_and_evaluate
+from resmem_jax.training.loop import TrainResult, train_and_evaluate
 from resmem_jax.training.provenance import WorkdirError
 from resmem_jax.training.trained import TrainedModel, train_model
 
-__all__ = ["train_model", "TrainedModel", "train_and_evaluate", "restore_model", "WorkdirError",
-           "CheckpointError"]
+__all__ = ["train_model", "TrainedModel", "train_and_evaluate", "TrainResult", "restore_model",
+           "WorkdirError", "CheckpointError"]

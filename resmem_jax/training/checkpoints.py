@@ -57,7 +57,7 @@ def checkpoint_manager(workdir: pathlib.Path, max_to_keep: int):
   return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
 
 
-def _host_copy(tree):
+def host_copy(tree):
   """Host arrays of a replicated state on this process alone (no collective: a replicated array's
   first local shard is the whole array)."""
   def fetch(x):
@@ -82,7 +82,7 @@ def save(manager, state: TrainState, force: bool = False) -> None:
   step = int(jax.device_get(state.step))
   if jax.process_index() == 0 and (_workdir(manager) / provenance.RUN_FILE).exists():
     provenance.record_checkpoint(_workdir(manager), step,
-                                 provenance.variables_digest(_host_copy(items["variables"])))
+                                 provenance.variables_digest(host_copy(items["variables"])))
   manager.save(step, args=ocp.args.Composite(
       variables=ocp.args.StandardSave(items["variables"]),
       opt=ocp.args.StandardSave(items["opt"])), force=force)
@@ -101,7 +101,7 @@ def restore(manager, step: int, template: TrainState) -> TrainState:
   variables, opt = restored["variables"], restored["opt"]
   from resmem_jax.training import provenance  # pylint: disable=g-import-not-at-top
   provenance.check_restored(_workdir(manager), step,
-                            provenance.variables_digest(_host_copy(dict(variables))))
+                            provenance.variables_digest(host_copy(dict(variables))))
   return template.replace(step=opt["step"], params=variables["params"],
                           batch_stats=variables.get("batch_stats", template.batch_stats),
                           opt_state=opt["opt_state"])

@@ -8,11 +8,12 @@ parameters and metrics.jsonl as an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
@@ -22,7 +23,7 @@ import numpy as np
 from resmem_jax import compiler_options
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
-from resmem_jax import settings as settings_lib
+from resmem_jax import validate
 from resmem_jax.settings import ModelSettings, SettingsError, TrainSettings
 from resmem_jax.training import checkpoints
 from resmem_jax.training import optimizer as optimizer_lib
@@ -73,18 +74,33 @@ def evaluate(eval_fn: Callable, variables, batches: Iterator[dict], mesh) -> dic
           "accuracy": float(totals["correct"]) / max(count, 1.0), "count": count}
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """What :func:`train_and_evaluate` ends with.
+
+  ``state`` is the state the loop trained to its last step, the same values as the final
+  checkpoint it wrote (so nothing needs to be read back); None when the workdir's run had
+  already finished and nothing was trained (its variables are on disk: ``restore_model``).
+  """
+  metrics: dict                         # step, num_params, train_* and validation_* / test_*
+  module: Any                           # the flax Module the state belongs to
+  state: state_lib.TrainState | None    # replicated over the data mesh
+
+
 def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed: int,
-                       workdir: str | os.PathLike, *, progress: bool = True) -> dict:
-  """Trains (resuming from WORKDIR/checkpoints if present) and returns the final metrics.
+                       workdir: str | os.PathLike, *, progress: bool = True) -> TrainResult:
+  """Trains (resuming from WORKDIR/checkpoints if present); returns the metrics and final state.
 
   ``dataset`` is a ``resmem_jax.data`` Dataset (``info``, ``train_batches``, ``eval_batches``).
-  Returns a dict with ``step``, ``num_params``, ``train_loss``, ``train_accuracy`` (mean over
-  the last logging window) and ``validation_*`` / ``test_*`` loss and accuracy when those
-  splits exist. A finished run returns its recorded final metrics without training again.
-  ``progress`` shows a progress bar (on process 0, when stderr is a terminal).
+  The metrics are a dict with ``step``, ``num_params``, ``train_loss``, ``train_accuracy`` (mean
+  over the last logging window) and ``validation_*`` / ``test_*`` loss and accuracy when those
+  splits exist. A finished run returns its recorded final metrics without training again (and
+  no state). ``progress`` shows a progress bar (on process 0, when stderr is a terminal).
+
+  A multi-host run joins its processes first (``mesh.initialize_distributed``, which the
+  command-line tools call once per process).
   """
   _check(train)
-  mesh_lib.initialize_distributed(train)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   info = dataset.info
@@ -101,7 +117,7 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
   tx = optimizer_lib.make_optimizer(train, schedule)
   sample = np.zeros((1,) + tuple(info.input_shape), np.dtype(info.input_dtype))
   # Before any allocation: a model or batch too large for the memory is one line, not an abort.
-  settings_lib.check_training_fits(model, train, info)
+  validate.check_training_fits(model, train, info)
   state = state_lib.init_state(module, tx, sample, seed, mesh)
   num_params = models.count_params(state.params)
   if jax.process_index() == 0:
@@ -113,7 +129,7 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
     finished = final_record(workdir)
     if finished is not None:  # a finished run: nothing to train or evaluate again
       manager.close()
-      return finished
+      return TrainResult(finished, module, None)
   if latest is not None:
     state = checkpoints.restore(manager, latest, state)
     logging.info("Resumed from %s at step %d", workdir / checkpoints.CHECKPOINT_DIR, latest)
@@ -203,4 +219,4 @@ def train_and_evaluate(dataset, model: ModelSettings, train: TrainSettings, seed
   writer.write(total_steps, {k: v for k, v in final.items() if k != "step"}, final=True)
   writer.close()
   logging.info("final: %s", final)
-  return final
+  return TrainResult(final, module, state)

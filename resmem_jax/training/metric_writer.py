@@ -24,7 +24,7 @@ class MetricWriter:
     """``resume_step``: the checkpoint step a resumed run starts from; None for a fresh run."""
     self.active = jax.process_index() == 0
     self.path = workdir / METRICS_FILE
-    self.tb = None
+    self.tb = None  # a tensorboardX SummaryWriter on process 0
     if not self.active:
       return
     if resume_step is not None and self.path.exists():
@@ -43,7 +43,7 @@ class MetricWriter:
     self.tb = SummaryWriter(str(workdir / TENSORBOARD_DIR))
 
   def write(self, step: int, record: dict, final: bool = False) -> None:
-    if not self.active:
+    if not self.active or self.tb is None:  # tb is set whenever active
       return
     full = {"step": int(step), **{k: float(v) for k, v in record.items()}}
     if final:

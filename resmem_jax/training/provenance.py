@@ -3,9 +3,10 @@
 ``WORKDIR/run.json`` records the first run's full resolved settings and the package versions it
 ran with, and, once training has finished, the content digest of the final checkpoint's variables.
 A rerun whose settings differ in anything that changes the trained model refuses before doing any
-work while that model exists, naming the differing fields and the ways forward. Fields that only
-say where data is read from, how often to log or checkpoint, or that change only the memory and
-its evaluation (every ``resmem.*`` field) may change freely. ``start_over`` moves the earlier run
+work while that model exists, naming the differing fields and the ways forward. Which fields
+those are is each field's own declaration (``affects="model"`` in ``settings.py``); the others,
+which change only the memory and its choice (``"memory"``) or nothing trained (``"report"``: where
+data is read from, how often to log or checkpoint, ...), may change freely. ``start_over`` moves the earlier run
 into ``WORKDIR/superseded/<time>/`` (nothing is deleted) and trains afresh.
 
 The digest ties everything derived from the model (the memory, results.json) to the model's
@@ -36,13 +37,6 @@ CHECKPOINT_DIR = "checkpoints"
 # What start_over moves aside: every file and folder a run writes into its workdir.
 RUN_ENTRIES = (CHECKPOINT_DIR, "metrics.jsonl", "tensorboard", "model_info.json", RUN_FILE,
                "memory", "results.json")
-# Fields that do not change the trained model (besides every resmem.* field).
-FREE_FIELDS = frozenset({
-    "data.data_dir", "data.manual_dir", "data.vocab_dir",
-    "train.eval_batch_size", "train.log_every_steps", "train.eval_every_steps",
-    "train.checkpoint_every_steps", "train.max_checkpoints_to_keep", "train.eval_test_at_end",
-    "train.distributed", "train.coordinator_address", "train.num_processes", "train.process_id",
-    "train.heartbeat_timeout_seconds"})
 PACKAGES = ("numpy", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
             "tensorflow-cpu", "tensorflow", "scann", "resmem_jax")
 START_OVER_HINT = ("use another --workdir, or pass --start_over to move the earlier run to "
@@ -54,12 +48,9 @@ class WorkdirError(ValueError):
 
 
 def model_fields(settings: settings_lib.Settings) -> dict[str, Any]:
-  """``{"section.field": value}`` of every field that changes the trained model."""
-  flat = {"seed": settings.seed}
-  for section, values in settings_lib.to_dict(settings).items():
-    if isinstance(values, dict) and section != "resmem":
-      flat.update({f"{section}.{name}": value for name, value in values.items()})
-  return {name: value for name, value in flat.items() if name not in FREE_FIELDS}
+  """``{"section.field": value}`` of every field that changes the trained model: those declared
+  ``affects="model"``. run.json records them and a rerun that changes one is refused."""
+  return settings_lib.fields_affecting(settings, ["model"])
 
 
 def versions() -> dict[str, str]:
@@ -74,13 +65,23 @@ def versions() -> dict[str, str]:
 
 
 def variables_digest(variables) -> str:
-  """sha256 over every leaf's path, dtype, shape and bytes: the model's content."""
+  """sha256 over every leaf's path, dtype, shape and bytes: the model's content.
+
+  A PRNG key array (an NNX module's RNG streams, ``jax.random.key``) has no NumPy form: its raw
+  words (``jax.random.key_data``) are digested under the key's own dtype (``key<fry>``), so a key
+  and the same words held as uint32 digest apart. Every other leaf digests as it always has.
+  """
   digest = hashlib.sha256()
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]
   for path, leaf in leaves:
-    array = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
-    digest.update(array.tobytes())
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      shape, words = leaf.shape, np.ascontiguousarray(np.asarray(jax.random.key_data(leaf)))
+    else:
+      words = np.ascontiguousarray(np.asarray(leaf))
+      dtype, shape = words.dtype, words.shape
+    digest.update(f"{jax.tree_util.keystr(path)}|{dtype}|{shape}|".encode())
+    digest.update(words.tobytes())
   return digest.hexdigest()
 
 
@@ -179,13 +180,17 @@ def record_checkpoint(workdir: pathlib.Path, step: int, digest: str) -> None:
   still in flight are not on disk yet, so they are kept). Without a run record (the training loop
   called as a library) there is nothing to record into."""
   workdir = pathlib.Path(workdir)
-  if jax.process_index() != 0 or not (workdir / RUN_FILE).exists():
+  if jax.process_index() != 0:
     return
   record = read(workdir)
+  if record is None:
+    return
   folder = workdir / CHECKPOINT_DIR
   on_disk = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
   oldest = min(on_disk, default=int(step))
-  known = record.get("checkpoints") if isinstance(record.get("checkpoints"), dict) else {}
+  known = record.get("checkpoints")
+  if not isinstance(known, dict):
+    known = {}
   kept = {s: d for s, d in known.items() if s.isdigit() and int(s) >= oldest}
   record["checkpoints"] = {**kept, str(int(step)): digest}
   _write(workdir, record)
@@ -207,9 +212,9 @@ def check_restored(workdir: pathlib.Path, step: int, digest: str) -> None:
   """Refuses a restored checkpoint this workdir's run did not write, or whose content changed.
   Without a run record (the training loop called as a library) there is nothing to check."""
   workdir = pathlib.Path(workdir)
-  if not (workdir / RUN_FILE).exists():
-    return
   record = read(workdir)
+  if record is None:
+    return
   folder = workdir / CHECKPOINT_DIR / str(step)
   known = _recorded_digest(record, step)
   if known is None:

@@ -40,7 +40,8 @@ def init_variables(module, sample, key, out_shardings=None):
   def init(key):
     return module.init({"params": key, "dropout": key}, sample, train=False)
   lowered = jax.jit(init, out_shardings=out_shardings).lower(key)
-  return lowered.compile(compiler_options=_INIT_COMPILER_OPTIONS)(key)
+  # jax annotates option values as str | bool, but XLA takes this one as an int.
+  return lowered.compile(compiler_options=_INIT_COMPILER_OPTIONS)(key)  # type: ignore[arg-type]
 
 
 def init_state(module, tx, sample: np.ndarray, seed: int, mesh) -> TrainState:

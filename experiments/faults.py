@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # experiments/ sits in the checkout root
 GOOD = ("clear error", "works", "recovered", "refused")
 
 
