@@ -156,8 +156,8 @@ def gate_sentence(block: dict) -> str:
   return (f"{'memorize' if block['memorize'] else 'decline'} at alpha = {block['alpha']:g}: on "
           f"{held['rows']:,} held-out validation rows ResMem's {block['select_by']} gain over the "
           f"base at its best temperature (T = {block['comparator']['temperature']:g}) is "
-          f"{show(held['gain'])}{unit} (95% CI {show(low)} to {show(high)}), one-sided p = "
-          f"{metrics.format_p_value(held['p_value'])}")
+          f"{show(held['gain'])}{unit} (95% CI {show(low)} to {show(high)}), one-sided "
+          f"{metrics.format_p(held['p_value'])}")
 
 
 # ----------------------------------------------------------------------------- passes

@@ -37,6 +37,7 @@ def test_options_only_for_convolutional_models_on_cpu_under_the_measured_jaxlib(
                                              xla_flags=flags) is None
 
 
+@pytest.mark.slow
 def test_tuned_resnet_step_computes_what_the_default_step_computes():
   mesh = mesh_lib.data_mesh()
   options = compiler_options.for_model(

@@ -269,6 +269,7 @@ def prepared_mnist_dir(tmp_path_factory):
   return data_dir, manual_dir
 
 
+@pytest.mark.slow
 def test_real_mnist_through_manual_dir(prepared_mnist_dir):
   data_dir, manual_dir = prepared_mnist_dir
   dataset = dataset_for("mnist", data_dir, manual_dir=str(manual_dir), val_fraction=0.0)

@@ -178,6 +178,7 @@ def _mock_settings(module_name, tmp_path, **data):
   return settings_lib.from_config(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,shape,classes", [("svhn_cropped", (32, 32, 3), 10),
                                                 ("emnist/letters", (28, 28, 1), 37)])
 def test_any_tfds_image_classification_set_end_to_end(tmp_path, name, shape, classes):
@@ -196,6 +197,7 @@ def test_any_tfds_image_classification_set_end_to_end(tmp_path, name, shape, cla
   assert tuple(model_info["input_shape"]) == shape
 
 
+@pytest.mark.slow
 def test_cifar100_paper_config_runs_end_to_end_on_mock_data(tmp_path):
   """The CIFAR-100 config (CIFAR ResNet, augmentation) through train -> memory -> results."""
   import tensorflow_datasets as tfds
@@ -207,6 +209,7 @@ def test_cifar100_paper_config_runs_end_to_end_on_mock_data(tmp_path):
   assert results["memory"]["size"] == results["num_rows"]["train"] > 0
 
 
+@pytest.mark.slow
 def test_imagenet_paper_config_runs_end_to_end_on_mock_data(tmp_path):
   """The ImageNet config (ResNet, streamed input, sparse residuals) end to end under mock data."""
   import tensorflow_datasets as tfds
@@ -297,6 +300,7 @@ def test_probability_output_agrees_with_resmem_class_on_every_row(digits_run):
   assert rows == first["num_rows"]["test"]
 
 
+@pytest.mark.slow
 def test_model_size_sweep_keeps_every_seed_and_plots_the_spread(tmp_path, monkeypatch):
   from resmem_jax.jobs import sweeps
   s = _digits()

@@ -100,6 +100,7 @@ def test_gate_passes_real_memorization():
   assert decision["held_out"]["gain"] > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", gate_null.FAMILIES)
 def test_gate_false_positive_rate_on_null_problems(family):
   """On 60 seeded null problems per criterion the gate passes at most 7 (nominal 3 of 60 at

@@ -49,6 +49,7 @@ def _check_lm_results(results, workdir):
   return saved
 
 
+@pytest.mark.slow
 def test_subword_lm_end_to_end_on_mock_data(tmp_path):
   """lm1b's tiny config through the engine under TFDS mock data (runs without ../shared)."""
   import tensorflow_datasets as tfds
@@ -75,6 +76,7 @@ def _tiny_shakespeare_command(workdir, tfds_dir, *flags):
           "--config.data.max_split_tokens=4000", "--config.train.num_steps=12", *flags]
 
 
+@pytest.mark.slow
 def test_fixed_hyperparameters_are_recorded_exactly(tmp_path):
   """The issue's must-show: scann backend and fixed k / sigma / T reach results.json unchanged."""
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -98,6 +100,7 @@ def test_fixed_hyperparameters_are_recorded_exactly(tmp_path):
   assert "kNN-LM" in proc.stdout
 
 
+@pytest.mark.slow
 def test_memory_row_i_is_training_token_i(tmp_path):
   """Every training target token is one memory entry, in order, memorizing its own next token."""
   from resmem_jax.configs import tiny_shakespeare

@@ -68,6 +68,7 @@ for i in range(10 ** 9):
 """
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_instants_leaves_the_old_or_the_new_memory(tmp_path):
   # Two memories of about 17 MB each (keys 30,000 x 128), so a kill lands inside a save.
   old, new = (_memory(seed, n=30_000, d=128, classes=16) for seed in (0, 1))

@@ -83,6 +83,7 @@ def _wait(procs, timeout=300):
 FLAGS = ("--config=digits:tiny", "--config.resmem.backend=exact", "--config.resmem.timing_repeats=1")
 
 
+@pytest.mark.slow
 def test_two_processes_of_two_devices_equal_one_of_four(tmp_path):
   _wait(_launch("experiments.resmem", tmp_path / "one", 1, 4, *FLAGS))
   _wait(_launch("experiments.resmem", tmp_path / "two", 2, 2, *FLAGS))
@@ -117,6 +118,7 @@ def test_two_processes_of_two_devices_equal_one_of_four(tmp_path):
   assert sum(part.size for part in parts) == 1293 and all(part.size < 1293 for part in parts)
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_other_and_a_rerun_resumes(tmp_path):
   flags = FLAGS + ("--config.train.num_epochs=10", "--config.train.checkpoint_every_steps=40",
                    "--config.train.heartbeat_timeout_seconds=10")

@@ -12,6 +12,7 @@ def _readme_block(language: str) -> str:
   return (ROOT / "README.md").read_text().split(f"```{language}\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.slow
 def test_colab_example_runs_verbatim_in_a_fresh_jupyter_kernel(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

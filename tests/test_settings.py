@@ -41,6 +41,13 @@ def test_every_shipped_config_is_valid(module_name, variant):
 
 
 @pytest.mark.parametrize("module_name", sorted(VARIANTS))
+def test_each_config_declares_the_variants_it_builds(module_name):
+  # --help lists a config's VARIANTS; the list here is written out independently.
+  module = importlib.import_module(f"resmem_jax.configs.{module_name}")
+  assert list(module.VARIANTS) == VARIANTS[module_name]
+
+
+@pytest.mark.parametrize("module_name", sorted(VARIANTS))
 def test_unknown_variant_is_rejected(module_name):
   with pytest.raises(ValueError, match="variant"):
     _config(module_name, "no_such_variant")

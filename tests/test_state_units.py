@@ -128,6 +128,7 @@ print("RESULT" + json.dumps({"outcomes": outcomes,
 """
 
 
+@pytest.mark.slow
 def test_a_memory_rebuild_killed_at_every_write_leaves_the_old_unit_or_the_new(tmp_path):
   out = run_python(ENGINE_SCRIPT, timeout=600, env={"WORK": str(tmp_path)})
   result = json.loads(out.stdout.split("RESULT")[-1])

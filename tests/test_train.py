@@ -217,6 +217,7 @@ print("DEVICES", jax.device_count())
 """
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_trajectory(tmp_path):
   # Batch norm statistics are over the global batch, so sharding must not change the numbers.
   one = run_python(_DEVICE_RUN.format(workdir=str(tmp_path / "one")), devices=1)
@@ -241,6 +242,7 @@ def _env():
   return env
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_uninterrupted(tmp_path):
   full, killed = tmp_path / "full", tmp_path / "killed"
   subprocess.run(_train_command(full), env=_env(), cwd=REPO_ROOT, check=True,

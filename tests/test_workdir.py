@@ -315,6 +315,7 @@ def test_one_writer_per_workdir_and_a_killed_holder_leaves_no_stale_lock(tmp_pat
     pass
 
 
+@pytest.mark.slow
 def test_two_identical_commands_in_one_workdir_one_runs_one_refuses_at_once(tmp_path):
   workdir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))

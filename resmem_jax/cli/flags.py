@@ -1,6 +1,7 @@
 """What every command-line tool shares: a ``--config`` that takes a packaged config's name or a
-file, quiet output (one line per phase; ``--verbose`` shows every library's logs), ``--print_config``
-and one line, not a traceback, for an ordinary mistake.
+file, quiet output (one line per phase; ``--verbose`` shows every library's logs), ``--print_config``,
+a ``--help`` that says what the tool does, its flags, the packaged configs and an example, and one
+line, not a traceback, for an ordinary mistake (``--verbose`` keeps the traceback).
 
 Import this module before TensorFlow is loaded (the tools import it first): TensorFlow reads its
 log level from the environment once.
@@ -8,12 +9,14 @@ log level from the environment once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import pathlib
 import re
 import sys
+import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ INFO / WARNING lines
 
@@ -22,7 +25,7 @@ from absl import flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-
 
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show every library's log lines (absl INFO, TFDS progress bars, ScaNN's "
-    "native logs) instead of one line per phase.")
+    "native logs) instead of one line per phase, and the traceback behind a one-line error.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config, every field with its value and meaning, "
     "and exit without running anything.")
@@ -40,10 +43,129 @@ def define_config(help_text: str = "A packaged config by name (digits, mnist:ser
   return holder
 
 
-def run(main) -> None:
-  """``absl.app.run(main)`` with the shared behaviour of every tool (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class Tool:
+  """What ``--help`` says about a tool: its command, what it does (two lines) and one example."""
+  command: str
+  about: str
+  example: str
+
+
+# Set by run(): the tool being run, for --help and for the one line a missing --config gets.
+_TOOL: Tool | None = None
+HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+README = "README.md in the source tree (quick start, every tool, the data sets)"
+
+
+def run(main, tool: Tool | None = None) -> None:
+  """``absl.app.run(main)`` with the shared behaviour of every tool (see the module docstring).
+
+  ``tool`` is what ``--help`` says; without it, the first line of ``main``'s module docstring.
+  """
+  global _TOOL
+  _TOOL = tool or _tool_from_docstring(main)
+  if any(arg in HELP_ARGS for arg in sys.argv[1:]):
+    print(help_text(main, _TOOL))
+    raise SystemExit(0)
   app.run(lambda argv: _main(main, argv), argv=resolve_config_names(sys.argv),
           flags_parser=_parse_flags)
+
+
+def _tool_from_docstring(main) -> Tool:
+  doc = (sys.modules[main.__module__].__doc__ or "").strip()
+  lines = doc.splitlines()
+  examples = [l.strip() for l in lines if l.startswith("  ") and l.strip()]
+  command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "the tool"
+  return Tool(command=command, about=lines[0] if lines else "",
+              example=examples[0] if examples else "")
+
+
+def config_variants() -> dict[str, tuple[str, ...]]:
+  """Packaged config name -> its named variants (each config module's ``VARIANTS``; ``''``, the
+  default, left out)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from resmem_jax import configs  # pylint: disable=g-import-not-at-top
+  return {name: tuple(v for v in importlib.import_module(f"resmem_jax.configs.{name}").VARIANTS if v)
+          for name in configs.NAMES}
+
+
+def config_list(indent: str = "  ") -> str:
+  """Each packaged config: its name, the first line of its docstring and its variants."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  rows = []
+  for name, variants in config_variants().items():
+    doc = (importlib.import_module(f"resmem_jax.configs.{name}").__doc__ or "").strip()
+    about = doc.splitlines()[0].replace("``", "").rstrip(".") + "." if doc else ""
+    if variants:
+      about += f" Variants: {', '.join(variants)}."
+    head = f"{indent}{name:16s}  "
+    rows.append(textwrap.fill(about, width=100, initial_indent=head,
+                              subsequent_indent=" " * len(head)))
+  return "\n".join(rows)
+
+
+def _placeholder(flag) -> str:
+  if flag.name == "workdir":
+    return "DIR"
+  if isinstance(flag.parser, flags.EnumParser):
+    return "|".join(flag.parser.enum_values)
+  if isinstance(flag.parser, flags.ListParser):
+    return "V1,V2,..."
+  if isinstance(flag.parser, flags.IntegerParser):
+    return "N"
+  if isinstance(flag.parser, flags.FloatParser):
+    return "X"
+  return "VALUE"
+
+
+def _describe_flag(flag) -> str:
+  head = f"--{flag.name}" if flag.boolean else f"--{flag.name}={_placeholder(flag)}"
+  text = " ".join((flag.help or "").split())
+  if isinstance(flag.parser, flags.EnumParser):  # absl prefixes "<a|b>: ", said by the placeholder
+    text = re.sub(r"^<[^>]*>: ", "", text)
+  if flag.name == "workdir":
+    text = f"(required) {text}"
+  elif not flag.boolean and flag.default not in (None, "", []):
+    default = flag.serializer.serialize(flag.default) if flag.serializer else str(flag.default)
+    text += f" (default: {default})"
+  body = textwrap.fill(text, width=100, initial_indent="      ", subsequent_indent="      ")
+  return f"  {head}\n{body}"
+
+
+def help_text(main, tool: Tool) -> str:
+  """``--help``: what the tool does, its own flags (absl's and JAX's stay in ``--helpfull``), the
+  packaged configs, an example and where to read more."""
+  own = list(flags.FLAGS.get_flags_for_module(main.__module__))
+  names = {f.name for f in own}
+  takes_config = "config" in flags.FLAGS
+  usage = f"{tool.command}{' --config=NAME[:VARIANT]' if takes_config else ''} --workdir=DIR"
+  lines = [f"usage: {usage} [flags]", "", tool.about.strip(), "", "Flags:"]
+  if takes_config:
+    lines += [
+        "  --config=NAME[:VARIANT] or --config=path/to/config.py[:VARIANT]",
+        "      (required) A packaged config (listed below) or an ml_collections config file.",
+        "  --config.SECTION.FIELD=VALUE",
+        "      Override one field of the config, e.g. --config.train.num_epochs=3 (--print_config",
+        "      lists every field with its meaning)."]
+  for flag in own:
+    if flag.name != "config":
+      lines.append(_describe_flag(flag))
+  for name in ("print_config", "verbose"):
+    if name not in names and (takes_config or name != "print_config"):
+      lines.append(_describe_flag(flags.FLAGS[name]))
+  if takes_config:
+    lines += ["", "Packaged configs (--config=NAME or --config=NAME:VARIANT):",
+              config_list()]
+  lines += ["", "Example:", f"  {tool.example}", "", f"More: {README}.",
+            "--helpfull lists every flag, absl's and JAX's included."]
+  return "\n".join(lines)
+
+
+def missing_config_line() -> str:
+  command = _TOOL.command if _TOOL else "the tool"
+  names = ", ".join(f"{n}[:{'|'.join(v)}]" if v else n for n, v in config_variants().items())
+  return (f"config error: --config is required: a packaged config ({names}) or a config file "
+          f"path[:variant]; {command} --help says more")
 
 
 def _main(main, argv):
@@ -112,21 +234,44 @@ def resolve_config_names(argv: list[str]) -> list[str]:
 @contextlib.contextmanager
 def user_errors():
   """An ordinary mistake (a bad config field, a workdir that does not match, a missing optional
-  dependency) ends the tool with one line saying what and how to go on."""
-  from resmem_jax import settings  # pylint: disable=g-import-not-at-top
-  from resmem_jax.training import checkpoints, loop, provenance  # pylint: disable=g-import-not-at-top
+  dependency, data that cannot be had) ends the tool with one line saying what and how to go on;
+  ``--verbose`` lets the traceback through instead."""
   try:
     yield
-  except loop.TrainingDiverged as err:  # a SettingsError, but found while training, not in the config
-    raise SystemExit(f"training error: {err}") from None
-  except settings.SettingsError as err:
-    raise SystemExit(f"config error: {err}") from None
-  except (provenance.WorkdirError, checkpoints.CheckpointError) as err:
-    raise SystemExit(f"workdir error: {err}") from None
-  except settings.MissingDependency as err:
-    raise SystemExit(f"missing dependency: {err}") from None
-  except OSError as err:
-    raise SystemExit(f"file error: {os_error_line(err)}") from None
+  except Exception as err:  # pylint: disable=broad-except  # re-raised unless a user error
+    line = user_error_line(err)
+    if line is None or _verbose():
+      raise
+    raise SystemExit(line) from None
+
+
+def _verbose() -> bool:
+  return flags.FLAGS.is_parsed() and _VERBOSE.value
+
+
+def user_error_line(err: BaseException) -> str | None:
+  """The one line for a user error (see user_errors); None for a bug, which keeps its traceback."""
+  from resmem_jax import settings  # pylint: disable=g-import-not-at-top
+  from resmem_jax.data import tfds_prepare  # pylint: disable=g-import-not-at-top
+  from resmem_jax.training import checkpoints, loop, provenance  # pylint: disable=g-import-not-at-top
+  if isinstance(err, loop.TrainingDiverged):  # a SettingsError, found while training
+    return f"training error: {err}"
+  if isinstance(err, settings.SettingsError):
+    return f"config error: {err}"
+  if isinstance(err, (provenance.WorkdirError, checkpoints.CheckpointError)):
+    return f"workdir error: {err}"
+  if isinstance(err, settings.MissingDependency):
+    return f"missing dependency: {err}"
+  if isinstance(err, tfds_prepare.DataUnavailable):
+    return f"data error: {_first_line(err)}"
+  if isinstance(err, OSError):
+    return f"file error: {os_error_line(err)}"
+  return None
+
+
+def _first_line(err: BaseException) -> str:
+  lines = str(err).strip().splitlines()
+  return lines[0] if lines else type(err).__name__
 
 
 # errno -> (what happened, what to do), for the faults a workdir meets.
@@ -169,6 +314,8 @@ def _parse_flags(argv):
         config.to_dict()
     return remaining
   except Exception as err:  # pylint: disable=broad-except  # absl / ml_collections raise many types
+    if "config" in flags.FLAGS and "Flag --config must have a value other than None" in str(err):
+      raise SystemExit(missing_config_line()) from None
     message = _flag_error(err, argv)
     kind = "config" if "config" in message.split(":")[0] or "config field" in message else "flag"
     raise SystemExit(f"{kind} error: {message}") from None

@@ -34,8 +34,16 @@ def main(argv):
   print(f"results: {_WORKDIR.value}/results.json")
 
 
+TOOL = cli_flags.Tool(
+    command="resmem-jax",
+    about=(
+        "Train (or reuse) a base model, memorize its training residuals, and report base vs ResMem\n"
+        "accuracy on the test set (images; language models get a kNN-LM beside ResMem)."),
+    example=("resmem-jax --config=digits --workdir=/tmp/resmem_digits"))
+
+
 def run():
-  cli_flags.run(main)
+  cli_flags.run(main, TOOL)
 
 
 if __name__ == "__main__":

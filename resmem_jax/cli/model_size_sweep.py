@@ -29,8 +29,17 @@ def main(argv):
   print(f"results: {_WORKDIR.value}/model_size_sweep.json and model_size_sweep.png")
 
 
+TOOL = cli_flags.Tool(
+    command="resmem-jax-model-size-sweep",
+    about=(
+        "ResMem vs base test accuracy against model size: one resmem-jax run per value of --field\n"
+        "and seed, summed up in WORKDIR/model_size_sweep.json and .png."),
+    example=("resmem-jax-model-size-sweep --config=digits:tiny --field=model.width --values=8,32"
+        " --workdir=/tmp/digits_size_sweep"))
+
+
 def run():
-  cli_flags.run(main)
+  cli_flags.run(main, TOOL)
 
 
 if __name__ == "__main__":

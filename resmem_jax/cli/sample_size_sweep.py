@@ -27,8 +27,17 @@ def main(argv):
   print(f"results: {_WORKDIR.value}/sample_size_sweep.json and sample_size_sweep.png")
 
 
+TOOL = cli_flags.Tool(
+    command="resmem-jax-sample-size-sweep",
+    about=(
+        "ResMem vs base test (and train) accuracy against the fraction of the training set used:\n"
+        "one resmem-jax run per fraction and seed, in WORKDIR/sample_size_sweep.json and .png."),
+    example=("resmem-jax-sample-size-sweep --config=digits:tiny --fractions=0.25,1"
+        " --workdir=/tmp/digits_sample_sweep"))
+
+
 def run():
-  cli_flags.run(main)
+  cli_flags.run(main, TOOL)
 
 
 if __name__ == "__main__":

@@ -123,8 +123,16 @@ def main(argv):
   print(f"wrote {_WORKDIR.value}/results.json and {_WORKDIR.value}/{results['plot']}")
 
 
+TOOL = cli_flags.Tool(
+    command="resmem-jax-theory",
+    about=(
+        "The paper's stylized linear regression: test risk of a norm-constrained linear base vs\n"
+        "ResMem over a grid of n, log-log slopes beside the rates theory gives (no --config)."),
+    example=("resmem-jax-theory --workdir=/tmp/theory --dims=1,2 --ns=64,256,1024 --seeds=2"))
+
+
 def run():
-  cli_flags.run(main)
+  cli_flags.run(main, TOOL)
 
 
 if __name__ == "__main__":

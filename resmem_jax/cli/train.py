@@ -32,8 +32,16 @@ def main(argv):
   print({k: round(v, 5) if isinstance(v, float) else v for k, v in model.metrics.items()})
 
 
+TOOL = cli_flags.Tool(
+    command="resmem-jax-train",
+    about=(
+        "Train a base model only (no memory), resuming from WORKDIR/checkpoints on a rerun,\n"
+        "and print its metrics."),
+    example=("resmem-jax-train --config=digits --workdir=/tmp/digits"))
+
+
 def run():
-  cli_flags.run(main)
+  cli_flags.run(main, TOOL)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ in host memory (``--config.data.max_split_tokens``; it caps every split).
 from resmem_jax.configs import lm1b
 
 
+VARIANTS = lm1b.VARIANTS
+
 def get_config(variant: str | None = None):
   cfg = lm1b.subword_lm_config("c4", variant)
   cfg.data.seq_len = 512 if not variant else cfg.data.seq_len

@@ -6,6 +6,9 @@ Variants: '' (ResNet-20, 160 epochs, cosine), 'tiny' (ResNet-8 width 0.25, a few
 from resmem_jax.configs import common
 
 
+# The named variants ("" is the default), listed by --help and by the error for any other.
+VARIANTS = ("", "tiny")
+
 def get_config(variant: str | None = None):
   return cifar_like("cifar10", variant)
 
@@ -39,5 +42,5 @@ def cifar_like(name: str, variant: str | None):
     cfg.train.log_every_steps = 1
     cfg.train.checkpoint_every_steps = 4
   elif variant:
-    raise ValueError(f"unknown {name} config variant {variant!r} (use '' or 'tiny')")
+    raise common.unknown_variant(name, variant, VARIANTS)
   return cfg

@@ -5,5 +5,7 @@ Sweep e.g. ``--config.model.depth=56 --config.model.width=2``. Variants as cifar
 from resmem_jax.configs import cifar10
 
 
+VARIANTS = cifar10.VARIANTS
+
 def get_config(variant: str | None = None):
   return cifar10.cifar_like("cifar100", variant)

@@ -12,3 +12,9 @@ from resmem_jax import settings
 def base_config():
   """Every field of :class:`resmem_jax.settings.Settings` at its default, as a ConfigDict."""
   return settings.default_config()
+
+
+def unknown_variant(name: str, variant: str, variants: tuple[str, ...]) -> ValueError:
+  """The error for a variant a config does not have, listing its ``VARIANTS``."""
+  listed = ", ".join(repr(v) for v in variants)
+  return ValueError(f"unknown {name} config variant {variant!r} (use one of {listed})")

@@ -6,6 +6,9 @@
 from resmem_jax.configs import common
 
 
+# The named variants ("" is the default), listed by --help and by the error for any other.
+VARIANTS = ("", "tiny")
+
 def get_config(variant: str | None = None):
   cfg = common.base_config()
   cfg.data.name = "digits"
@@ -28,5 +31,5 @@ def get_config(variant: str | None = None):
     cfg.train.log_every_steps = 10
     cfg.train.checkpoint_every_steps = 20
   elif variant:
-    raise ValueError(f"unknown digits config variant {variant!r} (use '' or 'tiny')")
+    raise common.unknown_variant("digits", variant, VARIANTS)
   return cfg

@@ -2,6 +2,8 @@
 from resmem_jax.configs import mnist
 
 
+VARIANTS = mnist.VARIANTS
+
 def get_config(variant: str | None = None):
   cfg = mnist.mnist_like("fashion_mnist", variant)
   if not variant:

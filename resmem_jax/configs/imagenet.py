@@ -7,6 +7,9 @@ decay 1e-4, label smoothing 0.1, bfloat16 compute. Variants: '' (ResNet-50, 90 e
 from resmem_jax.configs import common
 
 
+# The named variants ("" is the default), listed by --help and by the error for any other.
+VARIANTS = ("", "tiny")
+
 def get_config(variant: str | None = None):
   cfg = common.base_config()
   cfg.data.name = "imagenet2012"
@@ -45,5 +48,5 @@ def get_config(variant: str | None = None):
     cfg.train.log_every_steps = 1
     cfg.train.checkpoint_every_steps = 2
   elif variant:
-    raise ValueError(f"unknown imagenet config variant {variant!r} (use '' or 'tiny')")
+    raise common.unknown_variant("imagenet", variant, VARIANTS)
   return cfg

@@ -13,6 +13,9 @@ from resmem_jax.configs import common
 from resmem_jax.configs import tiny_shakespeare
 
 
+# The named variants ("" is the default), listed by --help and by the error for any other.
+VARIANTS = ("", "tiny")
+
 def subword_lm_config(name: str, variant: str | None):
   """Shared by lm1b and c4: a subword Transformer LM trained for a fixed number of steps."""
   cfg = common.base_config()
@@ -71,7 +74,7 @@ def subword_lm_config(name: str, variant: str | None):
     cfg.resmem.knn_lambda_grid = (0.1, 0.5)
     cfg.resmem.eval_batch_size = 32
   elif variant:
-    raise ValueError(f"unknown {name} config variant {variant!r} (use '' or 'tiny')")
+    raise common.unknown_variant(name, variant, VARIANTS)
   return cfg
 
 

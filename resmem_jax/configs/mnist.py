@@ -11,6 +11,9 @@ most; about a minute on a 2-core CPU), 'tiny' (a few steps for CPU tests).
 from resmem_jax.configs import common
 
 
+# The named variants ("" is the default), listed by --help and by the error for any other.
+VARIANTS = ("", "serving", "resnet", "mlp", "small_mlp", "tiny")
+
 def get_config(variant: str | None = None):
   return mnist_like("mnist", variant)
 
@@ -69,6 +72,5 @@ def mnist_like(name: str, variant: str | None):
     cfg.train.log_every_steps = 1
     cfg.train.checkpoint_every_steps = 5
   elif variant:
-    raise ValueError(f"unknown {name} config variant {variant!r} (use '', 'serving', 'resnet', "
-                     "'mlp', 'small_mlp' or 'tiny')")
+    raise common.unknown_variant(name, variant, VARIANTS)
   return cfg

@@ -9,6 +9,9 @@ leave it unset and TFDS downloads. ``data.data_dir`` is where TFDS writes the pr
 from resmem_jax.configs import common
 
 
+# The named variants ("" is the default), listed by --help and by the error for any other.
+VARIANTS = ("", "tiny")
+
 def lm_resmem_config(cfg):
   """LM settings of the ``resmem`` section: sparse per-token residuals and kNN-LM beside ResMem."""
   cfg.resmem.backend = "scann"
@@ -72,5 +75,5 @@ def get_config(variant: str | None = None):
     cfg.resmem.backend = "exact"
     cfg.resmem.max_validation_rows = 2048
   elif variant:
-    raise ValueError(f"unknown tiny_shakespeare config variant {variant!r} (use '' or 'tiny')")
+    raise common.unknown_variant("tiny_shakespeare", variant, VARIANTS)
   return cfg

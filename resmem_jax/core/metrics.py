@@ -68,9 +68,21 @@ BOOTSTRAP_RESAMPLES = 10_000
 SIGNIFICANCE = 0.05
 
 
+# Below this a printed p-value says only ``< 1e-300``: an exact test's p-value underflows to 0.0
+# (the smallest positive double is about 5e-324), and a printed 0 would claim certainty.
+P_VALUE_FLOOR = 1e-300
+
+
 def format_p_value(p: float) -> str:
   """A p-value for print: two significant digits, or ``< 1e-300`` where it underflowed to 0."""
-  return "< 1e-300" if p < 1e-300 else f"{p:.2g}"
+  return f"< {P_VALUE_FLOOR:g}" if p < P_VALUE_FLOOR else f"{p:.2g}"
+
+
+def format_p(p: float) -> str:
+  """``p = 0.031``, or ``p < 1e-300`` where the p-value underflowed: what every printed line says
+  (never ``p = 0``, nor ``p = < 1e-300``)."""
+  text = format_p_value(p)
+  return f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
 def rows_for_significance(gained: int, lost: int, rows: int, level: float = SIGNIFICANCE):

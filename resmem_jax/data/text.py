@@ -167,7 +167,9 @@ class TextDataset(base.Dataset):
   def _dirs(self) -> tuple[str | None, str | None]:
     data_dir, manual_dir = self.settings.data_dir, self.settings.manual_dir
     if manual_dir is not None and not os.path.isdir(manual_dir):
-      raise FileNotFoundError(f"data.manual_dir {manual_dir!r} is not a directory")
+      raise tfds_prepare.DataUnavailable(
+          f"data.manual_dir {manual_dir!r} is not a directory: pass an existing folder holding "
+          f"{self.source.tfds_name}'s archives as --config.data.manual_dir=/path/to/folder")
     return (None if data_dir is None else os.path.expanduser(data_dir), manual_dir)
 
   def _raw_documents(self, tfds_split: str, seed: int | None = None) -> Iterator[str]:

@@ -18,6 +18,12 @@ from resmem_jax import quiet
 REACHABILITY_TIMEOUT_S = 3.0
 
 
+class DataUnavailable(FileNotFoundError):
+  """A data set's files are neither prepared in ``data.data_dir``, nor in ``data.manual_dir``, nor
+  to be had from the download servers. The message's first line names the files and the flag that
+  points at them (the command-line tools print just that line; ``--verbose`` the rest too)."""
+
+
 def _tfds_mocked() -> bool:
   """True inside ``tfds.testing.mock_data``, where preparing is a no-op and needs no files."""
   import tensorflow_datasets as tfds
@@ -65,7 +71,7 @@ def unprepared_builder(name: str, data_dir: str | None):
 
 
 def prepare(builder, manual_dir: str | None):
-  """``builder`` prepared; raises quickly (FileNotFoundError) when its data cannot be had."""
+  """``builder`` prepared; raises quickly (DataUnavailable) when its data cannot be had."""
   import tensorflow_datasets as tfds
   name = builder.name
   if builder.is_prepared() or _tfds_mocked():
@@ -79,16 +85,17 @@ def prepare(builder, manual_dir: str | None):
             for url, info in url_infos.items()}
   missing = {url: f for url, f in needed.items() if f not in present}
   if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not present:
-    raise FileNotFoundError(
+    raise DataUnavailable(
         f"TFDS data set {name!r} must be downloaded by hand and data.manual_dir={manual!r} is "
-        f"empty or missing. {_help(name, manual, sorted(needed.values()))}\n"
+        f"empty or missing. {_help(name, manual, sorted(needed.values()))} (--verbose adds "
+        "TFDS's download instructions)\n"
         f"TFDS instructions:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   if missing:
     hosts = {(u.hostname, u.port or (443 if u.scheme == "https" else 80))
              for u in map(urllib.parse.urlparse, missing)}
     unreachable = sorted(h for h, p in hosts if h and not _host_reachable(h, p))
     if unreachable:
-      raise FileNotFoundError(
+      raise DataUnavailable(
           f"TFDS data set {name!r} is not prepared in data.data_dir={str(builder.data_dir_root)!r}"
           f", its archives {sorted(missing.values())} are not in data.manual_dir={manual!r}, and "
           f"the download host(s) {unreachable} cannot be reached. "
@@ -101,12 +108,23 @@ def prepare(builder, manual_dir: str | None):
   try:
     with quiet.hidden_output():  # TFDS prints its own progress while it prepares
       builder.download_and_prepare(download_config=config)
+  except OSError as err:
+    if err.errno is not None:  # the OS refused (disk full, permissions): said as such by the tools
+      raise
+    raise _unavailable(name, manual, needed, err) from err
   except Exception as err:  # TFDS raises many types; all mean the same thing to the user.
-    raise RuntimeError(f"preparing TFDS data set {name!r} failed: {err}\n"
-                       f"{_help(name, manual, sorted(needed.values()))}") from err
+    raise _unavailable(name, manual, needed, err) from err
   return builder
 
 
+def _unavailable(name: str, manual: str, needed: dict[str, str], err: Exception):
+  """Preparing failed (a download refused, a proxy, a broken archive): one line first."""
+  lines = str(err).strip().splitlines()
+  cause = (lines[0] if lines else type(err).__name__)[:300]
+  return DataUnavailable(f"preparing TFDS data set {name!r} failed ({cause}). "
+                         f"{_help(name, manual, sorted(needed.values()))}\n{err}")
+
+
 def tfds_builder(name: str, data_dir: str | None, manual_dir: str | None):
-  """A prepared TFDS builder; raises quickly (FileNotFoundError) when its data cannot be had."""
+  """A prepared TFDS builder; raises quickly (DataUnavailable) when its data cannot be had."""
   return prepare(unprepared_builder(name, data_dir), manual_dir)

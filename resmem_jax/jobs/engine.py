@@ -8,7 +8,8 @@
    and reused by a rerun whose checkpoint, data and memory settings match.
 4. Evaluation on the test split (and the training split): base, ResMem (and kNN-LM) side by side,
    and ResMem's prediction time against the base forward pass (``fitting.evaluate``).
-5. WORKDIR/results.json, one schema for every data set (``jobs/report.py`` prints it).
+5. WORKDIR/results.json, one schema for every data set (``jobs/report.py`` prints it), which
+   describes itself under ``"run"`` (versions, commit, times, devices, command line).
 
 What differs between data sets is configuration: the residual format (sparse for vocabularies),
 the kNN-LM head (``resmem.knnlm``) and whether the training split is evaluated.
@@ -36,6 +37,7 @@ from resmem_jax import validate
 from resmem_jax.core import gate
 from resmem_jax.core import metrics
 from resmem_jax.core import predictor
+from resmem_jax.jobs import run_info
 
 if TYPE_CHECKING:
   from resmem_jax.memory.protocol import ResidualMemory
@@ -54,6 +56,7 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
   record (a model trained with other settings is refused; ``start_over`` moves that run to
   WORKDIR/superseded/ first).
   """
+  started = run_info.now()
   workdir = pathlib.Path(workdir)
   # The workdir's lock (one writer per workdir), taken once the settings are checked, is held
   # until results.json is written.
@@ -70,7 +73,8 @@ def run(settings: settings_lib.Settings, workdir: str | os.PathLike, *,
     log.info("evaluation: %s in %.1f s", "test and train splits" if train_eval else "test split",
              time.perf_counter() - start)
     results = assemble_results(settings, info, model, memory, choice, tuning, reused,
-                               evaluation, train_eval, trained.metrics)
+                               evaluation, train_eval, trained.metrics,
+                               run=run_info.describe(started, run_info.now()))
     if jax.process_index() == 0:
       jsonio.write_json_atomic(workdir / "results.json", results)
   return results
@@ -374,8 +378,10 @@ def _saved_memory(mem_dir: pathlib.Path, signature: dict, across_hosts: bool):
 
 def assemble_results(settings, info, model: fitting.BaseModel, memory, choice: fitting.Choice,
                      tuning, reused, evaluation: dict, train_eval: dict | None,
-                     training_metrics: dict) -> dict:
-  """The results.json dictionary: the same schema for every data set."""
+                     training_metrics: dict, run: dict | None = None) -> dict:
+  """The results.json dictionary: the same schema for every data set. ``run``: what made it
+  (``run_info.describe``: schema version, package versions, commit, times, devices, command
+  line), under the key ``"run"``."""
   heads = [h for h in fitting.HEADS if h in evaluation]
   names = ("accuracy", "squared_loss", "log_loss")
   base = choice.validation_base  # None when nothing was chosen on validation
@@ -426,4 +432,6 @@ def assemble_results(settings, info, model: fitting.BaseModel, memory, choice: f
                         f"{predictor.PROBABILITY_RULE}"),
       "config": settings_lib.to_dict(settings),
   }
+  if run is not None:
+    results["run"] = run
   return results

@@ -77,14 +77,14 @@ def format_sweep(out: dict, field: str) -> str:
   if trend:
     low, high = trend["ci95"]
     lines.append(f"trend of the gain over the whole range: {trend['slope_points_per_decade']:+.2f} "
-                 f"points per tenfold {trend['x']} (95% CI {low:+.2f} to {high:+.2f}, p = "
-                 f"{metrics.format_p_value(trend['p_value'])}, {trend['runs']} runs)")
+                 f"points per tenfold {trend['x']} (95% CI {low:+.2f} to {high:+.2f}, "
+                 f"{metrics.format_p(trend['p_value'])}, {trend['runs']} runs)")
   return "\n".join(lines)
 
 
 def format_comparison(c: dict, name: str = "ResMem") -> str:
   """``ResMem - base test accuracy: +0.56 points (95% CI ...), McNemar p = 0.0003 (significant
-  ...)``, and where it is not significant, about how many test rows would make a gain of that size
+  ...)`` (``p < 1e-300`` where the p-value underflowed to 0), and where it is not significant, about how many test rows would make a gain of that size
   significant."""
   low, high = c["ci95"]
   p = c["p_value"]
@@ -98,4 +98,4 @@ def format_comparison(c: dict, name: str = "ResMem") -> str:
                   f"significant; at these rates it would take about {needed:,}")
   return (f"{name} - base test accuracy: {100 * c['test_accuracy_gain']:+.2f} points (95% CI "
           f"{100 * low:+.2f} to {100 * high:+.2f}; {c['gained']} rows gained, {c['lost']} lost), "
-          f"McNemar p = {metrics.format_p_value(p)} ({verdict})")
+          f"McNemar {metrics.format_p(p)} ({verdict})")
