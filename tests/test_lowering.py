@@ -1,0 +1,78 @@
+"""The programs the tools run on a device lower for TPU and GPU (``jax.export``) on this CPU.
+
+A first step of issue 22: the train and eval steps of every model family in float32 and
+bfloat16. A program that cannot run on an accelerator (a host callback inside a step, say) fails
+here before a user's first TPU run.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax import export
+
+from resmem_jax import models
+from resmem_jax.settings import ModelSettings
+from resmem_jax.training import state as state_lib
+from resmem_jax.training import steps
+
+PLATFORMS = ("tpu", "cuda")
+# Each family at a size that lowers in well under a second; (settings, input shape, input dtype).
+FAMILIES = {
+    "mlp": (dict(name="mlp", width=16, depth=1), (4, 8, 8, 1), "float32"),
+    "cnn": (dict(name="cnn", width=4), (4, 8, 8, 1), "float32"),
+    "cifar_resnet": (dict(name="cifar_resnet", depth=8, width=0.25), (4, 16, 16, 3), "float32"),
+    "resnet": (dict(name="resnet", depth=18, width=0.125), (4, 32, 32, 3), "float32"),
+    "transformer": (dict(name="transformer", width=16, depth=1, num_heads=2, max_len=16), (4, 16),
+                    "int32"),
+}
+
+
+def _abstract(family: str, dtype: str):
+  """(module, abstract train state, abstract batch): shapes only, nothing computed."""
+  cfg, shape, input_dtype = FAMILIES[family]
+  module = models.build_model(ModelSettings(**cfg), num_classes=5, dtype=dtype)
+  tx = optax.sgd(0.1, momentum=0.9)
+
+  def init():
+    variables = module.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                            jnp.zeros(shape, input_dtype), train=False)
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                                batch_stats=variables.get("batch_stats", {}),
+                                opt_state=tx.init(variables["params"]))
+
+  rows = shape[:2] if input_dtype == "int32" else shape[:1]  # tokens: a label per position
+  batch = {"inputs": jax.ShapeDtypeStruct(shape, jnp.dtype(input_dtype)),
+           "labels": jax.ShapeDtypeStruct(rows, jnp.int32),
+           "mask": jax.ShapeDtypeStruct(rows, jnp.float32)}
+  return module, tx, jax.eval_shape(init), batch
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_train_and_eval_steps_lower_for_tpu_and_cuda(family, dtype):
+  module, tx, state, batch = _abstract(family, dtype)
+  train_step = steps.make_train_step(module, tx, 0.0, jax.random.key(1))
+  exported = export.export(jax.jit(train_step), platforms=PLATFORMS)(state, batch)
+  assert exported.platforms == PLATFORMS
+  # The lowered step returns the new state and the step's metrics, shaped as on CPU.
+  expected = jax.tree.leaves(jax.eval_shape(train_step, state, batch))
+  assert [(a.shape, a.dtype) for a in exported.out_avals] == [(a.shape, a.dtype) for a in expected]
+  variables = {"params": state.params, **({"batch_stats": state.batch_stats}
+                                           if state.batch_stats else {})}
+  exported = export.export(jax.jit(steps.make_eval_step(module)), platforms=PLATFORMS)(
+      variables, batch)
+  assert exported.platforms == PLATFORMS
+
+
+def test_a_host_callback_inside_a_step_fails_to_lower():
+  # What these tests exist to catch: a step that calls back to Python cannot be exported.
+  module, tx, state, batch = _abstract("mlp", "float32")
+  train_step = steps.make_train_step(module, tx, 0.0, jax.random.key(1))
+
+  def step_with_callback(state, batch):
+    new_state, metrics = train_step(state, batch)
+    loss = jax.pure_callback(lambda x: x, jax.ShapeDtypeStruct((), jnp.float32), metrics["loss"])
+    return new_state, dict(metrics, loss=loss)
+
+  with pytest.raises(Exception, match="(?i)callback|custom call"):
+    export.export(jax.jit(step_with_callback), platforms=PLATFORMS)(state, batch)
