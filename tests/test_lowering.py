@@ -1,7 +1,8 @@
 """The programs the tools run on a device lower for TPU and GPU (``jax.export``) on this CPU.
 
 A first step of issue 22: the train and eval steps of every model family in float32 and
-bfloat16. A program that cannot run on an accelerator (a host callback inside a step, say) fails
+bfloat16, the inference (embedding) pass, and the `exact` and `approx` search programs, on the
+tools' one-device data mesh. A program that cannot run on an accelerator (a host callback inside a step, say) fails
 here before a user's first TPU run.
 """
 import jax
@@ -10,7 +11,11 @@ import optax
 import pytest
 from jax import export
 
+from resmem_jax import inference
+from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
+from resmem_jax.memory import approx
+from resmem_jax.memory import exact
 from resmem_jax.settings import ModelSettings
 from resmem_jax.training import state as state_lib
 from resmem_jax.training import steps
@@ -76,3 +81,31 @@ def test_a_host_callback_inside_a_step_fails_to_lower():
 
   with pytest.raises(Exception, match="(?i)callback|custom call"):
     export.export(jax.jit(step_with_callback), platforms=PLATFORMS)(state, batch)
+
+
+def test_exact_and_approx_searches_lower_for_tpu_and_cuda():
+  # The per-device search programs of the two on-device backends, on the tools' data mesh.
+  mesh = mesh_lib.data_mesh()
+  queries = jax.ShapeDtypeStruct((128, 10), jnp.float32)
+  num_keys = jax.ShapeDtypeStruct((), jnp.int32)
+  keys = jax.ShapeDtypeStruct((4096, 10), jnp.float32)
+  exported = export.export(exact._make_search_fn(mesh, 18, 1024, 4096, 128),  # pylint: disable=protected-access
+                           platforms=PLATFORMS)(queries, num_keys, keys)
+  assert [a.shape for a in exported.out_avals] == [(128, 18), (128, 18)]
+  exported = export.export(approx._make_search_fn(mesh, 18, 4096, 0.95),  # pylint: disable=protected-access
+                           platforms=PLATFORMS)(queries, num_keys, keys)
+  assert [a.shape for a in exported.out_avals] == [(128, 18), (128, 18)]
+  # On TPU approx_min_k is the native partial reduction, kept as such in the lowered module.
+  assert "ApproxTopK" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("residual_format", ["dense", "sparse"])
+def test_the_inference_pass_lowers_for_tpu_and_cuda(residual_format):
+  module, _, state, batch = _abstract("cnn", "float32")
+  forward = inference.make_forward(lambda variables, x: module.apply(variables, x, train=False),
+                                   mesh_lib.data_mesh(), temperatures=(1.0, 2.0),
+                                   residual_format=residual_format, top_m=3)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  exported = export.export(forward.fn, platforms=PLATFORMS)(
+      variables, batch["inputs"], batch["labels"])
+  assert exported.platforms == PLATFORMS
