@@ -11,6 +11,7 @@ import optax
 import pytest
 from jax import export
 
+from conftest import run_python
 from resmem_jax import inference
 from resmem_jax import mesh as mesh_lib
 from resmem_jax import models
@@ -109,3 +110,51 @@ def test_the_inference_pass_lowers_for_tpu_and_cuda(residual_format):
   exported = export.export(forward.fn, platforms=PLATFORMS)(
       variables, batch["inputs"], batch["labels"])
   assert exported.platforms == PLATFORMS
+
+
+def test_sharded_programs_lower_on_a_mesh_of_eight_devices():
+  # The shardings the tools use: keys split along the data axis for the searches, batches split
+  # for the train step and the inference pass, parameters replicated.
+  proc = run_python("""
+import jax, jax.numpy as jnp, optax
+from jax import export
+from jax.sharding import NamedSharding, PartitionSpec as P
+from resmem_jax import inference, mesh as mesh_lib, models
+from resmem_jax.memory import approx, exact
+from resmem_jax.settings import ModelSettings
+from resmem_jax.training import state as state_lib, steps
+mesh = mesh_lib.data_mesh()
+assert mesh.devices.size == 8
+platforms = ("tpu", "cuda")
+split = NamedSharding(mesh, P(mesh_lib.DATA_AXIS))
+whole = NamedSharding(mesh, P())
+queries = jax.ShapeDtypeStruct((128, 10), jnp.float32, sharding=whole)
+num_keys = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+keys = jax.ShapeDtypeStruct((8 * 512, 10), jnp.float32, sharding=split)
+for name, fn in (("exact", exact._make_search_fn(mesh, 18, 512, 512, 128)),
+                 ("approx", approx._make_search_fn(mesh, 18, 512, 0.95))):
+  e = export.export(fn, platforms=platforms)(queries, num_keys, keys)
+  assert e.nr_devices == 8 and [a.shape for a in e.out_avals] == [(128, 18)] * 2, name
+module = models.build_model(ModelSettings(name="cnn", width=4), num_classes=5)
+tx = optax.sgd(0.1, momentum=0.9)
+def init():
+  v = module.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                  jnp.zeros((8, 8, 8, 1)), train=False)
+  return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+                              batch_stats=v.get("batch_stats", {}), opt_state=tx.init(v["params"]))
+state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole),
+                     jax.eval_shape(init))
+batch = {"inputs": jax.ShapeDtypeStruct((16, 8, 8, 1), jnp.float32, sharding=split),
+         "labels": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=split),
+         "mask": jax.ShapeDtypeStruct((16,), jnp.float32, sharding=split)}
+e = export.export(jax.jit(steps.make_train_step(module, tx, 0.0, jax.random.key(1))),
+                  platforms=platforms)(state, batch)
+assert e.nr_devices == 8
+forward = inference.make_forward(lambda v, x: module.apply(v, x, train=False), mesh,
+                                 temperatures=(1.0,))
+variables = {"params": state.params, "batch_stats": state.batch_stats}
+e = export.export(forward.fn, platforms=platforms)(variables, batch["inputs"], batch["labels"])
+assert e.nr_devices == 8
+print("LOWERED ON 8")
+""", devices=8)
+  assert "LOWERED ON 8" in proc.stdout
