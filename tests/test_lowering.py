@@ -158,3 +158,40 @@ assert e.nr_devices == 8
 print("LOWERED ON 8")
 """, devices=8)
   assert "LOWERED ON 8" in proc.stdout
+
+
+def test_the_selection_gate_and_prediction_programs_lower_for_tpu_and_cuda(monkeypatch):
+  # The jitted pieces of the validation sweep, the gate's second pass and prediction, each
+  # exported with the arguments a real (tiny) fit and evaluate give it.
+  import flax.linen as nn
+  import numpy as np
+  import resmem_jax
+  from resmem_jax import fitting
+  from resmem_jax.core import gate
+  from resmem_jax.core import selection
+
+  recorded = {}
+  for module, name in ((selection, "_score_chunk"), (selection, "_base_1_sums"),
+                       (gate, "_score_rows"), (fitting, "_base_prediction"),
+                       (fitting, "_probabilities"), (fitting, "_row_metrics")):
+    def wrapper(*args, _original=getattr(module, name), _name=name, **kwargs):
+      recorded.setdefault(_name, (_original, args, kwargs))
+      return _original(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      hidden = nn.relu(nn.Dense(8)(x))
+      return nn.Dense(3)(hidden), hidden
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(240, 5)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5)
+  model = Net()
+  fitted = resmem_jax.fit(model, model.init(jax.random.key(0), x[:1]), train=(x[:120], y[:120]),
+                          validation=(x[120:200], y[120:200]), gate_alpha=0.05, progress=False)
+  fitted.evaluate(x[200:], y[200:])
+  assert len(recorded) == 6, sorted(recorded)
+  for name, (fn, args, kwargs) in recorded.items():
+    assert export.export(fn, platforms=PLATFORMS)(*args, **kwargs).platforms == PLATFORMS, name
