@@ -160,6 +160,7 @@ print("LOWERED ON 8")
   assert "LOWERED ON 8" in proc.stdout
 
 
+@pytest.mark.slow  # a real fit and evaluate first: about 10 s
 def test_the_selection_gate_and_prediction_programs_lower_for_tpu_and_cuda(monkeypatch):
   # The jitted pieces of the validation sweep, the gate's second pass and prediction, each
   # exported with the arguments a real (tiny) fit and evaluate give it.
