@@ -51,8 +51,6 @@ class Tool:
   example: str
 
 
-# Set by run(): the tool being run, for --help and for the one line a missing --config gets.
-_TOOL: Tool | None = None
 HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
 README = "README.md in the source tree (quick start, every tool, the data sets)"
 
@@ -62,13 +60,12 @@ def run(main, tool: Tool | None = None) -> None:
 
   ``tool`` is what ``--help`` says; without it, the first line of ``main``'s module docstring.
   """
-  global _TOOL
-  _TOOL = tool or _tool_from_docstring(main)
+  tool = tool or _tool_from_docstring(main)
   if any(arg in HELP_ARGS for arg in sys.argv[1:]):
-    print(help_text(main, _TOOL))
+    print(help_text(main, tool))
     raise SystemExit(0)
   app.run(lambda argv: _main(main, argv), argv=resolve_config_names(sys.argv),
-          flags_parser=_parse_flags)
+          flags_parser=lambda argv: _parse_flags(argv, tool.command))
 
 
 def _tool_from_docstring(main) -> Tool:
@@ -161,8 +158,7 @@ def help_text(main, tool: Tool) -> str:
   return "\n".join(lines)
 
 
-def missing_config_line() -> str:
-  command = _TOOL.command if _TOOL else "the tool"
+def missing_config_line(command: str) -> str:
   names = ", ".join(f"{n}[:{'|'.join(v)}]" if v else n for n, v in config_variants().items())
   return (f"config error: --config is required: a packaged config ({names}) or a config file "
           f"path[:variant]; {command} --help says more")
@@ -304,7 +300,7 @@ def os_error_line(err: OSError) -> str:
   return f"{what}{': ' + where if where else ''}{detail}; {fix}"
 
 
-def _parse_flags(argv):
+def _parse_flags(argv, command: str = "the tool"):
   try:
     remaining = flags.FLAGS(argv)
     if "config" in flags.FLAGS:
@@ -315,7 +311,7 @@ def _parse_flags(argv):
     return remaining
   except Exception as err:  # pylint: disable=broad-except  # absl / ml_collections raise many types
     if "config" in flags.FLAGS and "Flag --config must have a value other than None" in str(err):
-      raise SystemExit(missing_config_line()) from None
+      raise SystemExit(missing_config_line(command)) from None
     message = _flag_error(err, argv)
     kind = "config" if "config" in message.split(":")[0] or "config field" in message else "flag"
     raise SystemExit(f"{kind} error: {message}") from None
