@@ -119,7 +119,7 @@ def _resmem_settings(options: dict) -> settings_lib.ResMemSettings:
   r = settings_lib.ResMemSettings(**{**defaults, **options})
   settings_lib.validate_values(dataclasses.replace(settings_lib.Settings(), resmem=r))
   from resmem_jax import memory  # pylint: disable=g-import-not-at-top
-  memory.check_options(r.backend, r.backend_options, r.residual_format)
+  memory.check_options(r.backend, r.backend_options, r.residual_format, r.key_format)
   return r
 
 

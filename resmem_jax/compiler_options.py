@@ -14,11 +14,13 @@ to ``jax.jit(..., compiler_options=...)`` of the steps of the convolutional mode
 memory's search keeps XLA's defaults (the same option in ``XLA_FLAGS`` made ``exact`` 16-20%
 slower). They apply only where they were measured, CPU under jaxlib 0.10 (an option a later XLA
 drops would fail the compile), and not when ``XLA_FLAGS`` sets the option itself (the user's
-choice wins).
+choice wins). Under another jaxlib they are skipped with one :class:`UnmeasuredJaxlibWarning`
+(Python shows it once per process), so "tuned" never quietly means XLA's defaults.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import jaxlib
@@ -34,6 +36,10 @@ CONV_MODELS = ("cnn", "cifar_resnet", "resnet")  # model.name values that take t
 MEASURED_JAXLIB = (0, 10)  # major, minor of the jaxlib the CPU options were measured on
 
 
+class UnmeasuredJaxlibWarning(UserWarning):
+  """``model.cpu_compiler_options="tuned"`` on CPU under a jaxlib they were not measured on."""
+
+
 def _jaxlib_minor(version: str) -> tuple[int, ...]:
   return tuple(int(part) for part in version.split(".")[:2])
 
@@ -45,12 +51,18 @@ def model_step_options(model_name: str | None, platform: str, *,
   for a model of your own) compiled for ``platform`` ('cpu', 'gpu', 'tpu').
 
   None means XLA's defaults. ``jaxlib_version`` and ``xla_flags`` default to the installed
-  jaxlib and the ``XLA_FLAGS`` environment variable.
+  jaxlib and the ``XLA_FLAGS`` environment variable. A CPU conv model under another jaxlib than
+  :data:`MEASURED_JAXLIB` warns (:class:`UnmeasuredJaxlibWarning`) and gets None.
   """
   if platform != "cpu" or model_name not in CONV_MODELS:
     return None
   version = jaxlib.__version__ if jaxlib_version is None else jaxlib_version
   if _jaxlib_minor(version) != MEASURED_JAXLIB:
+    measured = ".".join(map(str, MEASURED_JAXLIB))
+    # stacklevel 2: the caller's line, so Python's default filter shows it once per process.
+    warnings.warn(f"model.cpu_compiler_options='tuned' skipped: measured under jaxlib "
+                  f"{measured}.x, not {version} (an option its XLA dropped would fail the "
+                  "compile); the steps use XLA's defaults", UnmeasuredJaxlibWarning, stacklevel=2)
     return None
   flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
   if YNN_FUSION_OPTION in flags:

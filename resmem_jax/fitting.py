@@ -18,8 +18,10 @@ cut by the eval batches' mask (``inference.py``), so images and tokens take the 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, TypeVar
 
@@ -226,26 +228,81 @@ def build_memory(r: settings_lib.ResMemSettings, passes: Passes, dataset_name: s
   candidates = temperatures(r)
   start = time.perf_counter()
   split = across_hosts(r)
-  train = inference.concatenate(list(passes.rows("train", passes.forward(
-      with_logits=False, temperatures=candidates, residual_format=r.residual_format,
-      top_m=r.top_m), local=split)))
-  dim = train.embeddings.shape[1]
+  forward = passes.forward(with_logits=False, temperatures=candidates,
+                           residual_format=r.residual_format, top_m=r.top_m)
   num_classes = passes.model.num_classes
-  stores = {t: store_lib.store_from_arrays(arrays, r.residual_format, num_classes, r.top_m)
-            for t, arrays in train.residuals.items()}
   metadata = {"dataset": dataset_name, "checkpoint_step": passes.model.step,
               "model_digest": passes.model.digest}
+  if r.shard_dir:
+    keys, stores, labels = _rows_through_shards(r, passes, forward, split, dataset_name)
+  else:
+    train = inference.concatenate(list(passes.rows("train", forward, local=split)))
+    keys, labels = train.embeddings, train.labels
+    stores = {t: store_lib.store_from_arrays(arrays, r.residual_format, num_classes, r.top_m)
+              for t, arrays in train.residuals.items()}
+    del train
   options = memory_lib.parse_backend_options(r.backend_options)
   if split and r.backend == "approx":
     options.setdefault("across_hosts", False)  # each host's part on its own devices
-  local = memory_lib.memory_from_store(train.embeddings, stores[candidates[0]], r.backend,
-                                       labels=train.labels, metadata=metadata, **options)
+  local = memory_lib.memory_from_store(keys, stores[candidates[0]], r.backend, labels=labels,
+                                       metadata=metadata, key_format=r.key_format, **options)
+  del keys
   # split: this process's rows only; searches ask every host
   memory: ResidualMemory = hosts.HostShardedMemory(local) if split else local
-  del train
-  log.info("memory: %s rows of dimension %d (%s, %s residuals) in %.1f s", f"{memory.size:,}", dim,
-           r.backend, r.residual_format, time.perf_counter() - start)
+  log.info("memory: %s rows of dimension %d (%s, %s keys, %s residuals) in %.1f s",
+           f"{memory.size:,}", memory.dim, r.backend, r.key_format, r.residual_format,
+           time.perf_counter() - start)
   return memory, stores, metadata
+
+
+def _rows_through_shards(r: settings_lib.ResMemSettings, passes: Passes,
+                         forward: inference.Forward, split: bool, dataset_name: str):
+  """The training rows written to ``r.shard_dir`` in shards as the pass goes (resuming after the
+  shards a killed run completed), then read back coded: ``(KeyStore, {T: store}, labels)``."""
+  from resmem_jax.memory import shards  # pylint: disable=g-import-not-at-top
+  candidates = temperatures(r)
+  folder = r.shard_dir
+  if split:  # each process writes and reads its own rows
+    folder = os.path.join(folder, f"process-{jax.process_index()}")
+  rows_per_batch = passes.batch_size * passes.fold_block  # fold_block: rows per example
+  batches_per_shard = max(1, -(-int(r.shard_rows) // rows_per_batch))
+  spec = {"dataset": dataset_name, "model_digest": passes.model.digest,
+          "temperatures": [float(t) for t in candidates], "residual_format": r.residual_format,
+          "top_m": r.top_m, "batch_size": passes.batch_size, "batches_per_shard": batches_per_shard,
+          "process": [jax.process_index(), jax.process_count()] if split else None}
+  done = len(shards.prepare(folder, spec))
+  if done:
+    log.info("memory rows: resuming after %d complete shards in %s", done, folder)
+  batches = passes.dataset.eval_batches("train", passes.batch_size)
+  batches = itertools.islice(batches, done * batches_per_shard, None)
+  examples = passes.dataset.num_examples("train")
+  total = None if examples is None else max(0, -(-examples // passes.batch_size)
+                                            - done * batches_per_shard)
+  parts: list[inference.Rows] = []
+  index = done
+  names = [f"t{i}" for i in range(len(candidates))]
+
+  def flush():
+    nonlocal index
+    rows = inference.concatenate(parts)
+    shards.write_shard(folder, index, rows.embeddings,
+                       {name: rows.residuals[t] for name, t in zip(names, candidates, strict=True)},
+                       rows.labels)
+    parts.clear()
+    index += 1
+
+  for count, rows in enumerate(inference.run_pass(
+      forward, passes.model.variables, batches, passes.mesh, desc="train", total_batches=total,
+      progress=passes.progress, local=split), 1):
+    parts.append(rows)
+    if count % batches_per_shard == 0:
+      flush()
+  if parts:
+    flush()
+  key_store, by_name, labels = shards.read_stores(
+      folder, num_outputs=passes.model.num_classes, key_format=r.key_format,
+      residual_format=r.residual_format, top_m=r.top_m, temperatures=names)
+  return key_store, {t: by_name[name] for name, t in zip(names, candidates, strict=True)}, labels
 
 
 def build_and_select(r: settings_lib.ResMemSettings, passes: Passes, dataset_name: str):

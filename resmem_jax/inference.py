@@ -50,7 +50,7 @@ class Rows:
 def residual_arrays(labels, logits, temperature: float, residual_format: str, top_m: int) -> dict:
   """The store arrays of ``onehot(labels) - softmax(logits / T)`` in ``residual_format`` (jittable)."""
   r = residuals_lib.classification_residuals(labels, logits, temperature)
-  if residual_format == "sparse":
+  if residual_format in ("sparse", "sparse_float16"):  # float32 values: the store converts
     columns, values = residuals_lib.sparse_top_m(r, top_m, labels)
     return {"sparse_columns": columns, "sparse_values": values}
   if residual_format == "bfloat16":

@@ -162,8 +162,17 @@ class ResMemSettings:
   backend_options: str = _f("memory", "", "'key=value,...' options of the backend, e.g. "
                             "'mode=tree_ah,num_leaves=400' (resmem_jax/memory/scann.py)")
   residual_format: str = _f("memory", "dense", "stored residuals: dense (float32) | bfloat16 | "
-                            "sparse (the label + top_m largest probabilities)")
+                            "sparse (the label + top_m largest probabilities) | sparse_float16 "
+                            "(sparse, float16 values)")
   top_m: int = _f("memory", 16, "sparse: entries kept besides the label")
+  shard_dir: str = _f("report", "", "a folder for a streamed memory build: the inference pass "
+                      "writes the training rows there in shards as it goes, the memory is built "
+                      "from them (float32 keys never all in RAM), and a rerun after a kill "
+                      "resumes after the last complete shard; empty: build in RAM")
+  shard_rows: int = _f("report", 262144, "streamed build: rows per shard, at least (whole "
+                       "batches)")
+  key_format: str = _f("memory", "float32", "stored keys: float32 | bfloat16 | int8 (codes from "
+                       "the nearest of 256 centroids, a scale per row; resmem_jax/memory/keys.py)")
   k: Optional[int] = _f("memory", None, "neighbours per query (None: chosen from k_grid on "
                         "validation)")
   sigma: Optional[float] = _f("memory", None, "softmax temperature of the neighbour weights, "

@@ -34,7 +34,7 @@ def check(settings: Settings) -> None:
     data.check_name(settings.data.name)
     models.check_settings(settings.model)
     memory.check_options(settings.resmem.backend, settings.resmem.backend_options,
-                         settings.resmem.residual_format)
+                         settings.resmem.residual_format, settings.resmem.key_format)
   except (SettingsError, MissingDependency):
     raise
   except ValueError as err:

@@ -1,5 +1,7 @@
 """The CPU compiler options of the convolutional models' steps: where they apply, and that a
 step compiled with them computes what XLA's defaults compute."""
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -29,12 +31,36 @@ def test_options_only_for_convolutional_models_on_cpu_under_the_measured_jaxlib(
                                              xla_flags="") is None
   assert compiler_options.model_step_options(None, "cpu", jaxlib_version="0.10.2",
                                              xla_flags="") is None
-  assert compiler_options.model_step_options("cnn", "cpu", jaxlib_version="0.11.0",
-                                             xla_flags="") is None
+  with pytest.warns(compiler_options.UnmeasuredJaxlibWarning):
+    assert compiler_options.model_step_options("cnn", "cpu", jaxlib_version="0.11.0",
+                                               xla_flags="") is None
   # The user's own XLA_FLAGS setting of the option wins.
   flags = f"--{compiler_options.YNN_FUSION_OPTION}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
   assert compiler_options.model_step_options("cnn", "cpu", jaxlib_version="0.10.2",
                                              xla_flags=flags) is None
+
+
+def test_tuned_options_under_another_jaxlib_warn_once_and_are_skipped():
+  # "tuned" asked for on CPU, but the installed jaxlib is not the one they were measured on:
+  # XLA's defaults, said once in one line (Python's default filter: once per calling line).
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("default")
+    for _ in range(3):
+      assert compiler_options.model_step_options("cifar_resnet", "cpu", jaxlib_version="0.11.0",
+                                                 xla_flags="") is None
+  assert [w.category for w in caught] == [compiler_options.UnmeasuredJaxlibWarning]
+  message = str(caught[0].message)
+  assert "\n" not in message and "cpu_compiler_options='tuned' skipped" in message
+  assert "jaxlib 0.10.x, not 0.11.0" in message
+  # Nothing to say where they were never meant to apply, or where they apply.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert compiler_options.model_step_options("cnn", "gpu", jaxlib_version="0.11.0",
+                                               xla_flags="") is None
+    assert compiler_options.model_step_options("transformer", "cpu", jaxlib_version="0.11.0",
+                                               xla_flags="") is None
+    assert compiler_options.model_step_options("cnn", "cpu", jaxlib_version="0.10.0",
+                                               xla_flags="") is not None
 
 
 @pytest.mark.slow

@@ -271,6 +271,7 @@ from resmem_jax.core import predictor
 from resmem_jax.core.residuals import residuals
 from resmem_jax.memory import build_memory
 from resmem_jax.memory.exact import ExactIndex
+from resmem_jax.memory.keys import KeyStore
 assert jax.local_device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
 keys = rng.normal(size=(1003, 9)).astype(np.float32)
@@ -279,7 +280,7 @@ logits = rng.normal(size=(1003, 5)).astype(np.float32)
 res = residuals(labels, logits, 1.0)
 queries = np.random.default_rng(7).normal(size=(37, 9)).astype(np.float32)
 memory = build_memory(keys, res, block_size=64)
-assert memory.index.num_shards == 8 and ExactIndex.build(keys, {}).num_shards == 8
+assert memory.index.num_shards == 8 and ExactIndex.build(KeyStore('float32', keys), {}).num_shards == 8
 d, i = memory.search(queries, 11)
 values, _ = memory.residual_rows(i)
 est = np.asarray(predictor.residual_estimate(predictor.neighbour_weights(d, 0.3), values))

@@ -16,7 +16,9 @@ class NumpyIndex(index_lib.SearchIndex):
   OPTION_NAMES = ("spare",)
 
   def __init__(self, keys, spare):
-    self.keys, self.size, self.options = keys, keys.shape[0], {"spare": spare}
+    # The memory's KeyStore: float32() is every key, decoded.
+    self.keys = keys.float32()
+    self.size, self.options = self.keys.shape[0], {"spare": spare}
 
   @classmethod
   def check_options(cls, options):
@@ -85,13 +87,19 @@ def test_an_index_returning_too_few_candidates_is_caught(numpy_backend, monkeypa
   monkeypatch.setattr(NumpyIndex, "candidates", lambda self, q, k: np.zeros((len(q), k - 1), np.int32))
   with pytest.raises(ValueError, match="at least min\\(k, size\\) ids"):
     memory.search(keys[:2], 3)
-  # Wide enough but short of distinct real ids: repeated, -1 or out of range.
-  for bad in ([0, 0, 0, 0], [0, 1, -1, -1], [0, 1, 20, 21]):
+  # Wide enough but wrong: repeated or out of range ids are a bug in the index.
+  for bad, message in (([0, 0, 0, 0], "the same id twice"), ([0, 1, 20, 21], r"outside \[0, 20\)"),
+                       ([0, 1, -2, 3], r"outside \[0, 20\)")):
     monkeypatch.setattr(NumpyIndex, "candidates",
                         lambda self, q, k, bad=bad: np.tile(np.int32(bad), (len(q), 1)))
-    with pytest.raises(ValueError, match=r"NumpyIndex.candidates returned fewer than k=3 distinct "
-                                         r"ids in \[0, 20\) for some queries"):
+    with pytest.raises(ValueError, match=f"NumpyIndex.candidates returned .*{message}"):
       memory.search(keys[:2], 3)
+  # -1 is "no answer": rows short of k real ids are searched exhaustively by the memory.
+  exact = memory_lib.build_memory(keys, np.zeros((20, 1), np.float32))
+  monkeypatch.setattr(NumpyIndex, "candidates",
+                      lambda self, q, k: np.tile(np.int32([0, 1, -1, -1]), (len(q), 1)))
+  for a, b in zip(memory.search(keys[:5] + 0.01, 3), exact.search(keys[:5] + 0.01, 3)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("backend,options", [
@@ -134,8 +142,10 @@ def test_check_options_names_the_config_field():
       (("exact", "mode=tree_ah", "dense"), r"unknown exact backend options \['mode'\]"),
       (("scann", "mode", "dense"), r"resmem.backend_options entries must be key=value, got 'mode'"),
       (("exact", "", "sprase"),
-       r"^resmem.residual_format must be one of \['dense', 'bfloat16', 'sparse'\], got 'sprase' "
-       r"\(did you mean 'sparse'\?\)$"),
+       r"^resmem.residual_format must be one of \['dense', 'bfloat16', 'sparse', 'sparse_float16'\], "
+       r"got 'sprase' \(did you mean 'sparse'\?\)$"),
+      (("exact", "", "dense", "int4"),
+       r"^resmem.key_format must be one of \['float32', 'bfloat16', 'int8'\], got 'int4'"),
   ]
   for args, message in cases:
     with pytest.raises(ValueError, match=message):

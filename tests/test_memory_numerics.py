@@ -118,16 +118,21 @@ def test_scann_padding_of_short_results_is_never_returned():
   raw_ids, raw_scores = np.asarray(raw_ids), np.asarray(raw_scores)
   assert np.all(np.isnan(raw_scores).any(axis=1)) and np.all(raw_ids[np.isnan(raw_scores)] == 0)
   exact = build_memory(keys, np.zeros((2000, 2), np.float32))
-  for k in (500, 2000):  # every row short: answered exactly
-    for a, b in zip(_check_search(memory, keys, queries, k), exact.search(queries, k)):
-      np.testing.assert_array_equal(a, b)
-  # Some rows short, some not: still k distinct real ids at their true distances.
+  for k in (500, 2000):  # every row short: searched again over every leaf
+    _, ids = _check_search(memory, keys, queries, k, exact_ids=False)
+    reference = exact.search(queries, k)[1]
+    assert np.mean([len(set(x) & set(y)) / k for x, y in zip(ids, reference)]) > 0.95
+  np.testing.assert_array_equal(_check_search(memory, keys, queries, 2000)[1],
+                                exact.search(queries, 2000)[1])  # every key: all of them, exact
+  # Some rows short, some not: still k distinct real ids at their true distances, the short
+  # ones from every leaf.
   raw_ids, raw_scores = index.searcher.search_batched(transformed, final_num_neighbors=45,
                                                       leaves_to_search=1)
   padded = np.isnan(np.asarray(raw_scores)).any(axis=1)
   assert 0 < padded.sum() < 60
   _, ids = _check_search(memory, keys, queries, 45, exact_ids=False)
-  np.testing.assert_array_equal(ids[padded], exact.search(queries[padded], 45)[1])
+  reference = exact.search(queries[padded], 45)[1]
+  assert np.mean([len(set(x) & set(y)) / 45 for x, y in zip(ids[padded], reference)]) > 0.95
   # The same through the side buffer of added keys.
   memory.add(queries[:5] + 0.01, np.zeros((5, 2), np.float32))
   all_keys = np.concatenate([keys, queries[:5] + 0.01])

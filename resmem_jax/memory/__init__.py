@@ -6,8 +6,8 @@
     mem.add(new_embeddings, new_residuals)              # queryable at once
     mem.save("/tmp/mem"); mem = load_memory("/tmp/mem")
 
-A memory is keys + a residual store + a search index (+ optionally the label each key
-memorizes, for the kNN-LM head). It finds neighbours and returns their rows; the prediction
+A memory is keys (in a key format: ``float32``, ``bfloat16`` or ``int8``, see ``keys.py``) + a
+residual store + a search index (+ optionally the label each key memorizes, for the kNN-LM head). It finds neighbours and returns their rows; the prediction
 ``p + sum_i w_i r_i`` is computed by :mod:`resmem_jax.core.predictor` (on whole query sets:
 :mod:`resmem_jax.resmem`).
 
@@ -15,15 +15,18 @@ memorizes, for the kNN-LM head). It finds neighbours and returns their rows; the
               plus one registry line)
   exact.py    ``exact``: blocked brute force in JAX, keys sharded over the local devices; the
               recall reference
-  scann.py    ``scann``: ScaNN, with an exact side buffer for keys added after the build
+  scann.py    ``scann``: ScaNN (AH codes only; the memory re-ranks), with an exact side buffer
+              for keys added after the build
+  keys.py     key formats ``float32``, ``bfloat16``, ``int8`` (with their error bounds)
   store.py    residual formats ``dense``, ``bfloat16``, ``sparse`` (with their error bounds)
   scaling.py  power-of-two scaling of keys and queries (no float32 overflow), the input limit
   io.py       the saved layout, manifest and checksums
   atomic_dir.py  replacing a folder so that a kill leaves the old or the new one
   tuning.py   query-time settings tuned to a recall target on real queries
 
-Every backend's candidates are re-ranked once by directly computed distance, so returned
-distances are exact; an approximate backend is approximate only in which ids it returns.
+Every backend's candidates are re-ranked once by directly computed distance from the stored
+keys, so returned distances are exact for those keys (for ``float32``, the keys given); an
+approximate backend is approximate only in which ids it returns.
 """
 from __future__ import annotations
 
@@ -37,13 +40,18 @@ from resmem_jax.memory import index as index_lib
 from resmem_jax.memory import io
 from resmem_jax.memory import store as store_lib
 from resmem_jax.memory.exact import rerank_exact
+from resmem_jax.memory.keys import KEY_FORMATS
+from resmem_jax.memory.keys import KeyStore
 
 BACKENDS = tuple(index_lib.BACKENDS)
 FORMATS = store_lib.FORMATS
+# Rows of keys scored per step when a memory searches a query exhaustively.
+EXHAUSTIVE_ROWS = 65_536
 DEFAULT_TOP_M = 16
 
 __all__ = ["Memory", "build_memory", "memory_from_store", "load_memory", "parse_backend_options",
-           "check_options", "check_size", "has_query_settings", "BACKENDS", "FORMATS"]
+           "check_options", "check_size", "has_query_settings", "BACKENDS", "FORMATS",
+           "KEY_FORMATS"]
 
 
 def _json_value(value):
@@ -70,10 +78,11 @@ def _json_metadata(metadata) -> dict:
 
 
 class Memory:
-  """Keys ``[n, d]`` float32 + a residual store + a search index (+ optional labels ``[n]``
-  int32). Build with :func:`build_memory`, :func:`memory_from_store` or :func:`load_memory`."""
+  """Keys ``[n, d]`` (a :class:`~resmem_jax.memory.keys.KeyStore`) + a residual store + a search
+  index (+ optional labels ``[n]`` int32). Build with :func:`build_memory`,
+  :func:`memory_from_store` or :func:`load_memory`."""
 
-  def __init__(self, keys: np.ndarray, store, backend: str, index: index_lib.SearchIndex,
+  def __init__(self, keys: KeyStore, store, backend: str, index: index_lib.SearchIndex,
                labels: np.ndarray | None = None, metadata: dict | None = None):
     self._keys = keys
     self._store = store
@@ -85,11 +94,16 @@ class Memory:
   # -- properties -----------------------------------------------------------------------------
   @property
   def size(self) -> int:
-    return self._keys.shape[0]
+    return len(self._keys)
 
   @property
   def dim(self) -> int:
-    return self._keys.shape[1]
+    return self._keys.dim
+
+  @property
+  def key_format(self) -> str:
+    """How the keys are stored: ``float32``, ``bfloat16`` or ``int8`` (``keys.py``)."""
+    return self._keys.format
 
   @property
   def num_outputs(self) -> int:
@@ -116,6 +130,13 @@ class Memory:
 
   @property
   def keys(self) -> np.ndarray:
+    """The keys as searched, float32 ``[n, d]``: the stored array for ``float32``, else a decoded
+    copy (as large as float32 keys)."""
+    return self._keys.float32()
+
+  @property
+  def key_store(self) -> KeyStore:
+    """The keys as stored."""
     return self._keys
 
   @property
@@ -131,7 +152,7 @@ class Memory:
 
   def bytes_per_example(self) -> dict:
     """Stored bytes per example: ``{"keys": ..., "residuals": ...}`` (+ ``"labels"``)."""
-    out = {"keys": float(self._keys.itemsize * self.dim),
+    out = {"keys": self._keys.bytes_per_row(),
            "residuals": self._store.bytes_per_example()}
     if self._labels is not None:
       out["labels"] = float(self._labels.itemsize)
@@ -156,17 +177,41 @@ class Memory:
     if queries.shape[0] == 0:
       return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
     candidates = self._index.candidates(queries, k)
+    name = type(self._index).__name__
     if candidates.ndim != 2 or candidates.shape[0] != queries.shape[0] or candidates.shape[1] < k:
-      raise ValueError(f"{type(self._index).__name__}.candidates returned shape "
-                       f"{candidates.shape} for {queries.shape[0]} queries and k={k}; an index "
-                       f"must return at least min(k, size) ids per query")
+      raise ValueError(f"{name}.candidates returned shape {candidates.shape} for "
+                       f"{queries.shape[0]} queries and k={k}; an index must return at least "
+                       "min(k, size) ids per query")
+    if candidates.size and (int(candidates.min()) < -1 or int(candidates.max()) >= self.size):
+      raise ValueError(f"{name}.candidates returned ids outside [0, {self.size}) (and -1 for "
+                       "none); an index must return row numbers of its keys")
     distances, ids = rerank_exact(queries, self._keys, candidates, k)
     ordered = np.sort(ids, axis=1)
-    if ordered[:, 0].min() < 0 or np.any(ordered[:, 1:] == ordered[:, :-1]):
-      raise ValueError(f"{type(self._index).__name__}.candidates returned fewer than k={k} "
-                       f"distinct ids in [0, {self.size}) for some queries; an index must return "
-                       "at least min(k, size) distinct ids per query")
+    if np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)):
+      raise ValueError(f"{name}.candidates returned the same id twice for some queries; an "
+                       "index must return distinct ids")
+    short = ids[:, -1] < 0  # the index could not answer these rows: search them exhaustively
+    if short.any():
+      distances[short], ids[short] = self._exhaustive(queries[short], k)
     return distances, ids
+
+  def _exhaustive(self, queries: np.ndarray, k: int):
+    """The k nearest keys of every key, for the few rows an index leaves short: the nearest
+    ``k + PRESELECT_MARGIN`` of each slice of keys by a float64 expansion, then the exact
+    re-rank of them all."""
+    from resmem_jax.memory.exact import PRESELECT_MARGIN  # pylint: disable=g-import-not-at-top
+    keep = min(self.size, k + PRESELECT_MARGIN)
+    wide = queries.astype(np.float64)
+    best = []
+    for start in range(0, self.size, EXHAUSTIVE_ROWS):
+      rows = self._keys.rows(start, start + EXHAUSTIVE_ROWS).astype(np.float64)
+      scores = np.einsum("nd,nd->n", rows, rows)[None, :] - 2 * wide @ rows.T
+      count = min(keep, rows.shape[0])
+      part = np.argpartition(scores, count - 1, axis=1)[:, :count] if count < rows.shape[0] \
+          else np.tile(np.arange(rows.shape[0]), (len(queries), 1))
+      best.append(part + start)
+    candidates = np.concatenate(best, axis=1).astype(np.int32)
+    return rerank_exact(queries, self._keys, candidates, k)
 
   def residual_rows(self, ids):
     """The store's rows of memory ``ids``: ``(values float32 [..., C], None)`` for dense and
@@ -205,7 +250,7 @@ class Memory:
                        "this memory has no labels; build it with labels= to store them")
     if labels is not None:
       labels = np.concatenate([self._labels, checks.labels(labels, keys.shape[0], self.num_outputs)])
-    all_keys = np.concatenate([self._keys, keys])
+    all_keys = self._keys.with_rows(keys)
     index = self._index.extend(all_keys)
     # A copy: the store may be shared with the caller (memory_from_store, with_store).
     store = copy.copy(self._store)
@@ -266,31 +311,36 @@ def _checked_labels(labels, n: int, num_outputs: int):
 
 
 def build_memory(keys, residuals, backend: str = "exact", residual_format: str = "dense",
-                 top_m: int | None = None, labels=None, metadata=None, **backend_options) -> Memory:
+                 top_m: int | None = None, labels=None, metadata=None, key_format: str = "float32",
+                 **backend_options) -> Memory:
   """Builds a ResMem memory.
 
   Args:
     keys: embeddings ``[n, d]`` (floating point, finite).
     residuals: residuals ``[n, C]`` (see :func:`resmem_jax.core.residuals.residuals`).
     backend: one of :data:`BACKENDS` (``"exact"``, ``"scann"``).
-    residual_format: ``"dense"`` (float32), ``"bfloat16"`` or ``"sparse"`` (true label + ``top_m``
-      largest probabilities; see :mod:`resmem_jax.memory.store` for its error bound).
-    top_m: entries kept by ``"sparse"`` besides the label (default 16); ignored otherwise.
+    residual_format: ``"dense"`` (float32), ``"bfloat16"``, ``"sparse"`` (true label + ``top_m``
+      largest probabilities) or ``"sparse_float16"`` (the same, float16 values); see
+      :mod:`resmem_jax.memory.store` for their error bounds.
+    top_m: entries kept by the sparse formats besides the label (default 16); ignored otherwise.
     labels: optional int ``[n]`` in ``[0, C)``: what each key memorizes (the kNN-LM head reads
       them); saved with the memory and extended by :meth:`Memory.add`.
     metadata: JSON-serialisable dict (e.g. the producing model's config and step), saved in the
       manifest.
+    key_format: how the keys are stored, one of :data:`KEY_FORMATS` (``float32``, ``bfloat16``,
+      ``int8``; see :mod:`resmem_jax.memory.keys` for their sizes and errors).
     **backend_options: the backend's ``OPTION_NAMES`` (``exact``: block_size, query_chunk,
       query_tile, calls_in_flight, devices; ``scann``: see
       :data:`resmem_jax.memory.scann.OPTION_NAMES`).
   """
   index_cls = index_lib.index_class(backend)
   index_lib.check_choice("residual_format", residual_format, FORMATS)
+  index_lib.check_choice("key_format", key_format, KEY_FORMATS)
   keys = checks.vectors(keys, "keys")
   residuals = checks.float_matrix(residuals, "residuals")
   if keys.shape[0] != residuals.shape[0]:
     raise ValueError(f"keys has {keys.shape[0]} rows but residuals has {residuals.shape[0]}")
-  if residual_format == "sparse":
+  if residual_format in store_lib.SPARSE_FORMATS:
     top_m = DEFAULT_TOP_M if top_m is None else top_m
     if isinstance(top_m, bool) or not isinstance(top_m, (int, np.integer)) or top_m < 1:
       raise ValueError(f"top_m must be a positive integer, got {top_m!r}")
@@ -298,21 +348,30 @@ def build_memory(keys, residuals, backend: str = "exact", residual_format: str =
   labels = _checked_labels(labels, keys.shape[0], residuals.shape[1])
   metadata = _json_metadata(metadata)
   store = store_lib.make_store(residuals, residual_format, top_m)
-  return Memory(keys, store, backend, index_cls.build(keys, options), labels, metadata)
+  key_store = KeyStore.from_float32(keys, key_format)
+  del keys  # a compact format keeps only its codes
+  return Memory(key_store, store, backend, index_cls.build(key_store, options), labels, metadata)
 
 
 def memory_from_store(keys, store, backend: str = "exact", labels=None, metadata=None,
-                      **backend_options) -> Memory:
+                      key_format: str = "float32", **backend_options) -> Memory:
   """A memory over ``keys`` with a ready residual store (the engine's path: the rows were
   computed on the device, see :func:`~resmem_jax.memory.store.store_from_arrays`). Arguments as
   :func:`build_memory`."""
   index_cls = index_lib.index_class(backend)
-  keys = checks.vectors(keys, "keys")
-  _check_store(store, keys.shape[0])
+  index_lib.check_choice("key_format", key_format, KEY_FORMATS)
+  if isinstance(keys, KeyStore):  # already stored (a streamed build): checked as it was coded
+    key_store = keys
+  else:
+    key_store = KeyStore.from_float32(checks.vectors(keys, "keys"), key_format)
+  if key_store.format != key_format:
+    raise ValueError(f"keys are stored as {key_store.format}, key_format says {key_format}")
+  del keys
+  _check_store(store, len(key_store))
   options = index_cls.check_options(backend_options)
-  labels = _checked_labels(labels, keys.shape[0], store.num_outputs)
+  labels = _checked_labels(labels, len(key_store), store.num_outputs)
   metadata = _json_metadata(metadata)
-  return Memory(keys, store, backend, index_cls.build(keys, options), labels, metadata)
+  return Memory(key_store, store, backend, index_cls.build(key_store, options), labels, metadata)
 
 
 def load_memory(path) -> Memory:
@@ -346,7 +405,8 @@ def parse_backend_options(text: str) -> dict:
   return options
 
 
-def check_options(backend: str, backend_options: str | dict, residual_format: str) -> dict:
+def check_options(backend: str, backend_options: str | dict, residual_format: str,
+                  key_format: str = "float32") -> dict:
   """The checked backend options of a config, without building anything or importing ScaNN.
 
   ValueError naming ``resmem.backend``, ``resmem.backend_options`` or ``resmem.residual_format``
@@ -354,6 +414,7 @@ def check_options(backend: str, backend_options: str | dict, residual_format: st
   """
   index_cls = index_lib.index_class(backend, "resmem.backend")
   index_lib.check_choice("resmem.residual_format", residual_format, FORMATS)
+  index_lib.check_choice("resmem.key_format", key_format, KEY_FORMATS)
   if index_cls.REQUIRES is not None:
     import importlib.util  # pylint: disable=g-import-not-at-top
     module, extra = index_cls.REQUIRES

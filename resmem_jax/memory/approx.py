@@ -106,8 +106,8 @@ class ApproxIndex(index_lib.SearchIndex):
     return checked
 
   @classmethod
-  def build(cls, keys: np.ndarray, options: dict) -> ApproxIndex:
-    return cls(keys, **cls.check_options(options))
+  def build(cls, keys, options: dict) -> ApproxIndex:
+    return cls(keys.float32(), **cls.check_options(options))
 
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
     """Ids ``[q, min(k + RERANK_MARGIN, size)]`` (approximately the nearest; with rounding
@@ -123,8 +123,8 @@ class ApproxIndex(index_lib.SearchIndex):
 
     return certified_candidates(search, queries, k, self.size, self._layout, self._keys)
 
-  def extend(self, keys: np.ndarray) -> ApproxIndex:
-    return ApproxIndex(keys, devices=list(self.mesh.devices.flat), search_fns=self._search_fns,
+  def extend(self, keys) -> ApproxIndex:
+    return ApproxIndex(keys.float32(), devices=list(self.mesh.devices.flat), search_fns=self._search_fns,
                        **self.options)
 
   def save(self, directory: str) -> dict:
@@ -132,7 +132,7 @@ class ApproxIndex(index_lib.SearchIndex):
     return dict(self.options)
 
   @classmethod
-  def load(cls, directory: str, keys: np.ndarray, info: dict) -> ApproxIndex:
+  def load(cls, directory: str, keys, info: dict) -> ApproxIndex:
     del directory
     index_lib.check_option_names("approx index info", info,
                                  ("recall_target", "query_chunk", "across_hosts"))

@@ -21,6 +21,7 @@ from the expansion.
 """
 from __future__ import annotations
 
+import os
 from concurrent import futures
 
 import jax
@@ -370,6 +371,12 @@ ACCELERATOR_DEFAULTS = {"block_size": 8192, "query_chunk": 1024, "query_tile": 1
                         "calls_in_flight": 1}
 
 
+def defaults_for_platform(platform: str) -> dict:
+  """The unset options' values on devices of ``platform`` (``Device.platform``: 'cpu', 'gpu',
+  'tpu', ...): the CPU's measured ones on 'cpu', the accelerators' on any other."""
+  return dict(CPU_DEFAULTS if platform == "cpu" else ACCELERATOR_DEFAULTS)
+
+
 def _balanced_block(per_shard: int, block_size: int) -> int:
   """The block size for ``per_shard`` keys: at most ``block_size`` (rounded up to whole selection
   groups), with as few blocks as that allows and as little padding as those blocks allow."""
@@ -401,8 +408,7 @@ class ExactIndex(index_lib.SearchIndex):
     self.mesh = mesh_lib.data_mesh(list(devices) if devices is not None else jax.local_devices())
     self.num_shards = mesh_lib.num_data_shards(self.mesh)
     self.options = {name: int(options[name]) for name in self._SAVED if name in options}
-    platform = self.mesh.devices.flat[0].platform
-    settings = {**(CPU_DEFAULTS if platform == "cpu" else ACCELERATOR_DEFAULTS), **self.options}
+    settings = {**defaults_for_platform(self.mesh.devices.flat[0].platform), **self.options}
     self.query_chunk = settings["query_chunk"]
     self.query_tile = settings["query_tile"]
     self.calls_in_flight = settings["calls_in_flight"]
@@ -428,8 +434,8 @@ class ExactIndex(index_lib.SearchIndex):
     return checked
 
   @classmethod
-  def build(cls, keys: np.ndarray, options: dict) -> ExactIndex:
-    return cls(keys, **cls.check_options(options))
+  def build(cls, keys, options: dict) -> ExactIndex:
+    return cls(keys.float32(), **cls.check_options(options))
 
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
     """Ids ``[q, min(k + RERANK_MARGIN, size)]`` that surely hold each query's k nearest keys
@@ -445,8 +451,8 @@ class ExactIndex(index_lib.SearchIndex):
 
     return certified_candidates(search, queries, k, self.size, self._layout, self._keys)
 
-  def extend(self, keys: np.ndarray) -> ExactIndex:
-    return ExactIndex(keys, devices=list(self.mesh.devices.flat), search_fns=self._search_fns,
+  def extend(self, keys) -> ExactIndex:
+    return ExactIndex(keys.float32(), devices=list(self.mesh.devices.flat), search_fns=self._search_fns,
                       **self.options)
 
   def save(self, directory: str) -> dict:
@@ -454,7 +460,7 @@ class ExactIndex(index_lib.SearchIndex):
     return dict(self.options)
 
   @classmethod
-  def load(cls, directory: str, keys: np.ndarray, info: dict) -> ExactIndex:
+  def load(cls, directory: str, keys, info: dict) -> ExactIndex:
     del directory
     index_lib.check_option_names("exact index info", info, cls._SAVED)
     return cls.build(keys, info)
@@ -465,39 +471,68 @@ class ExactIndex(index_lib.SearchIndex):
 _TINY_SQUARED = 2.0 ** -100
 
 
-def rerank_exact(queries: np.ndarray, keys: np.ndarray, candidates: np.ndarray, k: int,
-                 chunk: int = 512):
+# Candidates per query beyond which the re-rank first keeps the nearest k + PRESELECT_MARGIN by
+# distance alone (a partial sort) and orders only those: an index that returns a deep candidate
+# list (scann's AH candidates) then costs one gather and one distance per candidate.
+PRESELECT_MARGIN = 32
+# Floats of gathered keys per re-rank step: a few MB keeps them in cache whatever the depth.
+RERANK_FLOATS = 1 << 20
+# Candidates (queries x per query) from which a re-rank runs its chunks on several threads.
+RERANK_PARALLEL_CANDIDATES = 1 << 16
+
+
+def rerank_exact(queries: np.ndarray, keys, candidates: np.ndarray, k: int,
+                 chunk: int | None = None):
   """Sorts candidate ids by directly computed Euclidean distance; keeps the first k.
 
-  ``candidates`` may hold -1 (no candidate; so does any id outside ``[0, len(keys))``); those sort
-  last at distance inf. Ties go to the lower index. Distances come from the differences ``q - k``
-  (float32), so they carry relative, not absolute, rounding error: a query equal to a key gets
-  distance exactly 0. Sums of squares that overflow float32 (entries beyond about 1e19) or could
-  have underflowed are recomputed in float64, so every distance of keys and queries within
-  :data:`~resmem_jax.memory.scaling.MAX_MAGNITUDE` is finite and accurate. Small chunks keep the
-  gathered keys in cache; this gather is the cost of exactness (about 2 ms per 1,000 queries at
-  k = 10, d = 128 here).
+  ``keys``: float32 ``[n, d]``, or a :class:`~resmem_jax.memory.keys.KeyStore` (its rows as
+  stored, decoded). ``candidates`` may hold -1 (no candidate; so does any id outside
+  ``[0, len(keys))``); those sort last at distance inf. Ties go to the lower index. Distances come
+  from the differences ``q - k`` (float32), so they carry relative, not absolute, rounding error: a
+  query equal to a key gets distance exactly 0. Sums of squares that overflow float32 (entries
+  beyond about 1e19) or could have underflowed are recomputed in float64, so every distance of
+  keys and queries within :data:`~resmem_jax.memory.scaling.MAX_MAGNITUDE` is finite and accurate.
+  Small chunks keep the gathered keys in cache; the gather is the cost of exactness (random rows:
+  memory-bound), so chunks run on a thread per core (NumPy releases the GIL in them).
   """
-  num_queries = queries.shape[0]
+  take = (lambda ids: np.take(keys, ids, axis=0)) if isinstance(keys, np.ndarray) else keys.take
+  size = len(keys)
+  num_queries, width = candidates.shape
+  if chunk is None:
+    chunk = max(1, min(512, RERANK_FLOATS // max(1, width * queries.shape[1])))
   out_dist = np.empty((num_queries, k), np.float32)
   out_index = np.empty((num_queries, k), np.int32)
-  for start in range(0, num_queries, chunk):
+
+  def rerank_chunk(start: int) -> None:
     part = queries[start:start + chunk]
     ids = candidates[start:start + chunk]
-    valid = (ids >= 0) & (ids < keys.shape[0])
-    diff = keys[np.where(valid, ids, 0)]
+    valid = (ids >= 0) & (ids < size)
+    diff = take(np.where(valid, ids, 0))
     np.subtract(diff, part[:, None, :], out=diff)
     squared = np.einsum("qkd,qkd->qk", diff, diff)
     redo = valid & ~((squared >= _TINY_SQUARED) & (squared < np.inf))
     dist = np.sqrt(squared)
     if redo.any():
       rows, columns = np.nonzero(redo)
-      wide = keys[ids[rows, columns]].astype(np.float64) - part[rows].astype(np.float64)
+      wide = take(ids[rows, columns]).astype(np.float64) - part[rows].astype(np.float64)
       dist[rows, columns] = np.sqrt(np.einsum("pd,pd->p", wide, wide))
     dist[~valid] = np.inf
     ids = np.where(valid, ids, -1)
+    if width > k + PRESELECT_MARGIN:
+      kept = np.argpartition(dist, k + PRESELECT_MARGIN - 1, axis=1)[:, :k + PRESELECT_MARGIN]
+      dist, ids = np.take_along_axis(dist, kept, axis=1), np.take_along_axis(ids, kept, axis=1)
+      valid = ids >= 0
     # Sort by (distance, index): the lexsort key order is last-key-primary.
     order = np.lexsort((np.where(valid, ids, np.iinfo(np.int32).max), dist), axis=-1)[:, :k]
     out_dist[start:start + chunk] = np.take_along_axis(dist, order, axis=1)
     out_index[start:start + chunk] = np.take_along_axis(ids, order, axis=1)
+
+  starts = range(0, num_queries, chunk)
+  workers = min(os.cpu_count() or 1, len(starts))
+  if workers > 1 and num_queries * width >= RERANK_PARALLEL_CANDIDATES:
+    with futures.ThreadPoolExecutor(workers) as pool:
+      list(pool.map(rerank_chunk, starts))
+  else:
+    for start in starts:
+      rerank_chunk(start)
   return out_dist, out_index

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from resmem_jax.memory.keys import KeyStore
 from resmem_jax.suggest import did_you_mean
 
 # backend name -> "module:class" of its SearchIndex
@@ -81,7 +82,13 @@ def bounded_put(cache: dict, key, make, limit: int):
 
 
 class SearchIndex(abc.ABC):
-  """Candidate nearest neighbours over float32 keys ``[n, d]`` (row i is key id i).
+  """Candidate nearest neighbours over a memory's keys (row i is key id i).
+
+  ``build``, ``extend`` and ``load`` get the memory's :class:`~resmem_jax.memory.keys.KeyStore`:
+  ``keys.float32()`` is every key as float32 ``[n, d]`` (a decoded copy for a compact key format;
+  an index that keeps float32 keys keeps that copy), ``keys.rows(start, stop)`` a slice of them.
+  An index that needs no float keys after its build (scann) reads them in slices, so a compact
+  memory never holds them all as float32 at once.
 
   Instances are shared between memories (``Memory.with_residuals``) and never change their keys:
   :meth:`extend` returns a new index. Only the query-time settings are set in place.
@@ -108,17 +115,18 @@ class SearchIndex(abc.ABC):
 
   @classmethod
   @abc.abstractmethod
-  def build(cls, keys: np.ndarray, options: dict) -> SearchIndex:
-    """An index over ``keys`` (float32 ``[n, d]``, n >= 1, already checked by the memory)."""
+  def build(cls, keys: KeyStore, options: dict) -> SearchIndex:
+    """An index over ``keys`` (n >= 1, already checked by the memory)."""
 
   @abc.abstractmethod
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids int32 ``[q, >= min(k, size)]`` of (approximately) the k nearest keys: per row at
-    least min(k, size) distinct ids in ``[0, size)``, -1 for none beyond those. Unranked: the
-    memory re-ranks them by exact distance (and refuses a row short of k distinct ids)."""
+    """Ids int32 ``[q, >= min(k, size)]`` of (approximately) the k nearest keys, -1 for none.
+    Unranked: the memory re-ranks them by exact distance. A row with fewer than min(k, size)
+    distinct ids in ``[0, size)`` (an index that could not answer it) is searched exhaustively by
+    the memory instead, so an index should answer all rows it can."""
 
   @abc.abstractmethod
-  def extend(self, keys: np.ndarray) -> SearchIndex:
+  def extend(self, keys: KeyStore) -> SearchIndex:
     """A new index over ``keys``: all keys, those of this index first (memory editing)."""
 
   @abc.abstractmethod
@@ -128,7 +136,7 @@ class SearchIndex(abc.ABC):
 
   @classmethod
   @abc.abstractmethod
-  def load(cls, directory: str, keys: np.ndarray, info: dict) -> SearchIndex:
+  def load(cls, directory: str, keys: KeyStore, info: dict) -> SearchIndex:
     """The index :meth:`save` wrote, over the memory's ``keys``; ValueError if they or ``info``
     disagree (``info`` comes from a checksummed manifest, but check its fields anyway)."""
 

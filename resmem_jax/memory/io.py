@@ -2,17 +2,21 @@
 
 A saved memory is a folder::
 
-    manifest.json         format_version, n, d, num_outputs, key_dtype, residual_format,
+    manifest.json         format_version, n, d, num_outputs, key_dtype (the key format),
+                          residual_format,
                           residual_dtypes, top_m, labels, backend, backend_options, index (the
                           backend's info, e.g. the ScaNN centre), metadata, files (byte count and
                           sha256 of every other file) and manifest_sha256: the sha256 of the
                           manifest's canonical JSON (sorted keys, separators "," and ":", ASCII)
                           without that field
-    keys.npy              float32 [n, d]
+    keys.npy              float32 [n, d]; bfloat16: its uint16 bit pattern; int8: int8 codes
+    key_scales.npy        int8 keys: float32 [n]
+    key_centroid_ids.npy  int8 and bfloat16 keys: uint16 [n]
+    key_centroids.npy     int8 and bfloat16 keys: float32 [<= 1024, d]
     labels.npy            int32 [n] (only when the memory has labels)
     residuals.npy         dense: float32 [n, C]; bfloat16: its uint16 bit pattern
-    sparse_columns.npy    sparse: class ids [n, m + 1]
-    sparse_values.npy     sparse: float32 [n, m + 1]
+    sparse_columns.npy    sparse, sparse_float16: class ids [n, m + 1]
+    sparse_values.npy     sparse: float32 [n, m + 1]; sparse_float16: float16
     index/                the backend's own files (:meth:`SearchIndex.save`; may be empty)
 
 Saving writes a complete copy beside ``path`` and swaps it in
@@ -50,13 +54,16 @@ from resmem_jax import jsonio
 from resmem_jax.memory import atomic_dir
 from resmem_jax.memory import index as index_lib
 from resmem_jax.memory import store as store_lib
+from resmem_jax.memory.keys import KEY_FORMATS
+from resmem_jax.memory.keys import KeyStore
 
 MANIFEST = "manifest.json"
 # 3: manifest_sha256 and an exact field set; ScaNN indexes hold power-of-two scaled keys.
 MANIFEST_VERSION = 3
 INDEX_DIR = "index"
 KEYS_FILE = "keys.npy"
-DATA_FILES = (KEYS_FILE, "labels.npy", "residuals.npy", "sparse_columns.npy", "sparse_values.npy")
+DATA_FILES = (KEYS_FILE, "key_scales.npy", "key_centroid_ids.npy", "key_centroids.npy",
+              "labels.npy", "residuals.npy", "sparse_columns.npy", "sparse_values.npy")
 REBUILD = "rebuild the memory (build it and save it again)"
 
 # field -> allowed JSON types (int excludes bool)
@@ -69,7 +76,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def save(path, keys: np.ndarray, labels: np.ndarray | None, store, backend: str, index,
+def save(path, keys: KeyStore, labels: np.ndarray | None, store, backend: str, index,
          metadata: dict) -> None:
   """Writes a memory's parts to folder ``path`` (see the module docstring)."""
   atomic_dir.replace_folder(
@@ -77,14 +84,14 @@ def save(path, keys: np.ndarray, labels: np.ndarray | None, store, backend: str,
       _check_replaceable, _is_complete)
 
 
-def write(folder, keys: np.ndarray, labels: np.ndarray | None, store, backend: str, index,
+def write(folder, keys: KeyStore, labels: np.ndarray | None, store, backend: str, index,
           metadata: dict) -> str:
   """Writes a memory's parts into the empty folder ``folder``, the manifest last, without any
   swap: for a caller that commits the folder itself (a memory inside a larger unit). Returns the
   manifest's ``manifest_sha256``, the digest that names this memory's whole content."""
   folder = os.fspath(folder)
   try:
-    arrays = {"keys": keys, **store.arrays()}
+    arrays = {**keys.arrays(), **store.arrays()}
     if labels is not None:
       arrays["labels"] = labels
     files = {f"{name}.npy": _write_array(os.path.join(folder, f"{name}.npy"), array)
@@ -99,8 +106,8 @@ def write(folder, keys: np.ndarray, labels: np.ndarray | None, store, backend: s
       files[rel] = _digest_file(os.path.join(folder, rel))
     manifest = {
         "format_version": MANIFEST_VERSION,
-        "n": int(keys.shape[0]), "d": int(keys.shape[1]), "num_outputs": int(store.num_outputs),
-        "key_dtype": "float32",
+        "n": len(keys), "d": keys.dim, "num_outputs": int(store.num_outputs),
+        "key_dtype": keys.format,
         "residual_format": store.format,
         "residual_dtypes": {name: str(a.dtype) for name, a in store.arrays().items()},
         "top_m": getattr(store, "top_m", None),
@@ -361,13 +368,14 @@ def _read_manifest(folder: str) -> dict:
   for name in ("n", "d", "num_outputs"):
     if manifest[name] < 1:
       raise bad(f"field {name} must be at least 1, got {manifest[name]}")
-  if manifest["key_dtype"] != "float32":
-    raise bad(f"field key_dtype must be 'float32', got {manifest['key_dtype']!r}")
+  if manifest["key_dtype"] not in KEY_FORMATS:
+    raise bad(f"field key_dtype must be one of {list(KEY_FORMATS)}, got "
+              f"{manifest['key_dtype']!r}")
   backend, residual_format = manifest["backend"], manifest["residual_format"]
   if backend not in index_lib.BACKENDS or residual_format not in store_lib.FORMATS:
     raise bad(f"names backend {backend!r} / residual_format {residual_format!r}, expected one "
               f"of {tuple(index_lib.BACKENDS)} / {store_lib.FORMATS}")
-  sparse = residual_format == "sparse"
+  sparse = residual_format in store_lib.SPARSE_FORMATS
   top_m = manifest["top_m"]
   if sparse != (top_m is not None) or (sparse and top_m < 1):
     raise bad(f"field top_m is {top_m!r}; the {residual_format} format needs "
@@ -390,7 +398,8 @@ def _read_manifest(folder: str) -> dict:
     if rel == MANIFEST or "\\" in rel or any(p in ("", ".", "..") for p in parts):
       raise bad(f"files names {rel!r}, not a file inside the memory folder")
   data = {rel for rel in files if not rel.startswith(INDEX_DIR + "/")}
-  expected = {KEYS_FILE, *(f"{name}.npy" for name in names)}
+  expected = {*(f"{name}.npy" for name in KeyStore.array_names(manifest["key_dtype"])),
+              *(f"{name}.npy" for name in names)}
   if manifest["labels"]:
     expected.add("labels.npy")
   if data != expected:
@@ -399,7 +408,7 @@ def _read_manifest(folder: str) -> dict:
 
 
 def _residual_names(residual_format: str) -> list[str]:
-  return ["sparse_columns", "sparse_values"] if residual_format == "sparse" else ["residuals"]
+  return store_lib.array_names(residual_format)
 
 
 def _check_files_on_disk(folder: str, files: dict) -> None:
@@ -487,9 +496,13 @@ def _read(path: str):
     return ValueError(f"{os.path.join(path, name + '.npy')} has shape {array.shape} dtype "
                       f"{array.dtype}, the manifest says {shape or 'any shape'} {dtype}; {REBUILD}")
 
-  keys = read("keys")
-  if keys.dtype != np.float32 or keys.shape != (n, d):
-    raise disagree("keys", keys, (n, d), "float32")
+  key_format = manifest["key_dtype"]
+  try:
+    keys = KeyStore.from_arrays({name: read(name) for name in KeyStore.array_names(key_format)},
+                                key_format, n, d)
+  except ValueError as err:
+    raise ValueError(f"the key files in {path} disagree with {manifest_path}: {err}; "
+                     f"{REBUILD}") from None
   labels = None
   if manifest["labels"]:
     labels = read("labels")

@@ -7,8 +7,19 @@ magnitude), ``|q - k|^2 = |q|^2 - 2 (q.k - |k|^2 / 2)``, so with ``k' = [k, -|k|
 ``q' = [q, 1]`` (times ``2**-m`` for a query far larger than every key) the nearest key is the one
 with the largest ``q'.k'``. ScaNN's anisotropic quantization is built for inner products; on
 clustered 1M x 64 data it gave much higher recall this way than ScaNN's ``squared_l2`` mode (see
-experiments/bench_memory.py, ``--scann_distance``). The memory re-ranks the returned ids by
-directly computed Euclidean distance, so distances are exact.
+experiments/bench_memory.py, ``--scann_distance``).
+
+Keys stored once: ScaNN holds only its partition and its AH codes (4 bits per block, about 77
+bytes per row at d = 128 with ``dims_per_block=1``, 44 with 2), never a float copy of the keys.
+Its ``reorder`` depth is the number of AH candidates it hands the memory, which re-ranks them by
+directly computed distance from its own keys (:func:`~resmem_jax.memory.exact.rerank_exact`, in
+whatever key format the memory stores), so distances are exact for the stored keys. Before,
+ScaNN re-scored its candidates from its own float copy, about 40% of the memory's RAM.
+
+A streamed build: ScaNN trains its tree and quantizer on a random sample of
+``training_sample_size`` keys (the only float32 keys held at once besides one slice of
+``ROWS_PER_UPSERT``), then every key is added in order, slice by slice (ScaNN's upsert), so its
+ids are the memory's row numbers and the build needs no float32 copy of all keys.
 
 Parameters follow ScaNN's published guidance, from the number of keys ``n``:
   n < 100k: brute force; otherwise: tree partitioning (about sqrt(n) leaves) + AH + exact
@@ -23,9 +34,9 @@ the clustered benchmark data: both act at query time, so :func:`resmem_jax.memor
 sweeps them on real queries (:meth:`ScannIndex.query_settings_grid`).
 
 Short results: where the searched leaves hold fewer than k points, ScaNN pads its answer (id 0
-with a NaN score, repeated). Such rows, and any with duplicate or out-of-range ids, are answered
-by exact search over the indexed keys instead (an :class:`ExactIndex` built on first need), so a
-search always returns k distinct real neighbours; searching more leaves avoids that cost.
+with a NaN score, repeated). Such rows are searched again over every leaf; a row still short
+(and a ``squared_l2`` query too large for ScaNN's float32) is handed back as -1 and the memory
+searches it exhaustively, so a search always returns k distinct real neighbours.
 
 Limit (rounding): ScaNN scores every mode, brute force included, by the float32 expansion above
 and has no error certificate, so where the keys' distance from their mean R is large next to the
@@ -35,8 +46,9 @@ neighbours, and ``reorder`` cannot help (it re-scores with the same expansion). 
 (tests/test_memory_scann_limits.py). ``exact`` and ``approx`` certify their candidates and stay
 exact there: use them for such keys.
 
-Memory editing: keys added after the build go to a side buffer (an :class:`ExactIndex`) searched
-exactly beside ScaNN, so they are neighbours at once and never missed; the ScaNN index is rebuilt
+Memory editing: keys added after the build go to a side buffer (an :class:`ExactIndex` over
+float32 copies of the added keys only) searched exactly beside ScaNN, so they are neighbours at
+once and never missed; the ScaNN index is rebuilt
 over everything only when the buffer outgrows ``max(1024, indexed / 10)`` keys (a rebuild of 1M
 keys costs about a minute, searching a small buffer exactly costs little). Options given at build
 time or set as query settings carry over to the rebuild; the rest are derived again from the new n.
@@ -52,6 +64,7 @@ from resmem_jax import quiet
 from resmem_jax.memory import index as index_lib
 from resmem_jax.memory import scaling
 from resmem_jax.memory.exact import ExactIndex
+from resmem_jax.memory.keys import KeyStore
 
 OPTION_NAMES = ("mode", "distance", "num_leaves", "leaves_to_search", "reorder",
                 "dims_per_block", "quantization_threshold", "training_sample_size",
@@ -74,6 +87,9 @@ AH_CENTRES = 16
 MIN_TRAINING_SAMPLE = 64
 
 BRUTE_FORCE_BELOW = 100_000
+# Keys transformed and added to ScaNN per step of a build (float32 temporaries: 26 MB at d = 128).
+ROWS_PER_UPSERT = 50_000
+UPSERT_BATCH = 1_000  # ScaNN's own batch within an upsert
 
 # Query settings swept by tune_search (each cheapest first).
 LEAVES_GRID = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96)
@@ -159,15 +175,26 @@ def _import_scann():
 SQUARED_L2_MAX_EXPONENT = 40
 
 
-def _transform_keys(keys: np.ndarray, center: np.ndarray, distance: str):
-  """``(ScaNN's database, the keys' scale exponent)``."""
-  centred = keys - center
-  exponent = scaling.key_exponent(centred)
-  centred = scaling.scaled(centred, exponent)
+def _transform_rows(rows: np.ndarray, center: np.ndarray, exponent: int, distance: str):
+  """ScaNN's database rows for float32 key ``rows``: centred, scaled, (mips_l2) augmented."""
+  centred = scaling.scaled(rows - center, exponent)
   if distance == "squared_l2":
-    return centred, exponent
+    return centred
   half_norm = -0.5 * np.einsum("nd,nd->n", centred, centred)
-  return np.concatenate([centred, half_norm[:, None]], axis=1).astype(np.float32), exponent
+  return np.concatenate([centred, half_norm[:, None]], axis=1).astype(np.float32)
+
+
+def _key_statistics(keys) -> tuple[np.ndarray, int]:
+  """``(the keys' mean, their scale exponent)``, read slice by slice."""
+  total = np.zeros(keys.dim, np.float64)
+  for start in range(0, len(keys), ROWS_PER_UPSERT):
+    total += keys.rows(start, start + ROWS_PER_UPSERT).sum(axis=0, dtype=np.float64)
+  center = (total / len(keys)).astype(np.float32)
+  largest = 0.0
+  for start in range(0, len(keys), ROWS_PER_UPSERT):
+    centred = keys.rows(start, start + ROWS_PER_UPSERT) - center
+    largest = max(largest, float(np.abs(centred).max()))
+  return center, scaling.key_exponent(np.array([largest], np.float32))
 
 
 def _transform_queries(queries: np.ndarray, center: np.ndarray, exponent: int, distance: str):
@@ -185,31 +212,50 @@ def _transform_queries(queries: np.ndarray, center: np.ndarray, exponent: int, d
           np.zeros(len(queries), bool))
 
 
-def _build_searcher(keys: np.ndarray, center: np.ndarray, opts: dict):
-  """``(ScaNN searcher, the keys' scale exponent)``."""
+def _build_searcher(keys, center: np.ndarray, exponent: int, opts: dict, seed: int = 0):
+  """A ScaNN searcher over every key of the :class:`~resmem_jax.memory.keys.KeyStore` ``keys``."""
   scann = _import_scann()
-  size = keys.shape[0]
-  db, exponent = _transform_keys(keys, center, opts["distance"])
-  measure = "dot_product" if opts["distance"] == "mips_l2" else "squared_l2"
+  size = len(keys)
+  distance = opts["distance"]
+  measure = "dot_product" if distance == "mips_l2" else "squared_l2"
+
+  def transformed(ids=None, start=0, stop=size):
+    rows = keys.rows(start, stop) if ids is None else keys.take(ids)
+    return _transform_rows(rows, center, exponent, distance)
+
+  if opts["mode"] == "brute_force":
+    # Below BRUTE_FORCE_BELOW keys: ScaNN keeps this float copy (small at that size).
+    with quiet.hidden_output():
+      return scann.builder(transformed(), 10, measure).score_brute_force().build()
+  # Train on a random sample, then add every key in order: ids are the memory's row numbers.
+  sample_size = min(size, int(opts["training_sample_size"]))
+  rng = np.random.default_rng(seed)
+  sample = np.sort(rng.choice(size, sample_size, replace=False)) if sample_size < size \
+      else np.arange(size)
   # num_neighbors is only the default; every search passes its own count.
-  builder = scann.builder(db, 10, measure)
+  builder = scann.builder(transformed(sample), 10, measure)
   if opts.get("num_threads"):
     builder = builder.set_n_training_threads(int(opts["num_threads"]))
-  if opts["mode"] == "brute_force":
-    with quiet.hidden_output():
-      return builder.score_brute_force().build(), exponent
   if opts["mode"] == "tree_ah":
     num_leaves = _tree_leaves(size, opts)
     builder = builder.tree(num_leaves=num_leaves,
                            num_leaves_to_search=min(int(opts["leaves_to_search"]), num_leaves),
-                           training_sample_size=min(size, int(opts["training_sample_size"])))
+                           training_sample_size=sample_size)
   threshold = float(opts["quantization_threshold"]) if measure == "dot_product" else float("nan")
   builder = builder.score_ah(int(opts["dims_per_block"]), anisotropic_quantization_threshold=threshold,
-                             training_sample_size=min(size, int(opts["training_sample_size"])))
-  if opts["reorder"]:
-    builder = builder.reorder(int(opts["reorder"]))
+                             training_sample_size=sample_size)
   with quiet.hidden_output():
-    return builder.build(), exponent
+    searcher = builder.build()
+    del builder
+    # The sample's points leave (ScaNN deletes by swapping with the last, so last first) and
+    # every key is added in row order.
+    searcher.searcher.delete(list(range(sample_size - 1, -1, -1)))
+    for start in range(0, size, ROWS_PER_UPSERT):
+      rows = transformed(start=start, stop=min(size, start + ROWS_PER_UPSERT))
+      searcher.searcher.upsert([None] * len(rows), rows, UPSERT_BATCH)
+  if searcher.size() != size:
+    raise RuntimeError(f"ScaNN holds {searcher.size()} points after adding {size} keys")
+  return searcher
 
 
 def _check_integer_range(name: str, value: int) -> None:
@@ -221,31 +267,39 @@ def _check_integer_range(name: str, value: int) -> None:
                      f"got {value}")
 
 
+def _short_rows(ids: np.ndarray, k: int) -> np.ndarray:
+  """Rows with fewer than k distinct real ids (ScaNN pads a short answer)."""
+  ordered = np.sort(ids, axis=1)
+  repeated = np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0), axis=1)
+  return repeated | ((ids >= 0).sum(axis=1) < k)
+
+
+def _buffer(keys, indexed: int) -> ExactIndex:
+  """Exact search over keys ``indexed:`` (those added after ScaNN's build), as float32."""
+  return ExactIndex.build(KeyStore("float32", keys.rows(indexed, len(keys))), {})
+
+
 class ScannIndex(index_lib.SearchIndex):
   """A ScaNN searcher over the first ``indexed`` keys, and an exact buffer over the rest.
 
   ``requested`` holds the options given at build time plus query settings set since (kept by a
-  rebuild); ``options`` is them resolved against the defaults for ``indexed`` keys. ``keys`` are
-  the indexed keys (a view of the memory's), for the exact answers to rows ScaNN leaves short.
+  rebuild); ``options`` is them resolved against the defaults for ``indexed`` keys. It keeps no
+  keys: the memory re-ranks its candidates and answers the rows it leaves short.
   """
 
   OPTION_NAMES = OPTION_NAMES
   REQUIRES = ("scann", "scann")
   INFO_NAMES = ("indexed", "center", "scale_exponent", "requested", "options")
 
-  def __init__(self, searcher, keys: np.ndarray, center: np.ndarray, exponent: int,
-               requested: dict, options: dict, buffer: ExactIndex | None = None,
-               exact: ExactIndex | None = None):
+  def __init__(self, searcher, indexed: int, center: np.ndarray, exponent: int,
+               requested: dict, options: dict, buffer: ExactIndex | None = None):
     self.searcher = searcher
-    self.keys = keys
-    self.indexed = keys.shape[0]
+    self.indexed = int(indexed)
     self.center = center
     self.exponent = int(exponent)
     self.requested = requested
     self.options = options
     self.buffer = buffer
-    # Exact search over the indexed keys, built the first time ScaNN leaves a row short.
-    self._exact = exact
     self.size = self.indexed + (0 if buffer is None else buffer.size)
 
   @classmethod
@@ -278,72 +332,74 @@ class ScannIndex(index_lib.SearchIndex):
     return _resolve(num_keys, cls.check_options(options))["mode"] != "brute_force"
 
   @classmethod
-  def build(cls, keys: np.ndarray, options: dict) -> ScannIndex:
+  def build(cls, keys, options: dict) -> ScannIndex:
     requested = cls.check_options(options)
-    check_size(keys.shape[0], requested)
-    resolved = _resolve(keys.shape[0], requested)
-    center = scaling.center(keys)
-    searcher, exponent = _build_searcher(keys, center, resolved)
-    return cls(searcher, keys, center, exponent, requested, resolved)
+    check_size(len(keys), requested)
+    resolved = _resolve(len(keys), requested)
+    center, exponent = _key_statistics(keys)
+    searcher = _build_searcher(keys, center, exponent, resolved)
+    return cls(searcher, len(keys), center, exponent, requested, resolved)
 
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
-    """ScaNN's ids for the indexed keys, then the buffer's (exact, with spare candidates)."""
+    """ScaNN's AH candidates for the indexed keys, then the buffer's (exact, with spare ones)."""
     ids = self._scann_candidates(queries, min(k, self.indexed))
     if self.buffer is not None:
       extra = self.buffer.candidates(queries, k)
       ids = np.concatenate([ids, np.where(extra >= 0, extra + self.indexed, -1)], axis=1)
     return ids
 
+  def candidate_count(self, k: int) -> int:
+    """AH candidates handed to the memory for k neighbours: ``reorder`` is the depth for k = 10;
+    a deeper k needs more (100k x 128, 150 candidates: recall@32 0.974, recall@128 0.781; 128
+    needs about 400 for 0.99). Never more than the keys, never fewer than k."""
+    depth = int(self.options.get("reorder") or 0) + 3 * max(0, k - 10)
+    if self.options["mode"] == "brute_force":
+      depth = k  # exact scores: nothing to re-rank
+    return min(max(depth, k), max(k, self.indexed))
+
   def _scann_candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
-    """``[q, >= k]`` distinct ids in ``[0, indexed)`` (-1 beyond the first k)."""
+    """``[q, >= k]`` ids in ``[0, indexed)``, -1 where ScaNN had no answer."""
     if queries.shape[0] == 0:  # ScaNN rejects an empty batch with a misleading shape error
       return np.zeros((0, k), np.int32)
     opts = self.options
-    # ``reorder`` is the depth for k = 10; a deeper k needs more re-scored candidates (100k x 128,
-    # reorder 150: recall@32 0.974, recall@128 0.781; 128 needs about 400 for 0.99).
-    # Re-scoring more candidates than there are keys changes nothing (and could overflow int32).
-    pre = min(max(int(opts.get("reorder") or 0) + 3 * max(0, k - 10), k), max(k, self.indexed))
-    kwargs = {"final_num_neighbors": k}
-    if opts["mode"] != "brute_force" and opts.get("reorder"):
-      kwargs["pre_reorder_num_neighbors"] = pre
-    if opts["mode"] == "tree_ah":
-      kwargs["leaves_to_search"] = int(opts["leaves_to_search"])
-    transformed, exact_rows = _transform_queries(queries, self.center, self.exponent,
-                                                 opts["distance"])
-    if len(queries) >= 256:
+    count = self.candidate_count(k)
+    transformed, unanswerable = _transform_queries(queries, self.center, self.exponent,
+                                                   opts["distance"])
+    leaves = int(opts["leaves_to_search"]) if opts["mode"] == "tree_ah" else None
+    ids = self._search(transformed, count, leaves)
+    short = unanswerable | _short_rows(ids, k)
+    if opts["mode"] == "tree_ah" and short.any():
+      # Too few points in the searched leaves: search every leaf for those rows.
+      again = short & ~unanswerable
+      if again.any():
+        ids[again] = self._search(transformed[again], count, int(opts["num_leaves"]))
+    ids[unanswerable] = -1  # the memory searches these rows exhaustively
+    return ids
+
+  def _search(self, transformed: np.ndarray, count: int, leaves: int | None) -> np.ndarray:
+    """ScaNN's ids ``[q, count]``, its padding (id 0 at a NaN score, beyond the points it
+    found) as -1."""
+    kwargs = {"final_num_neighbors": count}
+    if leaves is not None:
+      kwargs["leaves_to_search"] = leaves
+    if len(transformed) >= 256:
       ids, scores = self.searcher.search_batched_parallel(transformed, **kwargs)
     else:
       ids, scores = self.searcher.search_batched(transformed, **kwargs)
     ids = np.asarray(ids, np.int64)
-    # ScaNN pads a short answer with id 0 at a NaN score.
     real = np.isfinite(np.asarray(scores)) & (ids >= 0) & (ids < self.indexed)
-    ids = np.where(real, ids, -1)
-    ordered = np.sort(ids, axis=1)
-    repeated = np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0), axis=1)
-    exact_rows |= repeated | (real.sum(axis=1) < k)
-    if not exact_rows.any():
-      return ids.astype(np.int32)
-    if self._exact is None:
-      self._exact = ExactIndex.build(self.keys, {})
-    exact = self._exact.candidates(queries[exact_rows], k)
-    out = np.full((len(queries), max(ids.shape[1], exact.shape[1])), -1, np.int32)
-    out[:, :ids.shape[1]] = ids
-    out[exact_rows] = -1
-    out[exact_rows, :exact.shape[1]] = exact
+    out = np.full((len(transformed), count), -1, np.int32)
+    out[:, :ids.shape[1]] = np.where(real, ids, -1)
     return out
 
-  def extend(self, keys: np.ndarray) -> ScannIndex:
-    added = keys.shape[0] - self.indexed
+  def extend(self, keys) -> ScannIndex:
+    added = len(keys) - self.indexed
     if added > max(1024, self.indexed // 10):
       return ScannIndex.build(keys, self.requested)
     # The searcher is shared, never mutated: this index and the new one both stay valid.
-    buffer: ExactIndex | None
-    if self.buffer is not None:
-      buffer = self.buffer.extend(keys[self.indexed:])
-    else:
-      buffer = ExactIndex.build(keys[self.indexed:], {}) if added else None
-    return ScannIndex(self.searcher, keys[:self.indexed], self.center, self.exponent,
-                      dict(self.requested), dict(self.options), buffer, self._exact)
+    buffer = _buffer(keys, self.indexed) if added else None
+    return ScannIndex(self.searcher, self.indexed, self.center, self.exponent,
+                      dict(self.requested), dict(self.options), buffer)
 
   def save(self, directory: str) -> dict:
     self.searcher.serialize(directory, relative_path=True)
@@ -353,8 +409,8 @@ class ScannIndex(index_lib.SearchIndex):
             "options": dict(self.options)}
 
   @classmethod
-  def load(cls, directory: str, keys: np.ndarray, info: dict) -> ScannIndex:
-    n = keys.shape[0]
+  def load(cls, directory: str, keys, info: dict) -> ScannIndex:
+    n = len(keys)
     index_lib.check_option_names("scann index info", info, cls.INFO_NAMES)
     missing = [name for name in cls.INFO_NAMES if name not in info]
     if missing:
@@ -366,9 +422,9 @@ class ScannIndex(index_lib.SearchIndex):
     if not 0 < indexed <= n:
       raise ValueError(f"scann indexed count {indexed} is not in [1, {n}]")
     center = np.asarray(info["center"], np.float32)
-    if center.shape != (keys.shape[1],):
+    if center.shape != (keys.dim,):
       raise ValueError(f"scann center has shape {center.shape}, the keys have dimension "
-                       f"{keys.shape[1]}")
+                       f"{keys.dim}")
     if not np.all(np.isfinite(center)):
       raise ValueError("scann center holds NaN or inf")
     if not (isinstance(info["requested"], dict) and isinstance(info["options"], dict)):
@@ -387,8 +443,8 @@ class ScannIndex(index_lib.SearchIndex):
     if searcher.size() != indexed:
       raise ValueError(f"scann index in {directory} holds {searcher.size()} points but the "
                        f"manifest says {indexed}")
-    buffer = ExactIndex.build(keys[indexed:], {}) if indexed < n else None
-    return cls(searcher, keys[:indexed], center, exponent, requested, options, buffer)
+    buffer = _buffer(keys, indexed) if indexed < n else None
+    return cls(searcher, indexed, center, exponent, requested, options, buffer)
 
   # -- query-time settings --------------------------------------------------------------------
   def _check_tunable(self) -> None:

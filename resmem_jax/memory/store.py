@@ -13,6 +13,9 @@
               mass. The ResMem estimate is a convex combination, so its per-entry error is at most
               the largest per-entry error of the neighbours used. ``(m + 1) * (4 + 2)`` bytes per
               example when C <= 65536.
+``sparse_float16``  ``sparse`` with float16 values (11 significant bits: each stored entry off by
+              at most ``2**-12`` more, entries being at most 1 in magnitude); ``(m + 1) * (2 + 2)``
+              bytes per example. The compact memory's format (issue 21).
 
 The sparse selection is :func:`resmem_jax.core.residuals.sparse_top_m`, the same function the
 inference pass runs on the device, so a store built here from dense rows and one built from the
@@ -26,7 +29,9 @@ import numpy as np
 
 from resmem_jax.core import residuals as residuals_lib
 
-FORMATS = ("dense", "bfloat16", "sparse")
+FORMATS = ("dense", "bfloat16", "sparse", "sparse_float16")
+SPARSE_FORMATS = ("sparse", "sparse_float16")
+_SPARSE_VALUE_DTYPES = {"sparse": np.float32, "sparse_float16": np.float16}
 # Dense entries per sparse-selection call: bounds the temporaries for a large vocabulary.
 SPARSE_CHUNK_ELEMENTS = 1 << 24
 
@@ -93,20 +98,21 @@ class DenseStore:
 class SparseStore:
   """``m + 1`` (class id, value) pairs per example; everything else is zero."""
 
-  format = "sparse"
-
-  def __init__(self, columns: np.ndarray, values: np.ndarray, num_outputs: int, top_m: int):
+  def __init__(self, columns: np.ndarray, values: np.ndarray, num_outputs: int, top_m: int,
+               residual_format: str = "sparse"):
+    self.format = residual_format
     self.columns = columns  # uint16 / int32 [n, m + 1]
-    self.values = values  # float32 [n, m + 1]
+    self.values = values.astype(_SPARSE_VALUE_DTYPES[residual_format], copy=False)  # [n, m + 1]
     self.top_m = int(top_m)
     self._num_outputs = int(num_outputs)
 
   @classmethod
-  def from_dense(cls, residuals: np.ndarray, top_m: int) -> SparseStore:
+  def from_dense(cls, residuals: np.ndarray, top_m: int,
+                 residual_format: str = "sparse") -> SparseStore:
     num_outputs = residuals.shape[1]
     width = min(int(top_m), num_outputs - 1) + 1
-    store = cls(np.zeros((0, width), _sparse_id_dtype(num_outputs)), np.zeros((0, width), np.float32),
-                num_outputs, top_m)
+    store = cls(np.zeros((0, width), _sparse_id_dtype(num_outputs)),
+                np.zeros((0, width), np.float32), num_outputs, top_m, residual_format)
     store.append(residuals)
     return store
 
@@ -124,18 +130,18 @@ class SparseStore:
     for start in range(0, residuals.shape[0], rows):
       c, v = _sparse_top_m(residuals[start:start + rows], top_m=self.top_m)
       columns.append(np.asarray(c).astype(self.columns.dtype))
-      values.append(np.asarray(v))
+      values.append(np.asarray(v).astype(self.values.dtype))
     self.columns = np.concatenate(columns)
     self.values = np.concatenate(values)
 
   def rows(self, ids: np.ndarray):
     """``(values float32 [..., m + 1], columns int32 [..., m + 1])``."""
-    return self.values[ids], self.columns[ids].astype(np.int32)
+    return self.values[ids].astype(np.float32, copy=False), self.columns[ids].astype(np.int32)
 
   def gather(self, ids: np.ndarray) -> np.ndarray:
     columns = self.columns[ids].astype(np.int64)
     dense = np.zeros(np.shape(ids) + (self._num_outputs,), np.float32)
-    np.put_along_axis(dense, columns, self.values[ids], axis=-1)
+    np.put_along_axis(dense, columns, self.values[ids].astype(np.float32), axis=-1)
     return dense
 
   def bytes_per_example(self) -> float:
@@ -145,7 +151,10 @@ class SparseStore:
     return {"sparse_columns": self.columns, "sparse_values": self.values}
 
   @classmethod
-  def from_arrays(cls, arrays: dict, num_outputs: int, top_m) -> SparseStore:
+  def from_arrays(cls, arrays: dict, num_outputs: int, top_m,
+                  residual_format: str = "sparse") -> SparseStore:
+    """The store of ``arrays``: float32 values (as the device computes them, converted to the
+    format's) or the format's own (as saved)."""
     columns, values = np.asarray(arrays["sparse_columns"]), np.asarray(arrays["sparse_values"])
     if isinstance(top_m, bool) or not isinstance(top_m, (int, np.integer)) or top_m < 1:
       raise ValueError(f"top_m must be a positive integer for the sparse format, got {top_m!r}")
@@ -153,23 +162,32 @@ class SparseStore:
     if columns.shape != values.shape or columns.ndim != 2 or columns.shape[1] != width:
       raise ValueError(f"sparse residual arrays have shapes {columns.shape}, {values.shape}; "
                        f"expected [n, {width}] each")
-    if values.dtype != np.float32 or not np.issubdtype(columns.dtype, np.integer):
+    allowed = {np.dtype(np.float32), np.dtype(_SPARSE_VALUE_DTYPES[residual_format])}
+    if values.dtype not in allowed or not np.issubdtype(columns.dtype, np.integer):
       raise ValueError(f"sparse residual arrays have dtypes {columns.dtype}, {values.dtype}; "
-                       "expected integer class ids and float32 values")
+                       f"expected integer class ids and {' or '.join(sorted(map(str, allowed)))} "
+                       "values")
     if columns.size and (int(columns.min()) < 0 or int(columns.max()) >= num_outputs):
       raise ValueError(f"sparse residual class ids span [{int(columns.min())}, "
                        f"{int(columns.max())}], outside [0, {num_outputs})")
     # The device computes int32 ids; keep the compact type (6 instead of 8 bytes per entry).
     return cls(columns.astype(_sparse_id_dtype(num_outputs), copy=False), values, num_outputs,
-               int(top_m))
+               int(top_m), residual_format)
+
+
+def array_names(residual_format: str) -> list[str]:
+  """The arrays a store of ``residual_format`` is saved as."""
+  if residual_format in SPARSE_FORMATS:
+    return ["sparse_columns", "sparse_values"]
+  return ["residuals"]
 
 
 def make_store(residuals: np.ndarray, residual_format: str, top_m: int | None = None):
   """A store of ``residual_format`` from dense rows ``[n, C]`` (``top_m``: sparse only)."""
-  if residual_format == "sparse":
+  if residual_format in SPARSE_FORMATS:
     if top_m is None:
-      raise ValueError("top_m is required for the sparse residual format")
-    return SparseStore.from_dense(residuals, top_m)
+      raise ValueError(f"top_m is required for the {residual_format} residual format")
+    return SparseStore.from_dense(residuals, top_m, residual_format)
   return DenseStore.from_dense(residuals, residual_format)
 
 
@@ -179,10 +197,10 @@ def store_from_arrays(arrays: dict, residual_format: str, num_outputs: int, top_
   values), as :meth:`arrays` returns them and as the inference pass computes them."""
   if residual_format not in FORMATS:
     raise ValueError(f"residual_format must be one of {list(FORMATS)}, got {residual_format!r}")
-  names = ["sparse_columns", "sparse_values"] if residual_format == "sparse" else ["residuals"]
+  names = array_names(residual_format)
   missing = [name for name in names if name not in arrays]
   if missing:
     raise ValueError(f"{residual_format} residual arrays need {names}, missing {missing}")
-  if residual_format == "sparse":
-    return SparseStore.from_arrays(arrays, num_outputs, top_m)
+  if residual_format in SPARSE_FORMATS:
+    return SparseStore.from_arrays(arrays, num_outputs, top_m, residual_format)
   return DenseStore.from_arrays(arrays, residual_format, num_outputs)

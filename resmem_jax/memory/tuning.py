@@ -16,6 +16,7 @@ import numpy as np
 
 from resmem_jax.memory import checks
 from resmem_jax.memory.exact import ExactIndex, rerank_exact
+from resmem_jax.memory.keys import KeyStore
 
 
 def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:
@@ -64,7 +65,7 @@ def tune_search(memory, queries, k: int, target_recall: float = 0.99, *, repeats
   if queries.shape[0] > max_queries:
     queries = queries[np.linspace(0, queries.shape[0] - 1, max_queries).astype(np.int64)]
   keys = memory.keys
-  exact = ExactIndex.build(keys, {})
+  exact = ExactIndex.build(KeyStore("float32", keys), {})
 
   def exact_search(q):
     return rerank_exact(q, keys, exact.candidates(q, k), k)
