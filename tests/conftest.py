@@ -42,3 +42,19 @@ def run_python(code: str, devices: int = 1, timeout: int = 600, env=None) -> sub
   if proc.returncode != 0:
     raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
   return proc
+
+
+def digits_settings(**resmem):
+  """The tiny digits job with a small selection grid and the exact backend; ``resmem`` fields
+  override (the engine tests' and the compact-memory tests' run)."""
+  from resmem_jax import settings as settings_lib  # pylint: disable=g-import-not-at-top
+  from resmem_jax.configs import digits  # pylint: disable=g-import-not-at-top
+  cfg = digits.get_config("tiny")
+  cfg.resmem.backend = resmem.pop("backend", "exact")
+  cfg.resmem.k_grid = (1, 4, 16)
+  cfg.resmem.sigma_grid = (0.1, 1.0, 10.0)
+  cfg.resmem.temperature_grid = (1.0, 2.0)
+  cfg.resmem.timing_repeats = 1
+  for key, value in resmem.items():
+    cfg.resmem[key] = value
+  return settings_lib.from_config(cfg)

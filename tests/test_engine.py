@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, digits_settings
 from resmem_jax import fitting
 from resmem_jax import settings as settings_lib
 from resmem_jax.jobs import engine, report
@@ -17,17 +17,7 @@ RESULT_KEYS = {"test_accuracy", "test_error", "test_squared_loss", "test_log_los
                "validation_accuracy", "train_accuracy"}
 
 
-def _digits(**resmem):
-  from resmem_jax.configs import digits
-  cfg = digits.get_config("tiny")
-  cfg.resmem.backend = resmem.pop("backend", "exact")
-  cfg.resmem.k_grid = (1, 4, 16)
-  cfg.resmem.sigma_grid = (0.1, 1.0, 10.0)
-  cfg.resmem.temperature_grid = (1.0, 2.0)
-  cfg.resmem.timing_repeats = 1
-  for key, value in resmem.items():
-    cfg.resmem[key] = value
-  return settings_lib.from_config(cfg)
+_digits = digits_settings
 
 
 def _copy_without_memory(workdir, target):

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from resmem_jax import settings as settings_lib
+from conftest import digits_settings
 from resmem_jax.bench.synthetic import clustered_points
 from resmem_jax.core.residuals import residuals as make_residuals
 from resmem_jax.jobs import engine
@@ -138,17 +138,7 @@ def test_a_shard_is_whole_or_absent_and_a_gap_is_not_trusted(tmp_path, monkeypat
   assert shards.completed(tmp_path) == [] and not any(p.suffix == ".npz" for p in tmp_path.iterdir())
 
 
-def _digits(**resmem):
-  from resmem_jax.configs import digits
-  cfg = digits.get_config("tiny")
-  cfg.resmem.backend = "exact"
-  cfg.resmem.k_grid = (1, 4, 16)
-  cfg.resmem.sigma_grid = (0.1, 1.0, 10.0)
-  cfg.resmem.temperature_grid = (1.0, 2.0)
-  cfg.resmem.timing_repeats = 1
-  for key, value in resmem.items():
-    cfg.resmem[key] = value
-  return settings_lib.from_config(cfg)
+_digits = digits_settings
 
 
 @pytest.fixture(scope="module")
