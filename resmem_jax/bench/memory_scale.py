@@ -71,6 +71,15 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _faiss_file_bytes(faiss, index, scratch: str, name: str) -> int:
+  """Bytes of ``index`` as faiss writes it to disk (written to ``scratch``, measured, removed)."""
+  path = os.path.join(scratch, name)
+  faiss.write_index(index, path)
+  size = folder_bytes(path)
+  os.remove(path)
+  return size
+
+
 def folder_bytes(path: str) -> int:
   if os.path.isfile(path):
     return os.path.getsize(path)
@@ -322,10 +331,7 @@ def run_ivfpq(task: dict) -> list[dict]:
     (_, found), seconds = _timed_search(lambda q: index.search(q, k), queries, task["repeats"])
     plain.append((nprobe, seconds, recall_at_k(found, ref)))
   peak = peak_rss_bytes()
-  path = os.path.join(task["scratch"], "ivfpq.faiss")
-  faiss.write_index(index, path)
-  disk = folder_bytes(path)
-  os.remove(path)
+  disk = _faiss_file_bytes(faiss, index, task["scratch"], "ivfpq.faiss")
   common = {"rss0_gb": round(rss0 / 2**30, 3), "threads": task["threads"],
             "code_bytes": m, "train_rows": min(n, task["train_rows"]),
             # faiss's default L2 tables (nlist x m x 256 floats), counted in RAM B/row
@@ -355,10 +361,8 @@ def run_ivfpq(task: dict) -> list[dict]:
                        recall_at_k(found, ref), **common))
   peak = peak_rss_bytes()
   path16 = os.path.join(task["scratch"], "keys16.npy")
-  faiss.write_index(index, path)
   np.save(path16, keys16)
-  disk = folder_bytes(path) + folder_bytes(path16)
-  os.remove(path)
+  disk = _faiss_file_bytes(faiss, index, task["scratch"], "ivfpq.faiss") + folder_bytes(path16)
   os.remove(path16)
   for row in rows:
     if row["method"] == "faiss IVFPQ+rerank":
@@ -435,10 +439,7 @@ def run_hnsw(task: dict) -> list[dict]:
     (_, found), seconds = _timed_search(lambda q: index.search(q, k), queries, task["repeats"])
     results.append((ef, seconds, recall_at_k(found, ref)))
   peak = peak_rss_bytes()
-  path = os.path.join(task["scratch"], "hnsw.faiss")
-  faiss.write_index(index, path)
-  disk = folder_bytes(path)
-  os.remove(path)
+  disk = _faiss_file_bytes(faiss, index, task["scratch"], "hnsw.faiss")
   return [_row("faiss HNSWFlat", f"M={task['hnsw_m']}, ef={ef}", built, build_s, peak, ram, disk,
                s, len(queries), r, **extra) for ef, s, r in results]
 
