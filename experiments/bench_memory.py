@@ -39,7 +39,7 @@ _BUILD_FROM = flags.DEFINE_enum(
 _SHARD_DIR = flags.DEFINE_string("shard_dir", "/tmp/resmem_bench_shards",
                                  "shards mode: where the rows, queries and reference top-k live "
                                  "(a subfolder per data setting; reused by later runs).")
-_KEY_FORMATS = flags.DEFINE_list("key_formats", ["float32", "bfloat16", "int8"],
+_KEY_FORMATS = flags.DEFINE_list("key_formats", ["float32", "bfloat16", "float16", "int8"],
                                  "shards mode: the memory's key formats, one scann memory each.")
 _FAISS_PEERS = flags.DEFINE_list("faiss_peers", ["ivfpq", "ivfpq_rerank", "hnsw"],
                                  "shards mode: faiss peers on the same rows.")

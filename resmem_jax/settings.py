@@ -171,8 +171,9 @@ class ResMemSettings:
                       "resumes after the last complete shard; empty: build in RAM")
   shard_rows: int = _f("report", 262144, "streamed build: rows per shard, at least (whole "
                        "batches)")
-  key_format: str = _f("memory", "float32", "stored keys: float32 | bfloat16 | int8 (codes from "
-                       "the nearest of 256 centroids, a scale per row; resmem_jax/memory/keys.py)")
+  key_format: str = _f("memory", "float32", "stored keys: float32 | bfloat16 | float16 | int8 "
+                       "(the residual from the nearest of 1,024 centroids; float16 and int8 with "
+                       "a scale per row; resmem_jax/memory/keys.py)")
   k: Optional[int] = _f("memory", None, "neighbours per query (None: chosen from k_grid on "
                         "validation)")
   sigma: Optional[float] = _f("memory", None, "softmax temperature of the neighbour weights, "

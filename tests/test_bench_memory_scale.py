@@ -78,7 +78,7 @@ def test_shards_mode_one_key_format(tmp_path):
 
 @pytest.mark.slow
 def test_shards_mode_every_key_format(tmp_path):
-  formats = ["float32", "bfloat16", "int8"]
+  formats = ["float32", "bfloat16", "float16", "int8"]
   stdout, report = _run(tmp_path, ",".join(formats))
   _check(stdout, report, formats)
   # The first format, the peers, then the other formats (a run cut short has the comparison).

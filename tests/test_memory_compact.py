@@ -29,7 +29,11 @@ def _top_ids_agreement(found, reference):
   return recall, same
 
 
-@pytest.mark.parametrize("key_format,min_same", [("bfloat16", 0.95), ("int8", 0.90)])
+# Measured on this data (seeds 0-2): the same ten ids for 97-99% of queries with bfloat16, 100%
+# with float16, 93-95% with int8 (8 bits per entry cannot keep the 10th and 11th neighbours of
+# dense clusters apart on every query); recall@10 >= 0.993 for all three.
+@pytest.mark.parametrize("key_format,min_same", [("bfloat16", 0.95), ("float16", 0.99),
+                                                 ("int8", 0.90)])
 @pytest.mark.parametrize("backend", ["exact", "scann"])
 def test_compact_keys_find_the_float32_neighbours_and_save_as_built(backend, key_format, min_same,
                                                                    tmp_path):
@@ -38,10 +42,10 @@ def test_compact_keys_find_the_float32_neighbours_and_save_as_built(backend, key
   memory = build_memory(keys, res, backend=backend, key_format=key_format)
   distances, ids = memory.search(queries, 10)
   recall, same = _top_ids_agreement(ids, reference)
-  # Measured here: bfloat16 recall 0.997, the same ten ids for 97% of queries; int8 0.995 / 95%.
   assert recall >= 0.99 and same >= min_same, (recall, same)
   assert memory.key_format == key_format
-  assert memory.bytes_per_example()["keys"] == {"bfloat16": 2 * 32 + 2, "int8": 32 + 6}[key_format]
+  assert memory.bytes_per_example()["keys"] == {"bfloat16": 2 * 32 + 2, "float16": 2 * 32 + 6,
+                                                "int8": 32 + 6}[key_format]
   # The distances are those of the stored keys, exact for them.
   stored = memory.key_store.take(ids)
   np.testing.assert_allclose(distances, np.linalg.norm(stored - queries[:, None], axis=-1),
@@ -57,15 +61,16 @@ def test_compact_keys_find_the_float32_neighbours_and_save_as_built(backend, key
   assert list(memory.search(queries[:3], 1)[1][:, 0]) == [20000, 20001, 20002]
 
 
-def test_int8_codes_keep_their_error_bound_at_any_magnitude():
+def test_compact_codes_keep_their_error_bound_at_any_magnitude():
   rng = np.random.default_rng(3)
   for scale in (1e-30, 1.0, 1e30):
     keys = (scale * rng.normal(size=(3000, 16))).astype(np.float32)
-    for key_format in ("int8", "bfloat16"):
+    for key_format in ("int8", "float16", "bfloat16"):
       store = keys_lib.KeyStore.from_float32(keys, key_format)
       residual = keys - store.centroids[store.centroid_ids]
-      bound = (np.abs(residual).max(axis=1, keepdims=True) / 254 if key_format == "int8"
-               else np.abs(residual) * 2.0 ** -8)
+      largest = np.abs(residual).max(axis=1, keepdims=True)
+      bound = {"int8": largest / 254, "float16": largest * 2.0 ** -12,
+               "bfloat16": np.abs(residual) * 2.0 ** -8}[key_format]
       assert np.all(np.abs(store.float32() - keys) <= bound * 1.001 + 1e-45), (scale, key_format)
 
 
@@ -153,7 +158,7 @@ def _fresh_memory(workdir, name):
   return target
 
 
-@pytest.mark.parametrize("key_format", ["bfloat16", "int8"])
+@pytest.mark.parametrize("key_format", ["bfloat16", "float16", "int8"])
 def test_the_job_runs_with_each_key_format(digits_workdir, key_format):
   workdir, first = digits_workdir
   results = engine.run(_digits(key_format=key_format, residual_format="sparse_float16", top_m=4),

@@ -145,7 +145,7 @@ def test_check_options_names_the_config_field():
        r"^resmem.residual_format must be one of \['dense', 'bfloat16', 'sparse', 'sparse_float16'\], "
        r"got 'sprase' \(did you mean 'sparse'\?\)$"),
       (("exact", "", "dense", "int4"),
-       r"^resmem.key_format must be one of \['float32', 'bfloat16', 'int8'\], got 'int4'"),
+       r"^resmem.key_format must be one of \['float32', 'bfloat16', 'float16', 'int8'\], got 'int4'"),
   ]
   for args, message in cases:
     with pytest.raises(ValueError, match=message):

@@ -514,7 +514,7 @@ def method_order(key_formats: list[str], peers: list[str]) -> list[tuple[str, st
 
 
 def run(n: int, d: int, *, shard_dir: str, num_queries: int = 2000, k: int = 10,
-        key_formats=("float32", "bfloat16", "int8"), peers=("ivfpq", "ivfpq_rerank", "hnsw"),
+        key_formats=("float32", "bfloat16", "float16", "int8"), peers=("ivfpq", "ivfpq_rerank", "hnsw"),
         num_clusters: int = 1000, spread: float = 0.25, num_classes: int = 65, seed: int = 0,
         shard_rows: int = 500_000, residual_format: str = "sparse_float16",
         scann_options: dict | None = None, scann_leaves=None, scann_reorders=(100, 200, 400),

@@ -6,8 +6,9 @@
     mem.add(new_embeddings, new_residuals)              # queryable at once
     mem.save("/tmp/mem"); mem = load_memory("/tmp/mem")
 
-A memory is keys (in a key format: ``float32``, ``bfloat16`` or ``int8``, see ``keys.py``) + a
-residual store + a search index (+ optionally the label each key memorizes, for the kNN-LM head). It finds neighbours and returns their rows; the prediction
+A memory is keys (in a key format: ``float32``, ``bfloat16``, ``float16`` or ``int8``, see
+``keys.py``) + a residual store + a search index (+ optionally the label each key memorizes, for
+the kNN-LM head). It finds neighbours and returns their rows; the prediction
 ``p + sum_i w_i r_i`` is computed by :mod:`resmem_jax.core.predictor` (on whole query sets:
 :mod:`resmem_jax.resmem`).
 
@@ -17,7 +18,7 @@ residual store + a search index (+ optionally the label each key memorizes, for 
               recall reference
   scann.py    ``scann``: ScaNN (AH codes only; the memory re-ranks), with an exact side buffer
               for keys added after the build
-  keys.py     key formats ``float32``, ``bfloat16``, ``int8`` (with their error bounds)
+  keys.py     key formats ``float32``, ``bfloat16``, ``float16``, ``int8`` (with their error bounds)
   store.py    residual formats ``dense``, ``bfloat16``, ``sparse`` (with their error bounds)
   scaling.py  power-of-two scaling of keys and queries (no float32 overflow), the input limit
   io.py       the saved layout, manifest and checksums
@@ -102,7 +103,7 @@ class Memory:
 
   @property
   def key_format(self) -> str:
-    """How the keys are stored: ``float32``, ``bfloat16`` or ``int8`` (``keys.py``)."""
+    """How the keys are stored: ``float32``, ``bfloat16``, ``float16`` or ``int8`` (``keys.py``)."""
     return self._keys.format
 
   @property
@@ -328,7 +329,7 @@ def build_memory(keys, residuals, backend: str = "exact", residual_format: str =
     metadata: JSON-serialisable dict (e.g. the producing model's config and step), saved in the
       manifest.
     key_format: how the keys are stored, one of :data:`KEY_FORMATS` (``float32``, ``bfloat16``,
-      ``int8``; see :mod:`resmem_jax.memory.keys` for their sizes and errors).
+      ``float16``, ``int8``; see :mod:`resmem_jax.memory.keys` for their sizes and errors).
     **backend_options: the backend's ``OPTION_NAMES`` (``exact``: block_size, query_chunk,
       query_tile, calls_in_flight, devices; ``scann``: see
       :data:`resmem_jax.memory.scann.OPTION_NAMES`).

@@ -9,10 +9,11 @@ A saved memory is a folder::
                           sha256 of every other file) and manifest_sha256: the sha256 of the
                           manifest's canonical JSON (sorted keys, separators "," and ":", ASCII)
                           without that field
-    keys.npy              float32 [n, d]; bfloat16: its uint16 bit pattern; int8: int8 codes
-    key_scales.npy        int8 keys: float32 [n]
-    key_centroid_ids.npy  int8 and bfloat16 keys: uint16 [n]
-    key_centroids.npy     int8 and bfloat16 keys: float32 [<= 1024, d]
+    keys.npy              float32 [n, d]; bfloat16: its uint16 bit pattern; float16 and int8:
+                          the codes in that dtype
+    key_scales.npy        float16 and int8 keys: float32 [n]
+    key_centroid_ids.npy  bfloat16, float16 and int8 keys: uint16 [n]
+    key_centroids.npy     bfloat16, float16 and int8 keys: float32 [<= 1024, d]
     labels.npy            int32 [n] (only when the memory has labels)
     residuals.npy         dense: float32 [n, C]; bfloat16: its uint16 bit pattern
     sparse_columns.npy    sparse, sparse_float16: class ids [n, m + 1]

@@ -1,9 +1,13 @@
-"""How a memory stores its keys: ``float32``, ``bfloat16`` or ``int8``.
+"""How a memory stores its keys: ``float32``, ``bfloat16``, ``float16`` or ``int8``.
 
 ``float32``   the keys as given; 4 d bytes per row. Exact.
 ``bfloat16``  each key as the nearest of ``CODEBOOK_SIZE`` (1,024) centroids (k-means on a sample
               of the keys, fixed at the build) plus its residual from that centroid in bfloat16:
               entry error <= ``2**-9 |key - centroid|``. 2 d + 2 bytes per row.
+``float16``   the same centroids, the residual divided by its largest entry (a float32 scale per
+              row) in float16: ``key ~ centroid[j] + scale * code``, entry error <= ``2**-12
+              max|key - centroid|`` (the scale keeps every code within float16's range). 2 d + 6
+              bytes per row; 8x finer than bfloat16's bound for 4 more bytes.
 ``int8``      the same centroids, the residual in int8 with one float32 scale per row:
               ``key ~ centroid[j] + scale * code``, entry error <= ``scale / 2 =
               max|key - centroid| / 254``. d + 6 bytes per row.
@@ -11,7 +15,9 @@ Coding the residual from a nearby centroid, not the key itself, is what keeps ne
 more centroids the closer (BUILD_NOTES.md, issue 21): on clustered 100k x 128 points bfloat16 keys
 kept the exact top-10 of 88% of queries, bfloat16 residuals 96.5%; int8 codes around the keys'
 mean gave recall@10 0.954, around the nearest of 256 centroids 0.99; on 300k points in 1,000
-clusters, 256 centroids gave int8 recall@10 0.972, 1,024 gave 0.985.
+clusters, 256 centroids gave int8 recall@10 0.972, 1,024 gave 0.985. On 1M dense clustered points
+(1,000 clusters, d = 128) the exact top-10 set was kept for 84% of queries by int8, 93% by bfloat16
+and 99% by float16.
 
 The memory searches and re-ranks with the keys as stored (dequantized rows), so with a compact
 format its distances are those of the stored keys, and neighbours are exact for those keys; the
@@ -25,11 +31,14 @@ import numpy as np
 
 from resmem_jax.memory import scaling
 
-KEY_FORMATS = ("float32", "bfloat16", "int8")
+KEY_FORMATS = ("float32", "bfloat16", "float16", "int8")
 CODEBOOK_SIZE = 1024  # centroids of the compact formats: one uint16 id per row
 CODEBOOK_SAMPLE = 65_536  # keys the centroids are learned from (a random sample)
 CODEBOOK_ITERATIONS = 10  # Lloyd iterations (the assignment cost is what matters, not the fit)
 ROWS_PER_CHUNK = 65_536  # rows coded or dequantized per step: bounds the float32 temporaries
+# What keys.npy holds in each format (numpy cannot write bfloat16: its bit pattern as uint16).
+_CODE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16,
+                "int8": np.int8}
 
 
 def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -78,22 +87,23 @@ def learn_codebook(sample: np.ndarray, seed: int = 0) -> np.ndarray:
 class KeyStore:
   """A memory's keys ``[n, d]`` in one of :data:`KEY_FORMATS`.
 
-  ``arrays()`` are what is saved (``keys`` and, for int8, ``key_scales``, ``key_centroid_ids``
-  and ``key_centroids``); ``take(ids)`` gives float32 rows, the stored keys as searched.
+  ``arrays()`` are what is saved (``keys`` and, but for float32, ``key_centroid_ids`` and
+  ``key_centroids``; for float16 and int8 also ``key_scales``); ``take(ids)`` gives float32 rows, the stored keys as searched.
   """
 
   def __init__(self, key_format: str, codes: np.ndarray, scales: np.ndarray | None = None,
                centroid_ids: np.ndarray | None = None, centroids: np.ndarray | None = None):
     self.format = key_format
-    self.codes = codes  # float32, uint16 (bfloat16 bits) or int8 [n, d]
-    self.scales = scales  # int8: float32 [n]
-    self.centroid_ids = centroid_ids  # bfloat16, int8: uint16 [n]
-    self.centroids = centroids  # bfloat16, int8: float32 [CODEBOOK_SIZE or fewer, d]
+    self.codes = codes  # float32, uint16 (bfloat16 bits), float16 or int8 [n, d]
+    self.scales = scales  # float16, int8: float32 [n]
+    self.centroid_ids = centroid_ids  # all but float32: uint16 [n]
+    self.centroids = centroids  # all but float32: float32 [CODEBOOK_SIZE or fewer, d]
 
   # -- building ------------------------------------------------------------------------------
   @classmethod
   def empty(cls, key_format: str, dim: int, centroids: np.ndarray | None = None) -> KeyStore:
-    """A store of no rows; ``int8`` needs its ``centroids`` (:func:`learn_codebook`)."""
+    """A store of no rows; every format but float32 needs its ``centroids``
+    (:func:`learn_codebook`)."""
     if key_format not in KEY_FORMATS:
       raise ValueError(f"key_format must be one of {list(KEY_FORMATS)}, got {key_format!r}")
     if key_format == "float32":
@@ -103,7 +113,7 @@ class KeyStore:
     if key_format == "bfloat16":
       return cls(key_format, np.zeros((0, dim), np.uint16), None, np.zeros(0, np.uint16),
                  np.asarray(centroids, np.float32))
-    return cls(key_format, np.zeros((0, dim), np.int8), np.zeros(0, np.float32),
+    return cls(key_format, np.zeros((0, dim), _CODE_DTYPES[key_format]), np.zeros(0, np.float32),
                np.zeros(0, np.uint16), np.asarray(centroids, np.float32))
 
   @classmethod
@@ -179,7 +189,7 @@ class KeyStore:
 
   @staticmethod
   def array_names(key_format: str) -> list[str]:
-    if key_format == "int8":
+    if key_format in ("float16", "int8"):
       return ["keys", "key_scales", "key_centroid_ids", "key_centroids"]
     if key_format == "bfloat16":
       return ["keys", "key_centroid_ids", "key_centroids"]
@@ -188,7 +198,7 @@ class KeyStore:
   @classmethod
   def from_arrays(cls, arrays: dict, key_format: str, n: int, d: int) -> KeyStore:
     """The store saved as ``arrays`` (:meth:`arrays`), shapes and dtypes checked."""
-    expected = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}[key_format]
+    expected = _CODE_DTYPES[key_format]
     codes = np.asarray(arrays["keys"])
     if codes.dtype != expected or codes.shape != (n, d):
       raise ValueError(f"keys array has shape {codes.shape} dtype {codes.dtype}, expected "
@@ -197,7 +207,7 @@ class KeyStore:
       return cls(key_format, codes)
     ids, centroids = (np.asarray(arrays[name]) for name in ("key_centroid_ids", "key_centroids"))
     scales = None
-    if key_format == "int8":
+    if key_format in ("float16", "int8"):
       scales = np.asarray(arrays["key_scales"])
       if scales.dtype != np.float32 or scales.shape != (n,) or not np.all(np.isfinite(scales)):
         raise ValueError(f"key_scales must be finite float32 [{n}], got {scales.shape} "
@@ -217,7 +227,7 @@ def encode(keys: np.ndarray, like: KeyStore):
     return keys, None, None
   n = keys.shape[0]
   bfloat16 = like.format == "bfloat16"
-  codes = np.empty(keys.shape, np.uint16 if bfloat16 else np.int8)
+  codes = np.empty(keys.shape, _CODE_DTYPES[like.format])
   scales = np.empty(n, np.float32)
   ids = np.empty(n, np.uint16)
   centroids = like.centroids
@@ -232,13 +242,16 @@ def encode(keys: np.ndarray, like: KeyStore):
       codes[start:start + len(rows)] = residual.astype(jnp.bfloat16).view(np.uint16)
       continue
     largest = np.abs(residual).max(axis=1)
-    # The scale maps the largest entry to 127; an all-zero residual keeps scale 0 and codes 0.
-    scale = (largest / 127).astype(np.float32)
+    # The scale maps the largest entry to 127 (int8) or 1 (float16); an all-zero residual keeps
+    # scale 0 and codes 0.
+    scale = (largest / 127 if like.format == "int8" else largest).astype(np.float32)
     safe = np.where(scale > 0, scale, np.float32(1))
-    codes[start:start + len(rows)] = np.clip(np.rint(residual / safe[:, None]), -127, 127)
+    scaled = residual / safe[:, None]
+    codes[start:start + len(rows)] = (np.clip(np.rint(scaled), -127, 127)
+                                      if like.format == "int8" else scaled)
     scales[start:start + len(rows)] = scale
   if bfloat16:
     return codes, None, ids
   if n and not np.all(np.isfinite(scales)):  # keys within scaling.MAX_MAGNITUDE never get here
-    raise ValueError(f"keys beyond {scaling.MAX_MAGNITUDE:.3g} cannot be coded in int8")
+    raise ValueError(f"keys beyond {scaling.MAX_MAGNITUDE:.3g} cannot be coded in {like.format}")
   return codes, scales, ids
