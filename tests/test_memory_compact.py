@@ -107,7 +107,7 @@ def _write_shards(folder, keys, res, rows_per_shard):
                        labels=np.arange(len(keys))[part] % 12)
 
 
-@pytest.mark.parametrize("key_format", ["float32", "int8"])
+@pytest.mark.parametrize("key_format", ["float32", "float16", "int8"])
 def test_a_memory_built_from_shards_equals_the_one_built_in_ram(key_format, tmp_path):
   keys, queries, res = _data(12000, 16)
   _write_shards(tmp_path, keys, res, 5000)

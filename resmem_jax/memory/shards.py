@@ -12,11 +12,12 @@ place, so a shard is there whole or not at all: a build killed part way resumes 
 complete shard (:func:`completed`). ``spec.json`` records what the rows were made from (the
 caller's dict: model digest, temperatures, formats); a folder whose spec differs is not reused.
 
-The build reads the shards twice, one at a time: once for the row count and the int8 centroids'
-sample, once to code the keys and fill the residual stores. Its peak memory is the finished
-memory (coded keys, residual stores, the index) plus one shard's float32 rows and the index's
-working set (ScaNN: one sample of ``training_sample_size`` keys and one ``ROWS_PER_UPSERT``
-slice, :mod:`resmem_jax.memory.scann`); float32 keys of all rows are never in RAM together.
+The build reads the shards twice, one at a time: once for the row count and the sample the
+compact key formats learn their centroids from, once to code the keys and fill the residual
+stores. Its peak memory is the finished memory (coded keys, residual stores, the index) plus one
+shard's float32 rows and the index's working set (ScaNN: one sample of ``training_sample_size``
+keys and one ``ROWS_PER_UPSERT`` slice, :mod:`resmem_jax.memory.scann`); float32 keys of all rows
+are never in RAM together.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def read_stores(folder, *, num_outputs: int, key_format: str = "float32",
   sizes, dim = [], 0
   centroid_sample = []
   rng = np.random.default_rng(0)
-  for index in indices:  # pass 1: row counts, and the int8 centroids' sample
+  for index in indices:  # pass 1: row counts, and the compact formats' centroid sample
     with np.load(shard_path(folder, index), allow_pickle=False) as data:
       rows = data["keys"]
       sizes.append(rows.shape[0])
