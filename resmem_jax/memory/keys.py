@@ -88,7 +88,8 @@ class KeyStore:
   """A memory's keys ``[n, d]`` in one of :data:`KEY_FORMATS`.
 
   ``arrays()`` are what is saved (``keys`` and, but for float32, ``key_centroid_ids`` and
-  ``key_centroids``; for float16 and int8 also ``key_scales``); ``take(ids)`` gives float32 rows, the stored keys as searched.
+  ``key_centroids``; for float16 and int8 also ``key_scales``); ``take(ids)`` gives float32 rows,
+  the stored keys as searched.
   """
 
   def __init__(self, key_format: str, codes: np.ndarray, scales: np.ndarray | None = None,
