@@ -19,6 +19,7 @@ the kNN-LM head). It finds neighbours and returns their rows; the prediction
   scann.py    ``scann``: ScaNN (AH codes only; the memory re-ranks), with an exact side buffer
               for keys added after the build
   keys.py     key formats ``float32``, ``bfloat16``, ``float16``, ``int8`` (with their error bounds)
+  rerank_kernel.py  the exact re-rank's squared distances in one compiled pass (numba, optional)
   store.py    residual formats ``dense``, ``bfloat16``, ``sparse`` (with their error bounds)
   scaling.py  power-of-two scaling of keys and queries (no float32 overflow), the input limit
   io.py       the saved layout, manifest and checksums

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resmem_jax import mesh as mesh_lib
 from resmem_jax.memory import index as index_lib
+from resmem_jax.memory import rerank_kernel
 from resmem_jax.memory import scaling
 
 # Spare candidates of a query's first search: with them the list is usually certified at once.
@@ -479,10 +480,12 @@ PRESELECT_MARGIN = 32
 RERANK_FLOATS = 1 << 20
 # Candidates (queries x per query) from which a re-rank runs its chunks on several threads.
 RERANK_PARALLEL_CANDIDATES = 1 << 16
+# Queries per call of the compiled kernel: bounds its [queries, candidates] float32 output.
+KERNEL_QUERIES = 8192
 
 
 def rerank_exact(queries: np.ndarray, keys, candidates: np.ndarray, k: int,
-                 chunk: int | None = None):
+                 chunk: int | None = None, compiled: bool | None = None):
   """Sorts candidate ids by directly computed Euclidean distance; keeps the first k.
 
   ``keys``: float32 ``[n, d]``, or a :class:`~resmem_jax.memory.keys.KeyStore` (its rows as
@@ -494,22 +497,31 @@ def rerank_exact(queries: np.ndarray, keys, candidates: np.ndarray, k: int,
   keys and queries within :data:`~resmem_jax.memory.scaling.MAX_MAGNITUDE` is finite and accurate.
   Small chunks keep the gathered keys in cache; the gather is the cost of exactness (random rows:
   memory-bound), so chunks run on a thread per core (NumPy releases the GIL in them).
+  ``compiled``: compute the squared distances with :mod:`resmem_jax.memory.rerank_kernel` (one
+  pass per candidate, numba) instead of NumPy's passes; None: when numba is installed. The
+  results agree up to float32 rounding of the sums.
   """
   take = (lambda ids: np.take(keys, ids, axis=0)) if isinstance(keys, np.ndarray) else keys.take
   size = len(keys)
   num_queries, width = candidates.shape
   if chunk is None:
     chunk = max(1, min(512, RERANK_FLOATS // max(1, width * queries.shape[1])))
+  if compiled is None:
+    compiled = rerank_kernel.AVAILABLE
+  elif compiled and not rerank_kernel.AVAILABLE:
+    raise ValueError("rerank_exact(compiled=True) needs numba: pip install 'resmem_jax[fast]'")
   out_dist = np.empty((num_queries, k), np.float32)
   out_index = np.empty((num_queries, k), np.int32)
 
-  def rerank_chunk(start: int) -> None:
+  def rerank_chunk(start: int, squared: np.ndarray | None = None) -> None:
+    """Queries ``start:start + chunk``; ``squared``: their squared distances, if computed."""
     part = queries[start:start + chunk]
     ids = candidates[start:start + chunk]
     valid = (ids >= 0) & (ids < size)
-    diff = take(np.where(valid, ids, 0))
-    np.subtract(diff, part[:, None, :], out=diff)
-    squared = np.einsum("qkd,qkd->qk", diff, diff)
+    if squared is None:
+      diff = take(np.where(valid, ids, 0))
+      np.subtract(diff, part[:, None, :], out=diff)
+      squared = np.einsum("qkd,qkd->qk", diff, diff)
     redo = valid & ~((squared >= _TINY_SQUARED) & (squared < np.inf))
     dist = np.sqrt(squared)
     if redo.any():
@@ -527,12 +539,30 @@ def rerank_exact(queries: np.ndarray, keys, candidates: np.ndarray, k: int,
     out_dist[start:start + chunk] = np.take_along_axis(dist, order, axis=1)
     out_index[start:start + chunk] = np.take_along_axis(ids, order, axis=1)
 
-  starts = range(0, num_queries, chunk)
-  workers = min(os.cpu_count() or 1, len(starts))
-  if workers > 1 and num_queries * width >= RERANK_PARALLEL_CANDIDATES:
-    with futures.ThreadPoolExecutor(workers) as pool:
-      list(pool.map(rerank_chunk, starts))
-  else:
-    for start in starts:
-      rerank_chunk(start)
+  def rerank_queries(first: int, stop: int, squared: np.ndarray | None = None) -> None:
+    """Queries ``first:stop`` chunk by chunk; ``squared``: theirs ``[stop - first, width]``."""
+    def run(start: int) -> None:
+      rerank_chunk(start, None if squared is None
+                   else squared[start - first:start - first + chunk])
+
+    starts = range(first, stop, chunk)
+    workers = min(os.cpu_count() or 1, len(starts))
+    if workers > 1 and (stop - first) * width >= RERANK_PARALLEL_CANDIDATES:
+      with futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, starts))
+    else:
+      for start in starts:
+        run(start)
+
+  if not compiled:
+    rerank_queries(0, num_queries)
+    return out_dist, out_index
+  # The kernel spreads its queries over the cores itself; the selection runs in chunks as above.
+  step = max(chunk, KERNEL_QUERIES // chunk * chunk)
+  for first in range(0, num_queries, step):
+    stop = min(num_queries, first + step)
+    ids = candidates[first:stop]
+    squared = rerank_kernel.squared_distances(queries[first:stop], keys,
+                                              np.where((ids >= 0) & (ids < size), ids, 0))
+    rerank_queries(first, stop, squared)
   return out_dist, out_index
