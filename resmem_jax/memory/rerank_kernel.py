@@ -89,16 +89,16 @@ def _sixteen_bit_unscaled_rows(queries, ids, bits, table, centroid_ids, centroid
   return out
 
 
+# float32 value of every 16-bit pattern (256 KB each; built only where the kernels can run).
+_FLOAT16_TABLE = _BFLOAT16_TABLE = np.zeros(0, np.float32)
 if AVAILABLE:
   _compile = numba.njit(parallel=True, fastmath=_FASTMATH, nogil=True)
   _float32_rows = _compile(_float32_rows)
   _int8_rows = _compile(_int8_rows)
   _sixteen_bit_rows = _compile(_sixteen_bit_rows)
   _sixteen_bit_unscaled_rows = _compile(_sixteen_bit_unscaled_rows)
-
-# float32 value of every 16-bit pattern (256 KB each).
-_FLOAT16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-_BFLOAT16_TABLE = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+  _FLOAT16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+  _BFLOAT16_TABLE = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
 
 
 def squared_distances(queries: np.ndarray, keys, ids: np.ndarray) -> np.ndarray:
