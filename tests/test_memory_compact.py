@@ -3,6 +3,7 @@ no float copy, a memory streamed from disk shards (resuming after a kill), and t
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from conftest import digits_settings
 from resmem_jax.bench.synthetic import clustered_points
 from resmem_jax.core.residuals import residuals as make_residuals
 from resmem_jax.jobs import engine
-from resmem_jax.memory import build_memory, load_memory, shards
+from resmem_jax.memory import build_memory, io, load_memory, scann_files, shards
 from resmem_jax.memory import keys as keys_lib
+from resmem_jax.memory import scann as scann_lib
 from resmem_jax.memory import store as store_lib
 
 
@@ -92,12 +94,82 @@ def test_scann_keeps_no_float_copy_and_reranks_from_the_memory(tmp_path):
   memory = build_memory(keys, res, backend="scann", mode="tree_ah", num_leaves=100, reorder=200,
                         key_format="int8")
   assert not hasattr(memory.index, "keys")
+  before = memory.search(queries, 10)
   memory.save(tmp_path / "m")
   index_files = os.listdir(tmp_path / "m" / "index")
-  assert "dataset.npy" not in index_files and "hashed_dataset.npy" in index_files
+  # No float copy; the 4-bit AH codes packed two to a byte (17 blocks: 16 dims + the extra one).
+  assert "dataset.npy" not in index_files and "hashed_dataset.npy" not in index_files
+  packed = np.load(tmp_path / "m" / "index" / scann_files.PACKED_CODES)
+  assert packed.shape == (30000, 9) and packed.dtype == np.uint8
   assert len(memory.index.candidates(queries, 10)[0]) == 200  # the AH candidates, re-ranked here
   _, reference = build_memory(keys, res).search(queries, 10)
   assert _top_ids_agreement(memory.search(queries, 10)[1], reference)[0] >= 0.95
+  # The save read the index back from its files (the streamed build's slack dropped): the same
+  # answers before and after it, and from the loaded memory.
+  assert not memory.index.upserted
+  for after in (memory.search(queries, 10), load_memory(tmp_path / "m").search(queries, 10)):
+    for a, b in zip(before, after, strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_scann_codes_unpack_to_what_scann_wrote_and_old_folders_still_load(tmp_path,
+                                                                           monkeypatch):
+  scratch = tmp_path / "scratch"  # where loading unpacks the codes
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  keys, queries, _ = _data(3000, 7)
+  index = scann_lib.ScannIndex.build(keys_lib.KeyStore.from_float32(keys, "float32"),
+                                     {"mode": "tree_ah", "num_leaves": 10, "reorder": 50})
+  ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+  ours.mkdir()
+  theirs.mkdir()
+  index.searcher.serialize(str(theirs), relative_path=True)  # ScaNN's own layout, one code a byte
+  codes = np.load(theirs / scann_files.CODES)
+  assert codes.shape == (3000, 8) and codes.max() <= 15
+  columns = scann_files.write(index.searcher, str(ours))
+  assert columns == 8 and not (ours / scann_files.CODES).exists()
+  packed = np.load(ours / scann_files.PACKED_CODES)
+  np.testing.assert_array_equal(packed, codes[:, 0::2] | (codes[:, 1::2] << 4))
+  scann = scann_lib._import_scann()  # pylint: disable=protected-access
+  expected = index.candidates(queries, 10)
+  for folder, cols in ((ours, columns), (theirs, None)):
+    index.searcher = scann_files.read(scann, str(folder), cols)
+    np.testing.assert_array_equal(index.candidates(queries, 10), expected)
+  assert os.listdir(scratch) == []  # the unpacked copy is gone
+  # An odd number of blocks: 7 dims + the extra one is even, 6 + 1 is odd.
+  index6 = scann_lib.ScannIndex.build(keys_lib.KeyStore.from_float32(keys[:, :6], "float32"),
+                                      {"mode": "tree_ah", "num_leaves": 10, "reorder": 50})
+  odd = tmp_path / "odd"
+  odd.mkdir()
+  assert scann_files.write(index6.searcher, str(odd)) == 7
+  expected = index6.candidates(queries[:, :6], 10)
+  index6.searcher = scann_files.read(scann, str(odd), 7)
+  np.testing.assert_array_equal(index6.candidates(queries[:, :6], 10), expected)
+  with pytest.raises(ValueError, match="expected uint8"):
+    scann_files.read(scann, str(odd), 9)
+
+
+def test_a_memory_saved_without_packed_codes_still_loads(tmp_path):
+  keys, queries, res = _data(3000, 8)
+  memory = build_memory(keys, res, backend="scann", mode="tree_ah", num_leaves=10, reorder=50)
+  expected = memory.search(queries, 10)
+  memory.save(tmp_path / "m")
+  # Rewrite the folder as a save before packing wrote it: ScaNN's own codes file, no column count.
+  index_dir = tmp_path / "m" / "index"
+  packed = np.load(index_dir / scann_files.PACKED_CODES)
+  codes = np.stack([packed & 15, packed >> 4], axis=2).reshape(3000, -1)[:, :9]
+  np.save(index_dir / scann_files.CODES, codes)
+  os.remove(index_dir / scann_files.PACKED_CODES)
+  manifest_path = tmp_path / "m" / "manifest.json"
+  manifest = json.loads(manifest_path.read_text())
+  del manifest["index"]["packed_code_columns"]
+  del manifest["files"]["index/" + scann_files.PACKED_CODES]
+  manifest["files"]["index/" + scann_files.CODES] = io._digest_file(  # pylint: disable=protected-access
+      str(index_dir / scann_files.CODES))
+  manifest["manifest_sha256"] = io._manifest_digest(manifest)  # pylint: disable=protected-access
+  manifest_path.write_text(json.dumps(manifest))
+  for a, b in zip(load_memory(tmp_path / "m").search(queries, 10), expected, strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def _write_shards(folder, keys, res, rows_per_shard):

@@ -106,58 +106,103 @@ def test_sigkill_at_random_instants_leaves_the_old_or_the_new_memory(tmp_path):
 
 
 KILL_AT_EVERY_STEP = """
-import json, os, shutil, signal, warnings
+import builtins, json, os, shutil, signal, warnings
 import numpy as np
 from resmem_jax.memory import build_memory, load_memory
-warnings.simplefilter("ignore")  # JAX warns about os.fork; the forked saver never calls JAX
-folder = os.environ["MEMORY_FOLDER"]
+warnings.simplefilter("ignore")  # JAX warns about os.fork; no child calls JAX
+folder, refs = os.environ["MEMORY_FOLDER"], os.environ["REFERENCE_FOLDER"]
+options = json.loads(os.environ["MEMORY_OPTIONS"])
+n = options.pop("n")
 path = os.path.join(folder, "mem")
-
-def memory(seed):
-  rng = np.random.default_rng(seed)
-  return build_memory(rng.standard_normal((50, 4), dtype=np.float32),
-                      rng.standard_normal((50, 3), dtype=np.float32), labels=rng.integers(0, 3, 50))
+if options.get("backend") == "scann":  # imported once here (seconds), not in every child
+  from resmem_jax.memory import scann as scann_backend
+  scann_backend._import_scann()
+queries = np.random.default_rng(9).standard_normal((20, 4), dtype=np.float32)
 
 def same(a, b):
   return np.array_equal(a.keys, b.keys) and np.array_equal(a.labels, b.labels) and \\
-      np.array_equal(a.gather_residuals(np.arange(50)), b.gather_residuals(np.arange(50)))
+      np.array_equal(a.gather_residuals(np.arange(n)), b.gather_residuals(np.arange(n))) and \\
+      all(np.array_equal(x, y) for x, y in zip(a.search(queries, 5), b.search(queries, 5)))
 
-old, new = memory(0), memory(1)
-old.save(path)
-steps = []
-while len(steps) < 200:
+# Every step runs in a forked child of this process, which never runs a backend itself: ScaNN's
+# threads do not survive a fork. ScaNN's builds differ run to run, so both memories are built
+# once and saved as references.
+def in_child(fn):
+  read_end, write_end = os.pipe()
   pid = os.fork()
-  if pid == 0:  # save `new`, killed just before its file-system call number len(steps) + 1
-    calls = [0]
-    def counted(fn):
-      def call(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == len(steps) + 1:
-          os.kill(os.getpid(), signal.SIGKILL)
-        return fn(*args, **kwargs)
-      return call
-    for module, name in [(os, "open"), (os, "mkdir"), (os, "rename"), (os, "fsync"),
-                         (os, "unlink"), (os, "rmdir"), (os, "scandir"), (shutil, "rmtree")]:
-      setattr(module, name, counted(getattr(module, name)))
-    new.save(path)
-    os._exit(0)
+  if pid == 0:
+    code = 1  # an exception must not run on as the parent
+    try:
+      os.close(read_end)
+      os.write(write_end, json.dumps(fn()).encode())
+      code = 0
+    finally:
+      os._exit(code)
+  os.close(write_end)
+  data = b""
+  while chunk := os.read(read_end, 1 << 16):
+    data += chunk
+  os.close(read_end)
   _, status = os.waitpid(pid, 0)
-  killed = os.WIFSIGNALED(status)
+  return (json.loads(data) if data else None), os.WIFSIGNALED(status)
+
+def build_references():
+  for seed, name in ((0, "old"), (1, "new")):
+    rng = np.random.default_rng(seed)
+    build_memory(rng.standard_normal((n, 4), dtype=np.float32),
+                 rng.standard_normal((n, 3), dtype=np.float32), labels=rng.integers(0, 3, n),
+                 **options).save(os.path.join(refs, name))
+  load_memory(os.path.join(refs, "old")).save(path)
+
+def save_new_killed_at(call_number):  # save `new`, killed just before file-system call number
+  new = load_memory(os.path.join(refs, "new"))
+  calls = [0]
+  def counted(fn):
+    def call(*args, **kwargs):
+      calls[0] += 1
+      if calls[0] == call_number:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return fn(*args, **kwargs)
+    return call
+  for module, name in [(os, "open"), (os, "mkdir"), (os, "rename"), (os, "fsync"),
+                       (os, "unlink"), (os, "remove"), (os, "rmdir"), (os, "scandir"),
+                       (shutil, "rmtree"), (builtins, "open")]:
+    setattr(module, name, counted(getattr(module, name)))
+  new.save(path)
+
+def check():  # what is at `path` now; then `old` is saved there again for the next step
+  old, new = (load_memory(os.path.join(refs, name)) for name in ("old", "new"))
   gap = not os.path.exists(path)
   beside = sorted(name for name in os.listdir(folder) if name != "mem")
   loaded = load_memory(path)
   which = "old" if same(loaded, old) else "new" if same(loaded, new) else "neither"
   old.save(path)
-  steps.append({"killed": killed, "gap": gap, "beside": beside, "loaded": which,
-                "clean": os.listdir(folder) == ["mem"] and same(load_memory(path), old)})
+  return {"gap": gap, "beside": beside, "loaded": which,
+          "clean": os.listdir(folder) == ["mem"] and same(load_memory(path), old)}
+
+in_child(build_references)
+steps = []
+while len(steps) < 200:
+  _, killed = in_child(lambda: save_new_killed_at(len(steps) + 1))
+  step, _ = in_child(check)
+  steps.append(dict(step, killed=killed))
   if not killed:
     break
 print("RESULT" + json.dumps(steps))
 """
 
 
-def test_a_kill_before_any_file_system_call_of_a_save_leaves_a_loadable_memory(tmp_path):
-  out = run_python(KILL_AT_EVERY_STEP, timeout=300, env={"MEMORY_FOLDER": str(tmp_path)})
+# scann: a tree over AH codes, whose save packs the codes (resmem_jax/memory/scann_files.py) and
+# reads the index back; every file it opens or removes is a kill point too.
+@pytest.mark.parametrize("options", [{"n": 50}, {"n": 300, "backend": "scann", "mode": "tree_ah",
+                                                 "num_leaves": 4, "reorder": 20}],
+                         ids=["exact", "scann"])
+def test_a_kill_before_any_file_system_call_of_a_save_leaves_a_loadable_memory(tmp_path, options):
+  saves, refs = tmp_path / "saves", tmp_path / "refs"
+  saves.mkdir()
+  out = run_python(KILL_AT_EVERY_STEP, timeout=300,
+                   env={"MEMORY_FOLDER": str(saves), "REFERENCE_FOLDER": str(refs),
+                        "MEMORY_OPTIONS": json.dumps(options)})
   steps = json.loads(out.stdout.split("RESULT")[-1])
   assert not steps[-1]["killed"] and steps[-1]["loaded"] == "new"  # the save completed at last
   assert len(steps) >= 20

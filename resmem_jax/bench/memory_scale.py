@@ -9,9 +9,10 @@ mixture. The reference top-k is exact brute force over the shards on disk (faiss
 per shard, its candidates re-scored in float64, merged), cached beside the shards.
 
 Each method runs in its own Python process (``python -m resmem_jax.bench.memory_scale``), so its
-peak RSS (``getrusage``'s ``ru_maxrss``) is its build and search alone (plus that process's
+peak RSS (``getrusage``'s ``ru_maxrss``) is its build, save and search alone (plus that process's
 imports: ``rss0``). Per row: build seconds, peak RSS, bytes per row in RAM (RSS after the build
-minus RSS before, over n, after ``malloc_trim``) and on disk (the saved memory folder / faiss
+minus RSS before, over n, after ``malloc_trim``; a ScaNN memory is saved before it is searched,
+as the job does, and measured after that save) and on disk (the saved memory folder / faiss
 ``write_index`` file, plus the float16 keys file for the re-ranking peer), queries per second
 (all queries in one batched call, the fastest of ``repeats`` after a warm-up call) and recall@k.
 
@@ -252,9 +253,23 @@ def run_scann(task: dict) -> list[dict]:
       key_format=task["key_format"], residual_format=task["residual_format"],
       top_m=RESIDUAL_TOP_M, **task["scann_options"])
   build_s = time.perf_counter() - start
+  peak_build = peak_rss_bytes()
+  _trim()
+  ram_built = rss_bytes() - rss0
+  n = memory.size
+  # Saved before it is searched, as the job does: the save reads ScaNN's index back from its
+  # files, which drops the slack of the streamed build, and ScaNN's serializer has a transient of
+  # its own, so both the RAM searched and the peak include it.
+  save_to = os.path.join(task["scratch"], f"scann-{task['key_format']}")
+  shutil.rmtree(save_to, ignore_errors=True)
+  start = time.perf_counter()
+  memory.save(save_to)
+  save_s = time.perf_counter() - start
+  disk = folder_bytes(save_to)
+  index_disk = folder_bytes(os.path.join(save_to, io.INDEX_DIR))
+  shutil.rmtree(save_to, ignore_errors=True)
   _trim()
   ram = rss_bytes() - rss0
-  n = memory.size
   stored = memory.bytes_per_example()
   options = memory.backend_options
   settings: list[dict] = [{}]
@@ -272,19 +287,15 @@ def run_scann(task: dict) -> list[dict]:
     (_, found), seconds = _timed_search(lambda q: memory.search(q, k), queries, task["repeats"])
     results.append((setting or {"mode": options["mode"]}, seconds, recall_at_k(found, ref)))
   peak = peak_rss_bytes()
-  save_to = os.path.join(task["scratch"], f"scann-{task['key_format']}")
-  shutil.rmtree(save_to, ignore_errors=True)
-  memory.save(save_to)
-  disk = folder_bytes(save_to)
-  index_disk = folder_bytes(os.path.join(save_to, io.INDEX_DIR))
-  shutil.rmtree(save_to, ignore_errors=True)
   built = {name: options[name] for name in ("mode", "num_leaves", "dims_per_block",
                                             "training_sample_size") if name in options}
   return [_row(f"scann {task['key_format']}", ", ".join(f"{a}={b}" for a, b in setting.items()),
                n, build_s, peak, ram, disk, seconds, len(queries), recall,
                rss0_gb=round(rss0 / 2**30, 3), stored_bytes_per_row=stored,
                index_disk_bytes_per_row=round(index_disk / n, 1), scann_options=built,
-               residual_format=task["residual_format"])
+               residual_format=task["residual_format"], save_s=round(save_s, 1),
+               peak_build_gb=round(peak_build / 2**30, 3),
+               ram_built_bytes_per_row=round(ram_built / n, 1))
           for setting, seconds, recall in results]
 
 

@@ -9,9 +9,13 @@ with the largest ``q'.k'``. ScaNN's anisotropic quantization is built for inner 
 clustered 1M x 64 data it gave much higher recall this way than ScaNN's ``squared_l2`` mode (see
 experiments/bench_memory.py, ``--scann_distance``).
 
-Keys stored once: ScaNN holds only its partition and its AH codes (4 bits per block; at d = 128
-with ``dims_per_block=1`` 77-126 bytes per row in RAM as measured at 1M and 10M rows, 133 on disk,
-where ScaNN writes a byte per code; about half with 2), never a float copy of the keys.
+Keys stored once: ScaNN holds only its partition and its AH codes (4 bits per block), never a
+float copy of the keys. At d = 128 with ``dims_per_block=1`` that is about 126 bytes per row in RAM
+right after the streamed build (ScaNN's upserts leave slack) and 73-77 once the memory has been saved:
+a save reads the index back from the files it wrote (:mod:`resmem_jax.memory.scann_files`, same
+answers), and a loaded memory is read from them too. On disk 69 bytes per row: the codes packed
+two to a byte, where ScaNN writes one. About half of each with ``dims_per_block=2``. ScaNN's
+serializer needs about 400 bytes per row more for the length of a save (measured at 10M rows).
 Its ``reorder`` depth is the number of AH candidates it hands the memory, which re-ranks them by
 directly computed distance from its own keys (:func:`~resmem_jax.memory.exact.rerank_exact`, in
 whatever key format the memory stores), so distances are exact for the stored keys. Before,
@@ -64,6 +68,7 @@ import numpy as np
 from resmem_jax import quiet
 from resmem_jax.memory import index as index_lib
 from resmem_jax.memory import scaling
+from resmem_jax.memory import scann_files
 from resmem_jax.memory.exact import ExactIndex
 from resmem_jax.memory.keys import KeyStore
 
@@ -290,11 +295,16 @@ class ScannIndex(index_lib.SearchIndex):
 
   OPTION_NAMES = OPTION_NAMES
   REQUIRES = ("scann", "scann")
-  INFO_NAMES = ("indexed", "center", "scale_exponent", "requested", "options")
+  INFO_NAMES = ("indexed", "center", "scale_exponent", "requested", "options",
+                "packed_code_columns")
+  OPTIONAL_INFO = ("packed_code_columns",)  # absent from indexes saved before it existed
 
   def __init__(self, searcher, indexed: int, center: np.ndarray, exponent: int,
-               requested: dict, options: dict, buffer: ExactIndex | None = None):
+               requested: dict, options: dict, buffer: ExactIndex | None = None,
+               upserted: bool = False):
     self.searcher = searcher
+    # Built by ScaNN's upsert: slack that reading the saved files back drops (scann_files).
+    self.upserted = upserted
     self.indexed = int(indexed)
     self.center = center
     self.exponent = int(exponent)
@@ -339,7 +349,8 @@ class ScannIndex(index_lib.SearchIndex):
     resolved = _resolve(len(keys), requested)
     center, exponent = _key_statistics(keys)
     searcher = _build_searcher(keys, center, exponent, resolved)
-    return cls(searcher, len(keys), center, exponent, requested, resolved)
+    return cls(searcher, len(keys), center, exponent, requested, resolved,
+               upserted=resolved["mode"] != "brute_force")
 
   def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
     """ScaNN's AH candidates for the indexed keys, then the buffer's (exact, with spare ones)."""
@@ -400,20 +411,27 @@ class ScannIndex(index_lib.SearchIndex):
     # The searcher is shared, never mutated: this index and the new one both stay valid.
     buffer = _buffer(keys, self.indexed) if added else None
     return ScannIndex(self.searcher, self.indexed, self.center, self.exponent,
-                      dict(self.requested), dict(self.options), buffer)
+                      dict(self.requested), dict(self.options), buffer, self.upserted)
 
   def save(self, directory: str) -> dict:
-    self.searcher.serialize(directory, relative_path=True)
+    with quiet.hidden_output():
+      columns = scann_files.write(self.searcher, directory)
+      if self.upserted:
+        # The same index read back holds 30-50 B per row less (scann_files); it replaces the
+        # searcher only once read whole, so a failure leaves this index as it was.
+        self.searcher = scann_files.read(_import_scann(), directory, columns)
+        self.upserted = False
     # The buffer is not saved: it is rebuilt from the memory's keys after the first `indexed`.
     return {"indexed": self.indexed, "center": self.center.tolist(),
             "scale_exponent": self.exponent, "requested": dict(self.requested),
-            "options": dict(self.options)}
+            "options": dict(self.options), "packed_code_columns": columns}
 
   @classmethod
   def load(cls, directory: str, keys, info: dict) -> ScannIndex:
     n = len(keys)
     index_lib.check_option_names("scann index info", info, cls.INFO_NAMES)
-    missing = [name for name in cls.INFO_NAMES if name not in info]
+    missing = [name for name in cls.INFO_NAMES
+               if name not in info and name not in cls.OPTIONAL_INFO]
     if missing:
       raise ValueError(f"scann index info lacks {missing}")
     indexed, exponent = info["indexed"], info["scale_exponent"]
@@ -435,10 +453,15 @@ class ScannIndex(index_lib.SearchIndex):
     # load_searcher writes a scann_assets.pbtxt of its own into a folder lacking one.
     if not os.path.isfile(os.path.join(directory, "scann_assets.pbtxt")):
       raise ValueError(f"{directory} holds no ScaNN index (scann_assets.pbtxt is missing)")
+    columns = info.get("packed_code_columns")
+    if columns is not None and (isinstance(columns, bool) or not isinstance(columns, int)
+                                or columns < 1):
+      raise ValueError(f"scann index info packed_code_columns must be a positive integer or "
+                       f"null, got {columns!r}")
     try:
       scann = _import_scann()
       with quiet.hidden_output():
-        searcher = scann.load_searcher(directory)
+        searcher = scann_files.read(scann, directory, columns)
     except RuntimeError as err:
       raise ValueError(f"ScaNN cannot load the index in {directory}: {err}") from None
     if searcher.size() != indexed:
