@@ -149,6 +149,19 @@ def test_scann_codes_unpack_to_what_scann_wrote_and_old_folders_still_load(tmp_p
     scann_files.read(scann, str(odd), 9)
 
 
+def test_a_save_stands_when_the_index_cannot_be_read_back(tmp_path, monkeypatch, caplog):
+  keys, queries, res = _data(3000, 8)
+  memory = build_memory(keys, res, backend="scann", mode="tree_ah", num_leaves=10, reorder=50)
+  expected = memory.search(queries, 10)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # nowhere to unpack
+  memory.save(tmp_path / "m")
+  assert memory.index.upserted and "kept the ScaNN index as built" in caplog.text
+  monkeypatch.undo()
+  for answers in (memory.search(queries, 10), load_memory(tmp_path / "m").search(queries, 10)):
+    for a, b in zip(answers, expected, strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_a_memory_saved_without_packed_codes_still_loads(tmp_path):
   keys, queries, res = _data(3000, 8)
   memory = build_memory(keys, res, backend="scann", mode="tree_ah", num_leaves=10, reorder=50)

@@ -15,7 +15,7 @@ right after the streamed build (ScaNN's upserts leave slack) and 73-77 once the 
 a save reads the index back from the files it wrote (:mod:`resmem_jax.memory.scann_files`, same
 answers), and a loaded memory is read from them too. On disk 69 bytes per row: the codes packed
 two to a byte, where ScaNN writes one. About half of each with ``dims_per_block=2``. ScaNN's
-serializer needs about 400 bytes per row more for the length of a save (measured at 10M rows).
+serializer needs about 480 bytes per row above the built memory while it saves (at 10M rows).
 Its ``reorder`` depth is the number of AH candidates it hands the memory, which re-ranks them by
 directly computed distance from its own keys (:func:`~resmem_jax.memory.exact.rerank_exact`, in
 whatever key format the memory stores), so distances are exact for the stored keys. Before,
@@ -60,6 +60,7 @@ time or set as query settings carry over to the rebuild; the rest are derived ag
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -71,6 +72,8 @@ from resmem_jax.memory import scaling
 from resmem_jax.memory import scann_files
 from resmem_jax.memory.exact import ExactIndex
 from resmem_jax.memory.keys import KeyStore
+
+log = logging.getLogger(__name__)
 
 OPTION_NAMES = ("mode", "distance", "num_leaves", "leaves_to_search", "reorder",
                 "dims_per_block", "quantization_threshold", "training_sample_size",
@@ -417,10 +420,15 @@ class ScannIndex(index_lib.SearchIndex):
     with quiet.hidden_output():
       columns = scann_files.write(self.searcher, directory)
       if self.upserted:
-        # The same index read back holds 30-50 B per row less (scann_files); it replaces the
-        # searcher only once read whole, so a failure leaves this index as it was.
-        self.searcher = scann_files.read(_import_scann(), directory, columns)
-        self.upserted = False
+        # The same index read back holds 30-50 B per row less (scann_files). It replaces the
+        # searcher only once read whole; if it cannot be read (no room to unpack the codes), the
+        # save stands and this index stays as built.
+        try:
+          self.searcher = scann_files.read(_import_scann(), directory, columns)
+          self.upserted = False
+        except OSError as err:
+          log.warning("kept the ScaNN index as built (about 50 B per row more RAM): reading "
+                      "it back from %s failed: %s", directory, err)
     # The buffer is not saved: it is rebuilt from the memory's keys after the first `indexed`.
     return {"indexed": self.indexed, "center": self.center.tolist(),
             "scale_exponent": self.exponent, "requested": dict(self.requested),
