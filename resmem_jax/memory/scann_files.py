@@ -36,14 +36,16 @@ def _read_header(f) -> tuple[tuple[int, ...], np.dtype]:
   return shape, dtype
 
 
-def _copy_rows(source: str, target: str, shape_out, convert) -> None:
+def _copy_rows(source: str, target: str, shape_out, convert) -> int:
   """Streams the uint8 ``[n, c]`` array in ``source`` through ``convert`` (a block of rows to a
-  block of rows) into a new ``target`` ``.npy`` of ``shape_out``, a block at a time."""
+  block of rows) into a new ``target`` ``.npy`` of ``shape_out``, a block at a time. Returns the
+  largest value read."""
   with open(source, "rb") as src, open(target, "wb") as dst:
     shape, dtype = _read_header(src)
     if dtype != np.uint8 or len(shape) != 2:
       raise ValueError(f"{source} holds {dtype} {shape}, not uint8 codes [n, c]")
     n, columns = shape
+    largest = 0
     np.lib.format.write_array_header_1_0(
         dst, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": tuple(shape_out)})
@@ -53,13 +55,21 @@ def _copy_rows(source: str, target: str, shape_out, convert) -> None:
       if block.size != rows * columns:
         raise ValueError(f"{source} ends after {start * columns + block.size} of its "
                          f"{n * columns} codes")
+      largest = max(largest, int(block.max(initial=0)))
       dst.write(np.ascontiguousarray(convert(block.reshape(rows, columns))).tobytes())
+  return largest
 
 
 def _pack(block: np.ndarray) -> np.ndarray:
+  """4-bit codes ``[r, c]`` two to a byte ``[r, ceil(c / 2)]``, the first in the low nibble."""
   if block.shape[1] % 2:
     block = np.pad(block, ((0, 0), (0, 1)))
   return block[:, 0::2] | (block[:, 1::2] << 4)
+
+
+def _unpack(block: np.ndarray, columns: int) -> np.ndarray:
+  """The inverse of :func:`_pack`: ``[r, columns]`` codes."""
+  return np.stack([block & 15, block >> 4], axis=2).reshape(len(block), -1)[:, :columns]
 
 
 def write(searcher, directory: str) -> int | None:
@@ -75,15 +85,9 @@ def write(searcher, directory: str) -> int | None:
   if dtype != np.uint8 or len(shape) != 2:
     return None
   n, columns = shape
-  largest = [0]
-
-  def pack(block):
-    largest[0] = max(largest[0], int(block.max(initial=0)))
-    return _pack(block)
-
   packed = os.path.join(directory, PACKED_CODES)
-  _copy_rows(codes, packed, (n, (columns + 1) // 2), pack)
-  if largest[0] > 15:  # not lut16's 4-bit codes: ScaNN's own file stays
+  if _copy_rows(codes, packed, (n, (columns + 1) // 2), _pack) > 15:
+    # Not lut16's 4-bit codes: ScaNN's own file stays.
     os.unlink(packed)
     return None
   os.unlink(codes)
@@ -115,8 +119,7 @@ def read(scann, directory: str, columns: int | None):
           shutil.copyfile(source, os.path.join(scratch, name))
     try:
       _copy_rows(packed, os.path.join(scratch, CODES), (n, columns),
-                 lambda block: np.stack([block & 15, block >> 4], axis=2).reshape(
-                     len(block), -1)[:, :columns])
+                 lambda block: _unpack(block, columns))
     except OSError as err:
       raise OSError(err.errno, f"cannot unpack the ScaNN index's codes ({n * columns} bytes) "
                     f"into {scratch} ({err.strerror}); set TMPDIR to a folder with room") from None
